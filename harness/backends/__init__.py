@@ -1,0 +1,24 @@
+"""Backends: where a case runs. ``make_factory`` builds one per section from CLI options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from harness.backends.base import Backend, ToolResult, VmConfig
+
+__all__ = ["Backend", "ToolResult", "VmConfig", "make_factory"]
+
+
+def make_factory(backend: str, qemu_binary: str | None = None,
+                 qemu_img: str | None = None) -> Callable[[Path], Backend]:
+    """A factory of fresh backends; checks up front that the tools it needs exist."""
+    if backend == "qemu":
+        from harness.backends.qemu import QemuBackend, find_tool
+        binary = find_tool(qemu_binary, "qemu-system-x86_64", "qemu-system-x86")
+        img = find_tool(qemu_img, "qemu-img", "qemu-utils")
+        return lambda test_dir: QemuBackend(test_dir, binary, img)
+    if backend == "emulator":
+        from harness.backends.emulator import EmulatorBackend
+        return EmulatorBackend
+    raise ValueError(f"unknown backend {backend!r}")

@@ -1,0 +1,64 @@
+"""``qmpreplay replay``: one line per section, a diff per failure, ``N passed, M failed``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from harness.backends import make_factory
+from harness.diff import BOLD, GREEN, RED, RESET, section_diff
+from harness.replay.engine import PartResult
+from harness.replay.junit import write_junit
+from harness.replay.runner import replay_file
+
+
+def format_result(result: PartResult, color: bool) -> str:
+    name = Path(result.golden_path).name
+    mark = "PASS" if result.passed else "FAIL"
+    if color:
+        mark = f"{GREEN if result.passed else RED}{BOLD}{mark}{RESET}"
+    head = f"{mark}  {name}:{result.line:<5} {result.title}  ({result.seconds:.2f} s)"
+    if result.passed:
+        return head
+    body = []
+    if result.error:
+        body.append(f"error: {result.error}")
+    body += [f"note: {n}" for n in result.notes]
+    diff = section_diff(result.golden, result.actual, path=name, first_line=result.line,
+                        color=color)
+    if diff:
+        body.append(diff)
+    return head + "\n" + "\n".join("    " + ln for b in body for ln in b.split("\n"))
+
+
+def run(args: argparse.Namespace) -> int:
+    factory = make_factory(args.backend, args.qemu_binary, args.qemu_img)
+    color = sys.stdout.isatty()
+    started = time.monotonic()
+    all_results: list[PartResult] = []
+
+    def report(result: PartResult) -> bool:
+        all_results.append(result)
+        if not (args.quiet and result.passed):
+            print(format_result(result, color), flush=True)
+        return result.passed or not args.exitfirst
+
+    async def main() -> None:
+        for path in args.files:
+            await replay_file(path, factory, recipe=args.recipe, keyword=args.keyword,
+                              on_result=report)
+            if args.exitfirst and any(not r.passed for r in all_results):
+                break
+
+    asyncio.run(main())
+    passed = sum(r.passed for r in all_results)
+    failed = len(all_results) - passed
+    if args.junit_xml:
+        write_junit(args.junit_xml, all_results)
+    print(f"{len(all_results)} sections of {', '.join(Path(f).name for f in args.files)} "
+          f"on {args.backend} in {time.monotonic() - started:.2f} s")
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 and all_results else 1

@@ -1,0 +1,290 @@
+"""Run compiled sections on a backend and compare what happened with the golden.
+
+Each section gets a fresh test directory and a fresh backend. Events are matched, not
+ordered: the golden's events are expectations the replayer waits for (by event name and job),
+in the place the golden prints them; an expected event that never comes is missing there, and
+a visible event nobody expected is shown where it arrived. Before each step the replayer
+settles: it waits until every job is at rest, as iotests' ``run_job`` waits on events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from harness.backends.base import Backend, VmConfig
+from harness.errors import BackendError, RecipeError
+from harness.replay.jobs import JobTracker
+from harness.replay.plan import GOLDEN_PREFIX, Plan, compile_part
+from harness.replay.recipe import Recipe
+from harness.transcript.normalize import DEFAULT_FILTERS, Context, Normalizer
+from harness.transcript.records import Event, Record
+from harness.transcript.render import render_records
+from harness.transcript.transcript import Part, Transcript
+
+Json = Any
+BackendFactory = Callable[[Path], Backend]
+
+SETTLE_TIMEOUT = 60.0     # a job that does not come to rest in this time is reported stuck
+EVENT_TIMEOUT = 10.0      # for events no job explains (a job's events end when it rests)
+_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+@dataclass
+class Received:
+    message: dict[str, Json]
+    position: int          # how many actual records existed when it arrived
+    consumed: bool = False
+
+
+@dataclass
+class PartResult:
+    """The outcome of one section: pass/fail, both texts, and what went wrong."""
+
+    golden_path: str
+    title: str
+    line: int
+    golden: list[Record]
+    actual: list[Record]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    backend: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and self.golden_text == self.actual_text
+
+    @property
+    def golden_text(self) -> str:
+        return render_records(self.golden)
+
+    @property
+    def actual_text(self) -> str:
+        return render_records(self.actual)
+
+
+class StepFailure(Exception):
+    """A step could not do its job (a stuck job); the section fails, the run goes on."""
+
+
+class PartRun:
+    """The state of one section being replayed: backend, events, jobs, actual records."""
+
+    def __init__(self, plan: Plan, backend: Backend, norm: Normalizer,
+                 settle_timeout: float, settle: bool) -> None:
+        self.plan = plan
+        self.backend = backend
+        self.norm = norm
+        self.actual: list[Record] = []
+        self.received: list[Received] = []
+        self.jobs = JobTracker()
+        self.notes: list[str] = []
+        self.settle_timeout = settle_timeout
+        self.settling = settle
+        self.vm_down = False
+        golden_events = {r.name for r in plan.part.records if isinstance(r, Event)}
+        self.visible = golden_events | {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
+                                        "BLOCK_JOB_ERROR", "BLOCK_JOB_READY",
+                                        "BLOCK_JOB_PENDING"}
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+    # -- events --------------------------------------------------------------------------------
+    def _arrived(self, message: Json) -> None:
+        msg = dict(message)
+        self.received.append(Received(msg, len(self.actual)))
+        self.jobs.on_event(msg)
+
+    async def drain(self) -> None:
+        """Take in every event that has already arrived."""
+        while not self.backend.events.empty():
+            self._arrived(await self.backend.events.get())
+
+    async def next_event(self, timeout: float) -> bool:
+        try:
+            self._arrived(await asyncio.wait_for(self.backend.events.get(), max(timeout, 0)))
+        except TimeoutError:
+            return False
+        return True
+
+    async def settle(self) -> None:
+        """Wait until every job is at rest (or fail the step after the settle timeout)."""
+        await self.drain()
+        if not self.settling or self.vm_down:
+            return
+        deadline = time.monotonic() + self.settle_timeout
+        while busy := self.jobs.busy():
+            if not await self.next_event(deadline - time.monotonic()):
+                raise StepFailure("jobs not at rest after "
+                                  f"{self.settle_timeout:.0f} s: "
+                                  + ", ".join(f"{j.id} ({j.status})" for j in busy))
+
+    def _take(self, golden: Json) -> Json | None:
+        name = golden.get("event")
+        ident = _identity(golden)
+        for rec in self.received:
+            if (not rec.consumed and rec.message.get("event") == name
+                    and (ident is None or _identity(rec.message) == ident)):
+                rec.consumed = True
+                return rec.message
+        return None
+
+    async def wait_event(self, golden: Json) -> Json | None:
+        """The first unconsumed event like ``golden`` (name and job), waiting if need be.
+
+        Gives up as soon as it cannot come any more: every job is at rest and the event
+        belongs to a job (jobs only emit events while they move), or after a timeout.
+        """
+        await self.drain()
+        is_job_event = _identity(golden) is not None
+        deadline = time.monotonic() + (self.settle_timeout if is_job_event else EVENT_TIMEOUT)
+        while True:
+            if (found := self._take(golden)) is not None:
+                return found
+            if self.vm_down or (is_job_event and not self.jobs.busy()):
+                return None
+            if not await self.next_event(deadline - time.monotonic()):
+                return None
+
+    def unexpected_events(self) -> list[Received]:
+        return [r for r in self.received if not r.consumed
+                and r.message.get("event") in self.visible]
+
+    # -- commands and queries ------------------------------------------------------------------
+    async def execute(self, name: str, arguments: dict[str, Json]) -> Json:
+        if self.vm_down:
+            raise StepFailure(f"{name}: the VM was already shut down for image comparisons")
+        reply = await self.backend.execute(name, arguments)
+        self.jobs.on_command(name, arguments, reply)
+        await self.drain()
+        return reply
+
+    async def query_bitmaps(self, source: str) -> dict[str, Json]:
+        """iotests' ``query_bitmaps()`` (by node) or 236's variant (by drive, query-block)."""
+        if source == "devices":
+            reply = await self.execute("query-block", {})
+            return {d["device"]: d.get("inserted", {}).get("dirty-bitmaps", [])
+                    for d in reply.get("return", [])}
+        reply = await self.execute("query-named-block-nodes", {})
+        return {n["node-name"]: n["dirty-bitmaps"] for n in reply.get("return", [])
+                if "dirty-bitmaps" in n}
+
+    async def shutdown_vm(self) -> None:
+        if not self.vm_down:
+            await self.settle()
+            await self.drain()
+            self.vm_down = True
+            await self.backend.shutdown()
+
+    def render_template(self, template: str, value: Json) -> str:
+        return _JINJA.from_string(template).render(r=value, **self.plan.variables)
+
+    def evaluate(self, expression: str, value: Json) -> Json:
+        try:
+            return _JINJA.compile_expression(expression)(r=value, **self.plan.variables)
+        except jinja2.TemplateError as exc:
+            raise StepFailure(f"probe expression {expression!r}: {exc}") from None
+
+
+def _identity(event: Json) -> str | None:
+    data = event.get("data") or {}
+    if not isinstance(data, dict):
+        return None
+    value = data.get("id", data.get("device"))
+    return str(value) if value is not None else None
+
+
+def vm_config(recipe: Recipe, norm: Normalizer, variables: dict[str, Json]) -> VmConfig:
+    def real(options: dict[str, Json]) -> dict[str, Json]:
+        out = dict(options)
+        if "file" in out and isinstance(out["file"], str) and "/" not in out["file"]:
+            out["file"] = GOLDEN_PREFIX + out["file"]
+        return dict(norm.reverse(out))
+    return VmConfig(drives=tuple(real(d) for d in recipe.drives),
+                    blockdevs=tuple(norm.reverse(b) for b in recipe.blockdevs))
+
+
+async def run_part(golden: Transcript, part: Part, recipe: Recipe, factory: BackendFactory,
+                   *, settle_timeout: float | None = None,
+                   keep_dir: bool = False) -> PartResult:
+    """Replay one section on a fresh backend in a fresh test directory."""
+    started = time.monotonic()
+    result = PartResult(golden.path, part.title, part.line, list(part.records), [], 0.0)
+    test_dir = Path(tempfile.mkdtemp(prefix="qmpreplay-"))
+    backend: Backend | None = None
+    try:
+        plan = compile_part(part, recipe, golden.path)
+        norm = Normalizer(Context(test_dir, f"{os.getpid()}-"),
+                          recipe.filters or DEFAULT_FILTERS)
+        backend = factory(test_dir)
+        result.backend = backend.name
+        run = PartRun(plan, backend, norm, settle_timeout or recipe.timeout or SETTLE_TIMEOUT,
+                      recipe.settle)
+        await prepare_images(run, recipe)
+        await backend.start(vm_config(recipe, norm, plan.variables))
+        try:
+            await run_steps(run)
+        finally:
+            result.actual = insert_unexpected(run)
+            result.notes = run.notes
+    except (BackendError, RecipeError, StepFailure) as exc:
+        result.error = str(exc)
+    finally:
+        if backend is not None:
+            await backend.close()
+        if not keep_dir:
+            shutil.rmtree(test_dir, ignore_errors=True)
+        result.seconds = time.monotonic() - started
+    return result
+
+
+async def prepare_images(run: PartRun, recipe: Recipe) -> None:
+    """``qemu-img create`` (and qemu-io writes) for the images the script made by itself."""
+    for image in recipe.images:
+        path = run.norm.reverse(GOLDEN_PREFIX + image.name)
+        size = recipe.expand(image.size, run.plan.variables)
+        result = await run.backend.qemu_img("create", "-f", image.format, path, size)
+        if result.status != 0:
+            raise BackendError(f"qemu-img create {image.name}: {result.output.strip()}")
+        if image.io:
+            result = await run.backend.qemu_io(image.format, path, *image.io)
+            if result.status != 0:
+                raise BackendError(f"qemu-io {image.name}: {result.output.strip()}")
+
+
+async def run_steps(run: PartRun) -> None:
+    for step in run.plan.steps:
+        try:
+            await step.run(run)
+        except StepFailure as exc:
+            run.note(f"line {step.line}: {exc}")
+    await run.drain()
+
+
+def insert_unexpected(run: PartRun) -> list[Record]:
+    """The actual records with every unexpected visible event put where it arrived."""
+    extras = run.unexpected_events()
+    if not extras:
+        return run.actual
+    out: list[Record] = []
+    pending = sorted(extras, key=lambda r: r.position)
+    for index, record in enumerate(run.actual):
+        while pending and pending[0].position <= index:
+            out.append(Event.make(run.norm.json(pending.pop(0).message)))
+        out.append(record)
+    out += [Event.make(run.norm.json(r.message)) for r in pending]
+    return out
+
+
+Runner = Callable[[Transcript, Part], Awaitable[PartResult]]

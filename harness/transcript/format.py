@@ -1,0 +1,30 @@
+"""JSON text exactly as iotests writes it, so live output renders like a golden.
+
+``log()`` in iotests.py prints ``json.dumps(msg, sort_keys=True, indent=indent)``;
+``qmp_log()`` prints the command as ``{"execute": …, "arguments": …}`` in that order with the
+arguments sorted recursively (``ordered_qmp``). Default separators, ASCII escapes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def ordered_qmp(value: Any, conv_keys: bool = True) -> Any:
+    """iotests' ``ordered_qmp``: keys sorted all the way down; ``_`` → ``-`` in the keys of
+    the top level and of dicts that are list elements (a list resets ``conv_keys``)."""
+    if isinstance(value, list):
+        return [ordered_qmp(v) for v in value]
+    if isinstance(value, dict):
+        return {(k.replace("_", "-") if conv_keys else k): ordered_qmp(value[k], False)
+                for k in sorted(value)}
+    return value
+
+
+def log_json(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, sort_keys=True, indent=indent)
+
+
+def log_command(name: str, arguments: dict[str, Any], indent: int | None = None) -> str:
+    return json.dumps({"execute": name, "arguments": ordered_qmp(arguments)}, indent=indent)
