@@ -14,9 +14,11 @@ def make_factory(backend: str, qemu_binary: str | None = None,
                  qemu_img: str | None = None) -> Callable[[Path], Backend]:
     """A factory of fresh backends; checks up front that the tools it needs exist."""
     if backend == "qemu":
-        from harness.backends.qemu import QemuBackend, find_tool
+        from harness.backends.qemu import QemuBackend, find_tool, preflight
         binary = find_tool(qemu_binary, "qemu-system-x86_64", "qemu-system-x86")
         img = find_tool(qemu_img, "qemu-img", "qemu-utils")
+        preflight(binary)
+        preflight(img)
         return lambda test_dir: QemuBackend(test_dir, binary, img)
     if backend == "emulator":
         from harness.backends.emulator import EmulatorBackend

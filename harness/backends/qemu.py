@@ -40,13 +40,27 @@ def find_tool(explicit: str | None, name: str, package: str) -> str:
     if explicit:
         path = shutil.which(explicit) or (explicit if os.access(explicit, os.X_OK) else None)
         if not path:
-            raise BackendError(f"{explicit}: not found or not executable")
+            raise BackendError(f"{explicit}: not found or not executable; {DEBIAN_HINT}")
         return path
     found = shutil.which(name)
     if not found:
         raise BackendError(f"{name} not found in PATH ({package}); {DEBIAN_HINT}, "
                            f"or pass --{'qemu-binary' if 'system' in name else name} PATH")
     return found
+
+
+def preflight(binary: str) -> None:
+    """Fail early, in one line, if the binary cannot even print its version."""
+    import subprocess
+    try:
+        proc = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                              timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BackendError(f"{binary}: does not run ({exc}); {DEBIAN_HINT}") from None
+    if proc.returncode != 0 or "QEMU" not in proc.stdout:
+        first = (proc.stderr or proc.stdout).strip().splitlines()
+        raise BackendError(f"{binary}: does not run as QEMU (--version exited "
+                           f"{proc.returncode}{': ' + first[0] if first else ''}); {DEBIAN_HINT}")
 
 
 def option_string(options: dict[str, Json]) -> str:

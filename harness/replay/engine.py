@@ -81,7 +81,8 @@ class PartRun:
     """The state of one section being replayed: backend, events, jobs, actual records."""
 
     def __init__(self, plan: Plan, backend: Backend, norm: Normalizer,
-                 settle_timeout: float, settle: bool) -> None:
+                 settle_timeout: float, settle: bool,
+                 visible_events: frozenset[str] = frozenset()) -> None:
         self.plan = plan
         self.backend = backend
         self.norm = norm
@@ -92,10 +93,7 @@ class PartRun:
         self.settle_timeout = settle_timeout
         self.settling = settle
         self.vm_down = False
-        golden_events = {r.name for r in plan.part.records if isinstance(r, Event)}
-        self.visible = golden_events | {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
-                                        "BLOCK_JOB_ERROR", "BLOCK_JOB_READY",
-                                        "BLOCK_JOB_PENDING"}
+        self.visible = visible_events
 
     def note(self, message: str) -> None:
         self.notes.append(message)
@@ -192,7 +190,11 @@ class PartRun:
 
     def evaluate(self, expression: str, value: Json) -> Json:
         try:
-            return _JINJA.compile_expression(expression)(r=value, **self.plan.variables)
+            found = _JINJA.compile_expression(expression, undefined_to_none=False)(
+                r=value, **self.plan.variables)
+            if isinstance(found, jinja2.Undefined):
+                found._fail_with_undefined_error()
+            return found
         except jinja2.TemplateError as exc:
             raise StepFailure(f"probe expression {expression!r}: {exc}") from None
 
@@ -203,6 +205,20 @@ def _identity(event: Json) -> str | None:
         return None
     value = data.get("id", data.get("device"))
     return str(value) if value is not None else None
+
+
+BLOCK_JOB_EVENTS = frozenset({"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR",
+                              "BLOCK_JOB_READY", "BLOCK_JOB_PENDING"})
+
+
+def visible_events(golden: Transcript) -> frozenset[str]:
+    """Events whose absence from the golden means something: the kinds it logs at all.
+
+    A script logs the events it waits for; iotests' run_job logs every BLOCK_JOB_* event of
+    its job, so one BLOCK_JOB_* in the file makes them all visible.
+    """
+    names = {r.name for r in golden.records if isinstance(r, Event)}
+    return frozenset(names | (BLOCK_JOB_EVENTS if names & BLOCK_JOB_EVENTS else set()))
 
 
 def vm_config(recipe: Recipe, norm: Normalizer, variables: dict[str, Json]) -> VmConfig:
@@ -230,7 +246,7 @@ async def run_part(golden: Transcript, part: Part, recipe: Recipe, factory: Back
         backend = factory(test_dir)
         result.backend = backend.name
         run = PartRun(plan, backend, norm, settle_timeout or recipe.timeout or SETTLE_TIMEOUT,
-                      recipe.settle)
+                      recipe.settle, visible_events(golden))
         await prepare_images(run, recipe)
         await backend.start(vm_config(recipe, norm, plan.variables))
         try:

@@ -64,10 +64,10 @@ class Execute(Step):
     async def run(self, r: PartRun) -> None:
         await r.settle()
         arguments = r.norm.reverse(self.command.arguments)
-        reply = await r.execute(self.command.name, arguments)
         r.actual.append(Command.make({"execute": self.command.name, "arguments":
                                       r.norm.json(arguments, self.command.arguments)},
                                      self.command.indent, line=self.command.line))
+        reply = await r.execute(self.command.name, arguments)
         if self.reply is not None:
             r.actual.append(Reply.make(r.norm.json(reply, self.reply.value), self.reply.indent,
                                        line=self.reply.line))
@@ -101,9 +101,9 @@ class QemuIoCommand(Step):
     async def run(self, r: PartRun) -> None:
         await r.settle()
         node = r.jobs.top_node(self.device)
+        r.actual.append(self.echo)
         reply = await r.execute("human-monitor-command", {
             "command-line": f'qemu-io {node} "{self.echo.command}"'})
-        r.actual.append(self.echo)
         r.actual.append(Reply.make(r.norm.json(reply, self.reply.value), self.reply.indent,
                                    line=self.reply.line))
 
