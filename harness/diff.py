@@ -73,7 +73,7 @@ def section_diff(golden: Sequence[Record], actual: Sequence[Record], *, path: st
                 out += [paint(YELLOW, f"    {line}") for line in
                         _explain_block(g_owner[i1:i2], a_owner[j1:j2])]
     if len(out) > max_lines:
-        out = out[:max_lines] + [f"... ({len(out) - max_lines} more diff lines)"]
+        out = [*out[:max_lines], f"... ({len(out) - max_lines} more diff lines)"]
     return "\n".join(out)
 
 

@@ -86,6 +86,7 @@ class Backend(abc.ABC):
                 await self.qmp.disconnect()
         await self.wait_stopped()
 
+    @abc.abstractmethod
     async def wait_stopped(self) -> None:
         """Wait for the VM to be gone after ``quit`` (a process exits, a server closes)."""
 

@@ -17,9 +17,9 @@ from typing import Any
 from harness.errors import TranscriptError
 from harness.transcript.records import (
     BareResult,
-    Blank,
     BitmapCheck,
     BitmapDump,
+    Blank,
     Command,
     Event,
     Heading,

@@ -13,9 +13,9 @@ from harness.errors import TranscriptError
 from harness.transcript import parse, parse_file, render
 from harness.transcript.records import (
     BareResult,
-    Blank,
     BitmapCheck,
     BitmapDump,
+    Blank,
     Command,
     Event,
     Heading,

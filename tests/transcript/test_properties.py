@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from harness.transcript import parse, render
 from harness.transcript.records import (
     BareResult,
-    Blank,
     BitmapCheck,
     BitmapDump,
+    Blank,
     Command,
     Event,
     ImageCompare,
