@@ -36,6 +36,7 @@ BackendFactory = Callable[[Path], Backend]
 
 SETTLE_TIMEOUT = 60.0     # a job that does not come to rest in this time is reported stuck
 EVENT_TIMEOUT = 10.0      # for events no job explains (a job's events end when it rests)
+POLL_INTERVAL = 0.005     # between repetitions of a polled query
 _JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
@@ -150,7 +151,9 @@ class PartRun:
         while True:
             if (found := self._take(golden)) is not None:
                 return found
-            if self.vm_down or (is_job_event and not self.jobs.busy()):
+            # Jobs only emit events while they move; with settling off (jobs move under our
+            # feet, as in 219), a resting job may be about to move again: wait instead.
+            if self.vm_down or (self.settling and is_job_event and not self.jobs.busy()):
                 return None
             if not await self.next_event(deadline - time.monotonic()):
                 return None
@@ -167,6 +170,32 @@ class PartRun:
         self.jobs.on_command(name, arguments, reply)
         await self.drain()
         return reply
+
+    async def execute_shown(self, name: str, arguments: dict[str, Json], golden: Json,
+                            shown: Callable[[Json], Json]) -> Json:
+        """Execute; with a golden to poll for, repeat until what is shown matches it.
+
+        For state that moves on its own (a speed-limited job's progress): the recipe lists
+        such commands under ``poll``; the last result is shown if the golden never comes.
+        """
+        deadline = time.monotonic() + self.settle_timeout
+        while True:
+            value = shown(await self.execute(name, arguments))
+            if golden is None or self.norm.json(value, golden) == golden \
+                    or time.monotonic() > deadline:
+                return value
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def poll_until(self, name: str, arguments: dict[str, Json], condition: str) -> None:
+        deadline = time.monotonic() + self.settle_timeout
+        while True:
+            reply = await self.execute(name, arguments)
+            if self.evaluate(condition, reply.get("return", reply)):
+                return
+            if time.monotonic() > deadline:
+                raise StepFailure(f"{name}: {condition!r} still false after "
+                                  f"{self.settle_timeout:.0f} s (last: {reply})")
+            await asyncio.sleep(POLL_INTERVAL)
 
     async def query_bitmaps(self, source: str) -> dict[str, Json]:
         """iotests' ``query_bitmaps()`` (by node) or 236's variant (by drive, query-block)."""
@@ -222,12 +251,7 @@ def visible_events(golden: Transcript) -> frozenset[str]:
 
 
 def vm_config(recipe: Recipe, norm: Normalizer, variables: dict[str, Json]) -> VmConfig:
-    def real(options: dict[str, Json]) -> dict[str, Json]:
-        out = dict(options)
-        if "file" in out and isinstance(out["file"], str) and "/" not in out["file"]:
-            out["file"] = GOLDEN_PREFIX + out["file"]
-        return dict(norm.reverse(out))
-    return VmConfig(drives=tuple(real(d) for d in recipe.drives),
+    return VmConfig(drives=tuple(norm.reverse(d) for d in recipe.drives),
                     blockdevs=tuple(norm.reverse(b) for b in recipe.blockdevs))
 
 

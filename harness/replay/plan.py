@@ -58,6 +58,9 @@ class _Compiler:
         self.fmt = recipe.images[0].format if recipe.images else "qcow2"
         self.steps: list[s.Step] = []
         self.queued: list[tuple[str, dict[str, Json]]] = []   # idiom steps for coming ``{}``
+        self.sequence = [line.strip() for line in
+                         recipe.expand(recipe.sequence or "", self.vars).splitlines()
+                         if line.strip() and not line.strip().startswith("#")]
 
     def error(self, record: Record, message: str) -> RecipeError:
         return RecipeError(self.path, record.line, message)
@@ -78,6 +81,10 @@ class _Compiler:
             self.extra_steps(record, before=True)
             i = self.one(i)
             self.extra_steps(record, before=False)
+        if self.sequence:
+            raise RecipeError(self.recipe.path or self.path, 1,
+                              f"section '{self.part.title}': {len(self.sequence)} sequence "
+                              f"action(s) left over, first {self.sequence[0]!r}")
         return Plan(self.part, self.steps, self.vars, self.device, self.fmt)
 
     def one(self, i: int) -> int:
@@ -86,7 +93,8 @@ class _Compiler:
         if isinstance(record, Command):
             reply = nxt if isinstance(nxt, Reply) else None
             self.steps.append(s.Execute((record, *([reply] if reply else [])),
-                                        command=record, reply=reply))
+                                        command=record, reply=reply,
+                                        poll=record.name in self.recipe.poll))
             return i + (2 if reply else 1)
         if isinstance(record, QemuIo):
             assert isinstance(nxt, Reply)  # the parser guarantees the reply
@@ -129,13 +137,19 @@ class _Compiler:
             return s.Hidden((bare,), bare=bare, name=name, arguments=arguments,
                             shows_reply=False)
         action = self.recipe.hidden.get(bare.text)
-        if action is None:
+        if action is not None:
+            action = self.recipe.expand(action, self.vars)
+        elif self.sequence:
+            action = self.sequence.pop(0)
+        else:
             raise self.error(bare, f"bare result {bare.text!r} with no command before it: "
-                                   f"name the step behind it in the recipe's [hidden] table")
-        name, arguments = parse_action(self.recipe.expand(action, self.vars))
+                                   f"name the step behind it in the recipe's [hidden] table "
+                                   f"or its sequence")
+        name, arguments = parse_action(action)
         return s.Hidden((bare,), bare=bare, name=name, arguments=arguments,
                         shows_reply=isinstance(bare.value, dict) and (
-                            "return" in bare.value or "error" in bare.value))
+                            "return" in bare.value or "error" in bare.value),
+                        poll=name in self.recipe.poll)
 
     def create_target_starts(self, i: int) -> bool:
         """iotests' Drive.create_target(): ``{}`` then ``job-dismiss`` of bdc-file-job."""
@@ -200,7 +214,8 @@ class _Compiler:
         for extra in self.recipe.steps:
             if extra.before == before and extra.anchor.search(label):
                 name, arguments = parse_action(self.recipe.expand(extra.action, self.vars))
-                self.steps.append(s.Extra((), name=name, arguments=arguments))
+                self.steps.append(s.Extra((), name=name, arguments=arguments,
+                                          until=extra.until))
 
 
 def parse_action(action: str) -> tuple[str, dict[str, Json]]:

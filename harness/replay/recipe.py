@@ -28,8 +28,8 @@ import jinja2
 from harness.errors import RecipeError
 
 Json = Any
-KNOWN_KEYS = {"title", "images", "vm", "qemu-io", "bitmaps", "targets", "hidden", "rebase",
-              "steps", "probe", "settle", "timeout", "filters"}
+KNOWN_KEYS = {"title", "images", "vm", "qemu-io", "bitmaps", "targets", "hidden", "sequence",
+              "poll", "rebase", "steps", "probe", "settle", "timeout", "filters"}
 _JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
@@ -59,6 +59,7 @@ class ExtraStep:
     anchor: re.Pattern[str]
     before: bool
     action: str               # an HMP command line, or a QMP command as JSON
+    until: str | None = None  # jinja2 condition on ``r`` (the return): repeat until true
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Recipe:
     bitmap_node: str | None = None
     targets: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
     hidden: dict[str, str] = field(default_factory=dict)
+    sequence: str | None = None           # template: one action per line, for bare results
+    poll: frozenset[str] = frozenset()    # commands repeated until the golden's result shows
     rebase: dict[str, str] = field(default_factory=dict)
     steps: list[ExtraStep] = field(default_factory=list)
     probes: list[Probe] = field(default_factory=list)
@@ -142,11 +145,13 @@ def recipe_from_dict(data: dict[str, Json], path: str = "<recipe>") -> Recipe:
         r.targets = [(re.compile(k), v) for k, v in data.get("targets", {}).items()]
         r.hidden = dict(data.get("hidden", {}))
         r.rebase = dict(data.get("rebase", {}))
+        r.sequence = data.get("sequence")
+        r.poll = frozenset(data.get("poll", ()))
         for s in data.get("steps", []):
             if ("before" in s) == ("after" in s):
                 raise fail("each '[[steps]]' needs exactly one of 'before' or 'after'")
             r.steps.append(ExtraStep(re.compile(s.get("before") or s["after"]),
-                                     "before" in s, s["run"]))
+                                     "before" in s, s["run"], s.get("until")))
         for p in data.get("probe", []):
             r.probes.append(Probe(re.compile(p["match"]), p.get("query", "query-block"),
                                   dict(p.get("arguments", {})), p.get("text"),

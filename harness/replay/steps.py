@@ -60,6 +60,7 @@ class Execute(Step):
 
     command: Command = field(kw_only=True)
     reply: Reply | None = field(default=None, kw_only=True)
+    poll: bool = field(default=False, kw_only=True)
 
     async def run(self, r: PartRun) -> None:
         await r.settle()
@@ -67,7 +68,9 @@ class Execute(Step):
         r.actual.append(Command.make({"execute": self.command.name, "arguments":
                                       r.norm.json(arguments, self.command.arguments)},
                                      self.command.indent, line=self.command.line))
-        reply = await r.execute(self.command.name, arguments)
+        golden = self.reply.value if self.reply is not None else None
+        reply = await r.execute_shown(self.command.name, arguments, golden if self.poll
+                                      else None, lambda reply: reply)
         if self.reply is not None:
             r.actual.append(Reply.make(r.norm.json(reply, self.reply.value), self.reply.indent,
                                        line=self.reply.line))
@@ -119,12 +122,16 @@ class Hidden(Step):
     name: str = field(kw_only=True)               # QMP command (HMP goes via human-monitor)
     arguments: dict[str, Json] = field(kw_only=True)
     shows_reply: bool = field(kw_only=True)       # golden logged the whole reply, not .return
+    poll: bool = field(default=False, kw_only=True)
+
+    def shown(self, reply: Json) -> Json:
+        return reply if self.shows_reply or "return" not in reply else reply["return"]
 
     async def run(self, r: PartRun) -> None:
         await r.settle()
         arguments = r.norm.reverse(self.arguments)
-        reply = await r.execute(self.name, arguments)
-        shown = reply if self.shows_reply or "return" not in reply else reply["return"]
+        shown = await r.execute_shown(self.name, arguments,
+                                      self.bare.value if self.poll else None, self.shown)
         r.actual.append(BareResult.make(r.norm.json(shown, self.bare.value), self.bare.indent,
                                         line=self.bare.line))
 
@@ -138,9 +145,13 @@ class Extra(Step):
 
     name: str = field(kw_only=True)
     arguments: dict[str, Json] = field(kw_only=True)
+    until: str | None = field(default=None, kw_only=True)
 
     async def run(self, r: PartRun) -> None:
         await r.settle()
+        if self.until is not None:
+            await r.poll_until(self.name, r.norm.reverse(self.arguments), self.until)
+            return
         reply = await r.execute(self.name, r.norm.reverse(self.arguments))
         if "error" in reply or reply.get("return", "") not in ("", {}):
             r.note(f"hidden step {self.name} {self.arguments} returned {reply}")
