@@ -3,29 +3,68 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.backends.base import Backend
 from harness.replay.engine import PartResult, run_part
-from harness.replay.recipe import find_recipe
+from harness.replay.recipe import Recipe, find_recipe
 from harness.transcript import parse_file
+from harness.transcript.records import Record
+from harness.transcript.render import render_records
+from harness.transcript.transcript import Transcript
 
 BackendFactory = Callable[[Path], Backend]
+
+
+@dataclass
+class FileResult:
+    """One golden replayed: the transcript, its recipe, and a result per section run."""
+
+    transcript: Transcript
+    recipe: Recipe
+    results: list[PartResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def actual_records(self) -> list[Record]:
+        """The whole file as this run saw it: sections that ran give their actual records,
+        the rest (preamble text, sections not selected) their golden records."""
+        ran = {(r.line, r.title): r for r in self.results}
+        out: list[Record] = []
+        for part in self.transcript.parts():
+            result = ran.get((part.line, part.title))
+            out += result.actual if result is not None else list(part.records)
+        return out
+
+    def actual_text(self) -> str:
+        text = render_records(self.actual_records())
+        return text + "\n" if self.transcript.trailing_newline else text
+
+
+async def replay_transcript(transcript: Transcript, recipe: Recipe, factory: BackendFactory, *,
+                            keyword: str | None = None,
+                            on_result: Callable[[PartResult], bool] | None = None,
+                            ) -> FileResult:
+    """Replay the selected sections; ``on_result`` returning False stops the run."""
+    result = FileResult(transcript, recipe)
+    for part in transcript.sections():
+        if keyword and keyword not in part.title:
+            continue
+        part_result = await run_part(transcript, part, recipe, factory)
+        result.results.append(part_result)
+        if on_result is not None and on_result(part_result) is False:
+            break
+    return result
 
 
 async def replay_file(path: str | Path, factory: BackendFactory, *,
                       recipe: str | Path | None = None, keyword: str | None = None,
                       on_result: Callable[[PartResult], bool] | None = None,
                       ) -> list[PartResult]:
-    """Replay the selected sections of one golden; ``on_result`` returning False stops."""
-    transcript = parse_file(path)
-    found = find_recipe(path, recipe)
-    results = []
-    for part in transcript.sections():
-        if keyword and keyword not in part.title:
-            continue
-        result = await run_part(transcript, part, found, factory)
-        results.append(result)
-        if on_result is not None and on_result(result) is False:
-            break
-    return results
+    """Replay the selected sections of one golden file."""
+    result = await replay_transcript(parse_file(path), find_recipe(path, recipe), factory,
+                                     keyword=keyword, on_result=on_result)
+    return result.results
