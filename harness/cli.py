@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only sections whose title contains this text")
     p.add_argument("-x", "--exitfirst", action="store_true", help="stop at the first failure")
     p.add_argument("--junit-xml", metavar="PATH", default=None, help="write a JUnit XML report")
-    p.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
-                   help="run sections in N parallel worker processes")
+    p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                   help="sections run at once (default: CPUs, up to 4, on QEMU; 1 on the "
+                        "emulator)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and totals")
 
     p = sub.add_parser("conform", help="hold the emulator (and QEMU builds) against real QEMU")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,8 +35,15 @@ def format_result(result: PartResult, color: bool) -> str:
     return head + "\n" + "\n".join("    " + ln for b in body for ln in b.split("\n"))
 
 
+def default_jobs(backend: str) -> int:
+    """QEMU sections run in separate processes and overlap well; the emulator shares this
+    process's one interpreter, where overlapping sections gains nothing."""
+    return min(4, os.cpu_count() or 1) if backend == "qemu" else 1
+
+
 def run(args: argparse.Namespace) -> int:
     factory = make_factory(args.backend, args.qemu_binary, args.qemu_img)
+    jobs = default_jobs(args.backend) if args.jobs is None else args.jobs
     color = sys.stdout.isatty()
     started = time.monotonic()
     all_results: list[PartResult] = []
@@ -49,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         for path in args.files:
             await replay_file(path, factory, recipe=args.recipe, keyword=args.keyword,
-                              on_result=report)
+                              on_result=report, jobs=jobs)
             if args.exitfirst and any(not r.passed for r in all_results):
                 break
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from harness.replay.recipe import Recipe, find_recipe
 from harness.transcript import parse_file
 from harness.transcript.records import Record
 from harness.transcript.render import render_records
-from harness.transcript.transcript import Transcript
+from harness.transcript.transcript import Part, Transcript
 
 BackendFactory = Callable[[Path], Backend]
 
@@ -47,24 +48,45 @@ class FileResult:
 async def replay_transcript(transcript: Transcript, recipe: Recipe, factory: BackendFactory, *,
                             keyword: str | None = None,
                             on_result: Callable[[PartResult], bool] | None = None,
-                            ) -> FileResult:
-    """Replay the selected sections; ``on_result`` returning False stops the run."""
+                            jobs: int = 1) -> FileResult:
+    """Replay the selected sections, up to ``jobs`` at a time, reporting them in file order.
+
+    Sections are independent (each has its own VM and test directory), so with a backend
+    whose VMs are separate processes they overlap well. ``on_result`` returning False stops
+    the run: sections not yet started are skipped.
+    """
     result = FileResult(transcript, recipe)
-    for part in transcript.sections():
-        if keyword and keyword not in part.title:
-            continue
-        part_result = await run_part(transcript, part, recipe, factory)
-        result.results.append(part_result)
-        if on_result is not None and on_result(part_result) is False:
-            break
+    parts = [p for p in transcript.sections() if not keyword or keyword in p.title]
+    gate = asyncio.Semaphore(max(1, jobs))
+    stop = asyncio.Event()
+
+    async def one(part: Part) -> PartResult | None:
+        async with gate:
+            if stop.is_set():
+                return None
+            return await run_part(transcript, part, recipe, factory)
+
+    tasks = [asyncio.ensure_future(one(p)) for p in parts]
+    try:
+        for task in tasks:
+            part_result = await task
+            if part_result is None:
+                continue
+            result.results.append(part_result)
+            if on_result is not None and on_result(part_result) is False:
+                stop.set()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return result
 
 
 async def replay_file(path: str | Path, factory: BackendFactory, *,
                       recipe: str | Path | None = None, keyword: str | None = None,
                       on_result: Callable[[PartResult], bool] | None = None,
-                      ) -> list[PartResult]:
+                      jobs: int = 1) -> list[PartResult]:
     """Replay the selected sections of one golden file."""
     result = await replay_transcript(parse_file(path), find_recipe(path, recipe), factory,
-                                     keyword=keyword, on_result=on_result)
+                                     keyword=keyword, on_result=on_result, jobs=jobs)
     return result.results
