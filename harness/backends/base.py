@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 from qemu.qmp.message import Message
 
 from harness.errors import BackendError
@@ -70,7 +70,7 @@ class Backend(abc.ABC):
             value = await self.qmp.execute_msg(msg)
         except ExecuteError as exc:
             return {"error": dict(exc.received["error"])}
-        except (EOFError, ConnectionError, OSError) as exc:
+        except (QMPError, EOFError, OSError) as exc:
             self.running = False
             raise BackendError(f"{self.name}: connection lost during {name!r}: "
                                f"{exc or type(exc).__name__}{self.crash_details()}") from None

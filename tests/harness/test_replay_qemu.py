@@ -32,7 +32,7 @@ def test_257_passes_every_section_on_qemu() -> None:
     assert proc.returncode == 0
 
 
-@pytest.mark.parametrize("name", ["236", "254", "283"])
+@pytest.mark.parametrize("name", ["219", "236", "254", "283"])
 def test_qemu_goldens_pass(name: str) -> None:
     results = replay(GOLDENS / f"{name}.out")
     assert results and all(r.passed for r in results), [r.notes for r in results]
