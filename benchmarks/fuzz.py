@@ -42,7 +42,8 @@ def random_json(rng: random.Random, depth: int = 0) -> Any:
     if choice == 2:
         return rng.choice([True, False, None])
     if choice in (3, 4):
-        return "".join(rng.choice("abcdefghij-_.#/ \u00e9\u2603") for _ in range(rng.randint(0, 12)))
+        alphabet = "abcdefghij-_.#/ \u00e9\u2603"
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
     if choice == 5:
         return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
     keys = ["node", "name", "driver", "node-name", "granularity", "id", "device", "job-id",
