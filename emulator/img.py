@@ -1,0 +1,723 @@
+"""The qemu-img subset the harness needs, so the emulator backend needs no QEMU binary.
+
+Verbs: ``create`` (qcow2, raw), ``compare``, ``rebase -u``, ``check``, ``info --output=json``
+and ``map --output=json``, as Python functions taking a `Sandbox` (every path, backing files
+included, is resolved through it) and as `main(argv)`, which mirrors qemu-img's command line,
+messages and exit codes for those verbs.
+"""
+
+from __future__ import annotations
+
+import errno
+import getopt
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from emulator import qemu_io
+from emulator.qcow2 import Backing, CheckResult, FileIO, Qcow2Error, Qcow2Image, Status
+from emulator.qcow2.header import QCOW_MAGIC
+from emulator.qmp.json_writer import qdict_keys, quote
+from emulator.sandbox import Sandbox, SandboxError
+
+IO_BUF_SIZE = 2 * 1024 * 1024  # qemu-img.c: compare reads at most this much at a time
+SECTOR = 512
+
+
+class ImgError(Exception):
+    """A failed verb: the message qemu-img prints after "qemu-img: ", its exit code, and
+    what it had already printed to stdout (create prints "Formatting ..." first)."""
+
+    def __init__(self, message: str, exit_code: int = 1, *, stdout: str = "",
+                 newline: bool = True) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.newline = newline
+
+
+# -- opening images and backing chains ----------------------------------------------------------
+@dataclass
+class Extent:
+    """One answer of block status for a whole chain (bdrv_block_status and friends)."""
+
+    length: int
+    data: bool
+    zero: bool
+    present: bool  # BDRV_BLOCK_ALLOCATED: some layer of the chain decides these bytes
+    depth: int  # how many backing links down that layer is
+    offset: int | None  # host offset in that layer's file (BDRV_BLOCK_OFFSET_VALID)
+
+
+class Image:
+    """An open image (qcow2 or raw) with its backing chain: what qemu-img's img_open gives.
+
+    Opening fails with `OpenError` carrying QEMU's message for the node itself ("Could not
+    open 'x': No such file or directory", "Image is not in qcow2 format", "Could not open
+    backing file: ..."); `open_image` adds img_open's "Could not open '<filename>': ".
+    """
+
+    def __init__(self, sandbox: Sandbox, path: Path, name: str, fmt: str | None, *,
+                 writable: bool = False, open_backing: bool = True, depth: int = 0) -> None:
+        self.path = path
+        self.backing: Image | None = None
+        self.qcow2: Qcow2Image | None = None
+        try:
+            self.io = FileIO(path, read_only=not writable)
+        except OSError as exc:
+            raise OpenError(f"Could not open '{name}': "
+                            f"{os.strerror(exc.errno or errno.EIO)}") from None
+        try:
+            self.format = fmt or _probe(self.io)
+            if self.format == "qcow2":
+                self.qcow2 = Qcow2Image.open(self.io, read_only=not writable)
+            elif self.format != "raw":
+                raise OpenError(f"Unknown driver '{self.format}'")
+            if open_backing and self.qcow2 is not None and self.qcow2.backing_file:
+                self.backing = self._open_backing(sandbox, depth)
+        except Qcow2Error as exc:
+            self.close()
+            raise OpenError(str(exc)) from None
+        except OpenError:
+            self.close()
+            raise
+
+    def _open_backing(self, sandbox: Sandbox, depth: int) -> Image:
+        assert self.qcow2 is not None and self.qcow2.backing_file
+        name = self.qcow2.backing_file
+        try:
+            if depth >= 64:
+                raise OpenError("Backing chain too deep")
+            path = sandbox.resolve_backing(self.path, name)
+            return Image(sandbox, path, name, self.qcow2.backing_format, depth=depth + 1)
+        except SandboxError as exc:
+            raise OpenError(f"Could not open backing file: {exc.desc}") from None
+        except OpenError as exc:
+            raise OpenError(f"Could not open backing file: {exc}") from None
+
+    @property
+    def size(self) -> int:
+        return self.qcow2.size if self.qcow2 is not None else self.io.length()
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest data through the whole chain; past the end of this image, zeroes."""
+        inside = max(0, min(length, self.size - offset))
+        if self.qcow2 is not None:
+            data = self.qcow2.read(offset, inside, self._backing_reader())
+        else:
+            data = self.io.pread(offset, inside)
+        return data + bytes(length - inside)
+
+    # The IOTarget interface, so qemu_io.run can work on an image as qemu-io does.
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.read(offset, length)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        if self.qcow2 is None:
+            self.io.pwrite(offset, data)
+        else:
+            self.qcow2.write(offset, data, self._backing_reader())
+
+    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        if self.qcow2 is None:
+            self.io.pwrite(offset, bytes(length))
+        else:
+            self.qcow2.write_zeroes(offset, length, may_unmap=may_unmap,
+                                    backing=self._backing_reader())
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        """qemu-io opens images with discard=unmap: the discard reaches qcow2 (a raw file
+        keeps its data, as without hole punching)."""
+        if self.qcow2 is not None:
+            self.qcow2.discard(offset, length)
+
+    def flush(self) -> None:
+        self.io.flush()
+
+    def length(self) -> int:
+        return self.size
+
+    def _backing_reader(self) -> Backing | None:
+        return self.backing.read if self.backing is not None else None
+
+    def layer_status(self, offset: int, length: int) -> Extent:
+        """bdrv_block_status of this layer alone (depth 0); unallocated extents report
+        zero only where nothing below could supply data."""
+        if self.qcow2 is None:
+            return self._raw_status(offset, length)
+        status, nbytes, host = self.qcow2.map_extent(offset, length)
+        if status is Status.DATA:
+            return Extent(nbytes, True, False, True, 0, host)
+        if status is Status.ZERO:
+            return Extent(nbytes, False, True, True, 0, host)
+        below = self.backing
+        zero = below is None or offset >= below.size
+        return Extent(nbytes, False, zero, False, 0, None)
+
+    def _raw_status(self, offset: int, length: int) -> Extent:
+        """file-posix's SEEK_DATA/SEEK_HOLE: holes read as zeroes; everything is present."""
+        fd = self.io._fd
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:
+            data = self.size
+        if data > offset:
+            return Extent(min(length, data - offset), False, True, True, 0, offset)
+        hole = os.lseek(fd, offset, os.SEEK_HOLE)
+        return Extent(min(length, hole - offset), True, False, True, 0, offset)
+
+    def chain_status(self, offset: int, length: int) -> Extent:
+        """get_block_status in qemu-img map: go down the chain until a layer decides."""
+        image: Image | None = self
+        depth = 0
+        while True:
+            assert image is not None
+            extent = image.layer_status(offset, length)
+            extent.depth = depth
+            if extent.data or extent.zero or image.backing is None:
+                return extent
+            length = extent.length
+            image = image.backing
+            depth += 1
+
+    def close(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+        if self.qcow2 is not None:
+            self.qcow2.close()
+        self.io.close()
+
+
+def _probe(io: FileIO) -> str:
+    """bdrv_probe_all for the two formats the emulator knows."""
+    head = io.pread(0, 4)
+    return "qcow2" if int.from_bytes(head, "big") == QCOW_MAGIC else "raw"
+
+
+class OpenError(Exception):
+    """An image node that cannot be opened, with QEMU's message for it."""
+
+
+def open_image(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
+               writable: bool = False, open_backing: bool = True,
+               exit_code: int = 1) -> Image:
+    """img_open: the image and its backing chain, or ImgError("Could not open ...")."""
+    try:
+        path = sandbox.resolve(filename)
+        return Image(sandbox, path, filename, fmt, writable=writable,
+                     open_backing=open_backing)
+    except SandboxError as exc:
+        raise ImgError(f"Could not open '{filename}': {exc.desc}", exit_code) from None
+    except OpenError as exc:
+        raise ImgError(f"Could not open '{filename}': {exc}", exit_code) from None
+
+
+@contextmanager
+def opened(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
+           writable: bool = False, open_backing: bool = True) -> Iterator[Image]:
+    image = open_image(sandbox, filename, fmt, writable=writable, open_backing=open_backing)
+    try:
+        yield image
+    finally:
+        image.close()
+
+
+# -- create -------------------------------------------------------------------------------------
+def create(sandbox: Sandbox, filename: str, fmt: str, size: int | None, *,
+           backing_file: str | None = None, backing_format: str | None = None,
+           cluster_size: int = 65536, lazy_refcounts: bool = False,
+           refcount_bits: int = 16) -> str:
+    """img_create: make the image and return the "Formatting ..." line qemu-img prints.
+    Without a size, a qcow2 image takes its backing file's."""
+    if fmt not in ("qcow2", "raw"):
+        raise ImgError(f"{filename}: Unknown file format '{fmt}'")
+    if backing_file and fmt != "qcow2":
+        raise ImgError(f"{filename}: Backing file not supported for file format '{fmt}'")
+    if backing_file and not backing_format:
+        message = f"{filename}: Backing file specified without backing format"
+        try:
+            path = sandbox.resolve_backing(Path(filename), backing_file)
+            probe = Image(sandbox, path, backing_file, None, open_backing=False)
+        except (SandboxError, OpenError):
+            raise ImgError(message) from None
+        probe.close()
+        raise ImgError(f"{message}\nDetected format of {probe.format}.", newline=False)
+    if backing_file:
+        try:
+            path = sandbox.resolve_backing(Path(filename), backing_file)
+            backing = Image(sandbox, path, backing_file, backing_format)
+        except (SandboxError, OpenError) as exc:
+            detail = exc.desc if isinstance(exc, SandboxError) else str(exc)
+            raise ImgError(f"{filename}: {detail}\nCould not open backing image.") from None
+        size = backing.size if size is None else size
+        backing.close()
+    if size is None:
+        raise ImgError(f"{filename}: Image creation needs a size parameter")
+    try:
+        path = sandbox.resolve(filename, for_create=True)
+    except SandboxError as exc:
+        raise ImgError(f"{filename}: {exc.desc}") from None
+    if fmt == "qcow2":
+        options = (f"fmt=qcow2 cluster_size={cluster_size} extended_l2=off "
+                   f"compression_type=zlib size={size}")
+        if backing_file:
+            options += f" backing_file={backing_file} backing_fmt={backing_format}"
+        options += f" lazy_refcounts={'on' if lazy_refcounts else 'off'} " \
+                   f"refcount_bits={refcount_bits}"
+    else:
+        options = f"fmt=raw size={size}"
+    line = f"Formatting '{filename}', {options}\n"
+    try:
+        io = FileIO.create(path)
+    except OSError as exc:
+        raise ImgError(f"{filename}: Could not create '{filename}': "
+                       f"{os.strerror(exc.errno or errno.EIO)}", stdout=line) from None
+    try:
+        if fmt == "qcow2":
+            Qcow2Image.create(io, size, cluster_size=cluster_size, backing_file=backing_file,
+                              backing_format=backing_format, lazy_refcounts=lazy_refcounts,
+                              refcount_bits=refcount_bits)
+        else:
+            io.truncate(size)
+            # file-posix's allocate_first_block: so that later probing of the alignment works
+            io.pwrite(0, bytes(min(size, 4096)))
+    except Qcow2Error as exc:
+        raise ImgError(f"{filename}: {exc}", stdout=line) from None
+    finally:
+        io.close()
+    return line
+
+
+# -- compare ------------------------------------------------------------------------------------
+@dataclass
+class CompareResult:
+    """img_compare's exit code (0 identical, 1 different, 2 open error, 3 block status
+    error, 4 read error) and what it printed to stdout."""
+
+    exit_code: int
+    output: str
+
+
+def compare(sandbox: Sandbox, filename1: str, filename2: str, *, fmt1: str | None = None,
+            fmt2: str | None = None, strict: bool = False) -> CompareResult:
+    """img_compare: allocation-aware comparison; unallocated and zero ranges are equal."""
+    image1 = open_image(sandbox, filename1, fmt1, exit_code=2)
+    try:
+        image2 = open_image(sandbox, filename2, fmt2, exit_code=2)
+    except ImgError:
+        image1.close()
+        raise
+    try:
+        return _compare(image1, image2, strict)
+    except OSError as exc:
+        raise ImgError(f"Error while reading: {os.strerror(exc.errno or errno.EIO)}", 4) \
+            from None
+    finally:
+        image1.close()
+        image2.close()
+
+
+def _compare(image1: Image, image2: Image, strict: bool) -> CompareResult:
+    size1, size2 = image1.size, image2.size
+    if strict and size1 != size2:
+        return CompareResult(1, "Strict mode: Image size mismatch!\n")
+    offset = 0
+    while offset < min(size1, size2):
+        status1 = _status_above(image1, offset, size1 - offset)
+        status2 = _status_above(image2, offset, size2 - offset)
+        chunk = min(status1[2], status2[2])
+        if strict and status1[:2] != status2[:2]:
+            return CompareResult(1, f"Strict mode: Offset {offset} block status mismatch!\n")
+        if status1[1] and status2[1]:
+            pass
+        elif status1[0] == status2[0]:
+            if status1[0]:
+                chunk = min(chunk, IO_BUF_SIZE)
+                mismatch = _first_difference(image1.read(offset, chunk),
+                                             image2.read(offset, chunk))
+                if mismatch is not None:
+                    return CompareResult(1, f"Content mismatch at offset {offset + mismatch}!\n")
+        else:
+            chunk = min(chunk, IO_BUF_SIZE)
+            only_allocated = image1 if status1[0] else image2
+            nonzero = _first_nonzero_sector(only_allocated.read(offset, chunk))
+            if nonzero is not None:
+                return CompareResult(1, f"Content mismatch at offset {offset + nonzero}!\n")
+        offset += chunk
+    output = ""
+    if size1 != size2:
+        output = "Warning: Image size mismatch!\n"
+        longer, end = (image1, size1) if size1 > size2 else (image2, size2)
+        while offset < end:
+            allocated, zero, chunk = _status_above(longer, offset, end - offset)
+            if allocated and not zero:
+                chunk = min(chunk, IO_BUF_SIZE)
+                nonzero = _first_nonzero_sector(longer.read(offset, chunk))
+                if nonzero is not None:
+                    return CompareResult(1, output +
+                                         f"Content mismatch at offset {offset + nonzero}!\n")
+            offset += chunk
+    return CompareResult(0, output + "Images are identical.\n")
+
+
+def _status_above(image: Image, offset: int, length: int) -> tuple[bool, bool, int]:
+    """bdrv_block_status_above(bs, NULL): (allocated in some layer, reads as zero, length)."""
+    extent = image.chain_status(offset, length)
+    return extent.present, extent.zero, extent.length
+
+
+def _first_difference(a: bytes, b: bytes) -> int | None:
+    """compare_buffers: the start of the first differing 512-byte sector, or None."""
+    if a == b:
+        return None
+    for start in range(0, len(a), SECTOR):
+        if a[start:start + SECTOR] != b[start:start + SECTOR]:
+            return start
+    return None
+
+
+def _first_nonzero_sector(data: bytes) -> int | None:
+    """find_nonzero: the start of the first 512-byte sector holding a non-zero byte."""
+    stripped = data.lstrip(b"\0")
+    if not stripped:
+        return None
+    return (len(data) - len(stripped)) // SECTOR * SECTOR
+
+
+# -- rebase -u ----------------------------------------------------------------------------------
+def rebase_unsafe(sandbox: Sandbox, filename: str, backing_file: str,
+                  backing_format: str | None, fmt: str | None = None) -> None:
+    """``qemu-img rebase -u``: only the header's backing file name and format change."""
+    if backing_file and not backing_format:
+        raise ImgError(f"Could not change the backing file to '{backing_file}': backing "
+                       "format must be specified")
+    with opened(sandbox, filename, fmt, writable=True, open_backing=False) as image:
+        if image.qcow2 is None:
+            raise ImgError(f"Could not change the backing file to '{backing_file}': "
+                           "Operation not supported")
+        image.qcow2.set_backing(backing_file or None, backing_format)
+
+
+# -- check --------------------------------------------------------------------------------------
+@dataclass
+class CheckReport:
+    """img_check: exit code (0 clean, 1 check failed, 2 corruptions, 3 leaks only, 63 format
+    without checks), the summary on stdout and qcow2's findings on stderr."""
+
+    exit_code: int
+    output: str
+    messages: str
+    result: CheckResult | None = None
+
+
+def check(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
+          output_format: str = "human") -> CheckReport:
+    with opened(sandbox, filename, fmt, open_backing=False) as image:
+        if image.qcow2 is None:
+            return CheckReport(63, "", "qemu-img: This image format does not support checks\n")
+        result = image.qcow2.check()
+        messages = "".join(line + "\n" for line in result.messages)
+        if output_format == "json":
+            output = _check_json(result, filename, image.format)
+        else:
+            output = _check_human(result)
+    exit_code = 2 if result.corruptions else 3 if result.leaks else 0
+    return CheckReport(exit_code, output, messages, result)
+
+
+def _check_human(result: CheckResult) -> str:
+    """dump_human_image_check."""
+    if not (result.corruptions or result.leaks or result.check_errors):
+        out = "No errors were found on the image.\n"
+    else:
+        out = ""
+        if result.corruptions:
+            out += (f"\n{result.corruptions} errors were found on the image.\nData may be "
+                    "corrupted, or further writes to the image may corrupt it.\n")
+        if result.leaks:
+            out += (f"\n{result.leaks} leaked clusters were found on the image.\nThis means "
+                    "waste of disk space, but no harm to data.\n")
+    if result.total_clusters and result.allocated_clusters:
+        allocated = result.allocated_clusters
+        out += (f"{allocated}/{result.total_clusters} = "
+                f"{allocated * 100 / result.total_clusters:0.2f}% allocated, "
+                f"{result.fragmented_clusters * 100 / allocated:0.2f}% fragmented, "
+                f"{result.compressed_clusters * 100 / allocated:0.2f}% compressed clusters\n")
+    if result.image_end_offset:
+        out += f"Image end offset: {result.image_end_offset}\n"
+    return out
+
+
+def _check_json(result: CheckResult, filename: str, fmt: str) -> str:
+    """dump_json_image_check: ImageCheck, optional members only when non-zero."""
+    fields: dict[str, Any] = {"filename": filename, "format": fmt,
+                              "check-errors": result.check_errors}
+    for key, value in (("image-end-offset", result.image_end_offset),
+                       ("corruptions", result.corruptions), ("leaks", result.leaks),
+                       ("total-clusters", result.total_clusters),
+                       ("allocated-clusters", result.allocated_clusters),
+                       ("fragmented-clusters", result.fragmented_clusters),
+                       ("compressed-clusters", result.compressed_clusters)):
+        if value:
+            fields[key] = value
+    return to_json_pretty(fields) + "\n"
+
+
+# -- info and map -------------------------------------------------------------------------------
+def info(sandbox: Sandbox, filename: str, fmt: str | None = None) -> dict[str, Any]:
+    """``qemu-img info --output=json`` as a dict in QAPI member order (ImageInfo)."""
+    with opened(sandbox, filename, fmt, open_backing=False) as image:
+        fields: dict[str, Any] = {
+            "filename": filename, "format": image.format, "dirty-flag": False,
+            "actual-size": image.io.allocated_size(), "virtual-size": image.size}
+        qcow2 = image.qcow2
+        if qcow2 is None:
+            return fields
+        fields["cluster-size"] = qcow2.cluster_size
+        if qcow2.backing_file:
+            fields["backing-filename"] = qcow2.backing_file
+            fields["full-backing-filename"] = _full_backing_filename(filename,
+                                                                     qcow2.backing_file)
+            if qcow2.backing_format:
+                fields["backing-filename-format"] = qcow2.backing_format
+        data: dict[str, Any] = {"compat": "1.1", "extended-l2": False,
+                                "lazy-refcounts": qcow2.lazy_refcounts,
+                                "corrupt": qcow2.corrupt,
+                                "refcount-bits": qcow2.refcount_bits}
+        bitmaps = qcow2.load_bitmaps()
+        if bitmaps:
+            data["bitmaps"] = [{"name": b.name, "granularity": b.granularity,
+                                "flags": b.flags} for b in bitmaps]
+        data["compression-type"] = "zlib" if qcow2.header.compression_type == 0 else "zstd"
+        fields["format-specific"] = {"type": "qcow2", "data": data}
+        return fields
+
+
+def _full_backing_filename(filename: str, backing_file: str) -> str:
+    """bdrv_get_full_backing_filename: relative to the image's directory (path_combine)."""
+    if os.path.isabs(backing_file) or "/" not in filename:
+        return backing_file
+    return filename[:filename.rindex("/") + 1] + backing_file
+
+
+def map_image(sandbox: Sandbox, filename: str, fmt: str | None = None) -> list[dict[str, Any]]:
+    """``qemu-img map --output=json``: merged extents of the whole chain (img_map)."""
+    entries: list[dict[str, Any]] = []
+    with opened(sandbox, filename, fmt) as image:
+        size = image.size
+        offset = 0
+        while offset < size:
+            extent = image.chain_status(offset, size - offset)
+            entry = {"start": offset, "length": extent.length, "depth": extent.depth,
+                     "present": extent.present, "zero": extent.zero, "data": extent.data}
+            if extent.offset is not None:
+                entry["offset"] = extent.offset
+            if entries and _mergeable(entries[-1], entry):
+                entries[-1]["length"] += extent.length
+            else:
+                entries.append(entry)
+            offset += extent.length
+    return entries
+
+
+def _mergeable(current: dict[str, Any], following: dict[str, Any]) -> bool:
+    """entry_mergeable."""
+    if any(current[k] != following[k] for k in ("zero", "data", "depth", "present")):
+        return False
+    if ("offset" in current) != ("offset" in following):
+        return False
+    return "offset" not in current or \
+        current["offset"] + current["length"] == following["offset"]
+
+
+def map_json(entries: list[dict[str, Any]]) -> str:
+    """dump_map_entry's JSON lines, as qemu-img prints them."""
+    lines = []
+    for entry in entries:
+        text = (f'{{ "start": {entry["start"]}, "length": {entry["length"]}, '
+                f'"depth": {entry["depth"]}, "present": {_bool(entry["present"])}, '
+                f'"zero": {_bool(entry["zero"])}, "data": {_bool(entry["data"])}')
+        if "offset" in entry:
+            text += f', "offset": {entry["offset"]}'
+        lines.append(text + "}")
+    return "[" + ",\n".join(lines) + "]\n"
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def to_json_pretty(obj: Any, indent: int = 0) -> str:
+    """qobject_to_json_pretty: four-space indents, members in QDict order."""
+    pad = "\n" + " " * (4 * (indent + 1))
+    end = "\n" + " " * (4 * indent)
+    if isinstance(obj, dict):
+        members = [pad + quote(k) + ": " + to_json_pretty(obj[k], indent + 1)
+                   for k in qdict_keys(obj)]
+        return "{" + ",".join(members) + end + "}"
+    if isinstance(obj, list):
+        return "[" + ",".join(pad + to_json_pretty(v, indent + 1) for v in obj) + end + "]"
+    if isinstance(obj, bool):
+        return _bool(obj)
+    if isinstance(obj, str):
+        return quote(obj)
+    return str(obj)
+
+
+# -- command line -------------------------------------------------------------------------------
+def main(argv: list[str], *, sandbox: Sandbox | None = None, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
+    """``qemu-img VERB ...`` for the verbs above; returns qemu-img's exit code. Paths are
+    checked against `sandbox` (default: the current directory)."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    box = sandbox or Sandbox(os.getcwd())
+    if not argv:
+        err.write("qemu-img: Not enough arguments\nTry 'qemu-img --help' for more "
+                  "information\n")
+        return 1
+    verb = _VERBS.get(argv[0])
+    if verb is None:
+        err.write(f"qemu-img: Command not found: {argv[0]}\n")
+        return 1
+    try:
+        return verb(box, argv[1:], out, err)
+    except ImgError as exc:
+        if "-q" not in argv:
+            out.write(exc.stdout)
+        err.write(f"qemu-img: {exc}" + "\n" * exc.newline)
+        return exc.exit_code
+    except getopt.GetoptError as exc:
+        err.write(f"qemu-img: {exc.msg}\nTry 'qemu-img --help' for more information\n")
+        return 1
+
+
+def _usage_error(message: str) -> ImgError:
+    return ImgError(f"{message}\nTry 'qemu-img --help' for more information")
+
+
+def _main_create(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
+    options, operands = getopt.gnu_getopt(args, "F:b:f:ho:quS:", ["object=", "image-opts"])
+    values = {"fmt": "raw", "backing_file": None, "backing_format": None}
+    create_opts: dict[str, str] = {}
+    quiet = False
+    for flag, value in options:
+        if flag == "-f":
+            values["fmt"] = value
+        elif flag == "-b":
+            values["backing_file"] = value
+        elif flag == "-F":
+            values["backing_format"] = value
+        elif flag == "-o":
+            for item in value.split(","):
+                key, _, setting = item.partition("=")
+                create_opts[key] = setting
+        elif flag == "-q":
+            quiet = True
+    if not operands:
+        raise _usage_error("Expecting image file name")
+    if len(operands) > 2:
+        raise _usage_error("Unexpected argument: " + operands[2])
+    size = None
+    if len(operands) == 2:
+        size = qemu_io.cvtnum(operands[1])
+        if size < 0:
+            raise ImgError("Invalid image size specified. You may use k, M, G, T, P or E "
+                           "suffixes for\nqemu-img: kilobytes, megabytes, gigabytes, "
+                           "terabytes, petabytes and exabytes.")
+    kwargs: dict[str, Any] = {}
+    if "cluster_size" in create_opts:
+        kwargs["cluster_size"] = qemu_io.cvtnum(create_opts["cluster_size"])
+    if "refcount_bits" in create_opts:
+        kwargs["refcount_bits"] = int(create_opts["refcount_bits"])
+    if "lazy_refcounts" in create_opts:
+        kwargs["lazy_refcounts"] = create_opts["lazy_refcounts"] == "on"
+    backing_file = create_opts.get("backing_file", values["backing_file"])
+    backing_format = create_opts.get("backing_fmt", values["backing_format"])
+    line = create(box, operands[0], str(values["fmt"]), size, backing_file=backing_file,
+                  backing_format=backing_format, **kwargs)
+    if not quiet:
+        out.write(line)
+    return 0
+
+
+def _main_compare(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
+    options, operands = getopt.gnu_getopt(args, "hf:F:T:pqs",
+                                          ["object=", "image-opts", "force-share"])
+    flags = dict(options)
+    if len(operands) != 2:
+        raise _usage_error("Expecting two image file names")
+    try:
+        result = compare(box, operands[0], operands[1], fmt1=flags.get("-f"),
+                         fmt2=flags.get("-F"), strict="-s" in flags)
+    except ImgError as exc:
+        err.write(f"qemu-img: {exc}\n")
+        return exc.exit_code
+    if "-q" not in flags:
+        out.write(result.output)
+    return result.exit_code
+
+
+def _main_rebase(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
+    options, operands = getopt.gnu_getopt(args, "hf:F:b:upt:T:qU",
+                                          ["object=", "image-opts", "force-share"])
+    flags = dict(options)
+    if len(operands) != 1:
+        raise _usage_error("Expecting one image file name")
+    if "-b" not in flags:
+        raise ImgError("Must specify backing file (-b) or use unsafe mode (-u)" if "-u"
+                       not in flags else "Expecting backing file name")
+    if "-u" not in flags:
+        raise ImgError("The emulator's qemu-img does only unsafe rebases (-u)")
+    rebase_unsafe(box, operands[0], flags["-b"], flags.get("-F"), flags.get("-f"))
+    return 0
+
+
+def _main_check(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
+    options, operands = getopt.gnu_getopt(args, "hf:r:T:qU",
+                                          ["output=", "object=", "image-opts", "force-share"])
+    flags = dict(options)
+    if len(operands) != 1:
+        raise _usage_error("Expecting one image file name")
+    if "-r" in flags:
+        raise ImgError("The emulator's qemu-img does not repair images (-r)")
+    report = check(box, operands[0], flags.get("-f"),
+                   output_format=flags.get("--output", "human"))
+    err.write(report.messages)
+    if "-q" not in flags:
+        out.write(report.output)
+    return report.exit_code
+
+
+def _main_info(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
+    options, operands = getopt.gnu_getopt(args, "f:hU", ["output=", "backing-chain",
+                                                         "object=", "image-opts",
+                                                         "force-share"])
+    flags = dict(options)
+    if len(operands) != 1:
+        raise _usage_error("Expecting one image file name")
+    if flags.get("--output") != "json":
+        raise ImgError("The emulator's qemu-img info prints --output=json only")
+    out.write(to_json_pretty(info(box, operands[0], flags.get("-f"))) + "\n")
+    return 0
+
+
+def _main_map(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
+    options, operands = getopt.gnu_getopt(args, "f:hU", ["output=", "object=", "image-opts",
+                                                         "force-share", "start-offset=",
+                                                         "max-length="])
+    flags = dict(options)
+    if len(operands) != 1:
+        raise _usage_error("Expecting one image file name")
+    if flags.get("--output") != "json":
+        raise ImgError("The emulator's qemu-img map prints --output=json only")
+    out.write(map_json(map_image(box, operands[0], flags.get("-f"))))
+    return 0
+
+
+_VERBS = {"create": _main_create, "compare": _main_compare, "rebase": _main_rebase,
+          "check": _main_check, "info": _main_info, "map": _main_map}

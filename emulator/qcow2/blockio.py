@@ -1,0 +1,80 @@
+"""The qcow2 library's view of its file: QEMU's ``bs->file`` child.
+
+All I/O goes through a `BlockIO`, so a blkdebug node can sit between qcow2 and the file and see
+the same requests and debug events (``BLKDBG_EVENT(bs->file, ...)``) as in QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+
+class BlockIO(Protocol):
+    """A byte-addressed file child. Reads past the end return zeroes (like a sparse file);
+    failures are `OSError` with an errno, as blkdebug raises them."""
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def pwrite(self, offset: int, data: bytes) -> None: ...
+
+    def length(self) -> int: ...
+
+    def truncate(self, length: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def debug_event(self, event: str) -> None:
+        """A BLKDBG event, lower case as blkdebug's QAPI names them: "read_aio", "l2_load"..."""
+
+
+class FileIO:
+    """A `BlockIO` over a host file: what QEMU's file-posix driver is to qcow2.
+
+    Debug events go nowhere; blkdebug (the block layer's) wraps a FileIO to act on them.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.read_only = read_only
+        self._fd = os.open(self.path, os.O_RDONLY if read_only else os.O_RDWR)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str]) -> FileIO:
+        """Create (or truncate) the file, as file-posix's image creation does."""
+        os.close(os.open(os.fspath(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644))
+        return cls(path)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self._fd, view, offset)
+            view = view[done:]
+            offset += done
+
+    def length(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self._fd, length)
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def debug_event(self, event: str) -> None:
+        pass
+
+    def allocated_size(self) -> int:
+        """Bytes the host file system really uses: ``actual-size`` in qemu-img info."""
+        return os.fstat(self._fd).st_blocks * 512
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,602 @@
+"""`Qcow2Image`: guest reads and writes on a qcow2 file, following QEMU 7.2's qcow2 driver.
+
+Reads and block status walk whole runs of clusters (qcow2_get_host_offset); writes reuse
+clusters in place when they can and otherwise allocate and copy-on-write the partial clusters
+(qcow2_alloc_host_offset, perform_cow); zero writes and discards set zero flags
+(qcow2_subcluster_zeroize, qcow2_cluster_discard). Metadata is cached after its first load
+and written through, so no data read ever causes a metadata read.
+
+Debug events are raised on the `BlockIO` where qcow2 raises ``BLKDBG_EVENT(bs->file, ...)``.
+Because the caches write through, a metadata write raises its event ("l2_update",
+"refblock_update_part") when it happens rather than when QEMU would flush its cache.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from emulator.qcow2 import bitmaps as bm
+from emulator.qcow2.blockio import BlockIO
+from emulator.qcow2.check import CheckResult, check_image
+from emulator.qcow2.errors import Qcow2Error
+from emulator.qcow2.header import (
+    COMPAT_LAZY_REFCOUNTS,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    OFFSET_L1,
+    OFFSET_SIZE,
+    Header,
+)
+from emulator.qcow2.refcounts import Refcounts
+from emulator.qcow2.tables import (
+    OFFSET_MASK,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    ClusterTables,
+    ClusterType,
+    cluster_type,
+    needs_new_alloc,
+)
+
+Backing = Callable[[int, int], bytes]
+"""Reads the backing chain: ``backing(offset, length)`` returns the guest data there (a short
+result is padded with zeroes, as reads past the end of a shorter backing file are)."""
+
+
+class Status(Enum):
+    """What block status reports for an extent of this image alone."""
+
+    DATA = "data"
+    ZERO = "zero"  # zero clusters: read as zeroes without going to the backing file
+    UNALLOCATED = "unallocated"  # reads through to the backing file (zeroes without one)
+
+
+_STATUS = {
+    ClusterType.NORMAL: Status.DATA,
+    ClusterType.COMPRESSED: Status.DATA,
+    ClusterType.ZERO_PLAIN: Status.ZERO,
+    ClusterType.ZERO_ALLOC: Status.ZERO,
+    ClusterType.UNALLOCATED: Status.UNALLOCATED,
+}
+
+
+@dataclass
+class _Allocation:
+    """QCowL2Meta: a run of clusters a write is about to (re)link in one L2 table.
+
+    Offsets are relative to `guest`: the data goes to [data_start, data_end); the COW regions
+    [head_from, data_start) and [data_end, tail_to) keep the clusters' old contents.
+    """
+
+    guest: int  # guest offset of the first cluster
+    host: int  # host offset of the first cluster
+    nb_clusters: int
+    head_from: int
+    data_start: int
+    data_end: int
+    tail_to: int
+    keep_old: bool  # rewriting zero-flagged clusters in place: nothing to free
+    l2_offset: int
+    l2_index: int
+    old_entries: list[int] = field(default_factory=list)
+
+    @property
+    def has_cow(self) -> bool:
+        return self.head_from < self.data_start or self.data_end < self.tail_to
+
+    def cow_regions(self) -> list[tuple[int, int]]:
+        """The non-empty COW regions as (start, stop) offsets relative to `guest`."""
+        return [(start, stop) for start, stop in ((self.head_from, self.data_start),
+                                                  (self.data_end, self.tail_to)) if start < stop]
+
+
+class Qcow2Image:
+    """An open qcow2 image (version 3, no internal snapshots, no external data file)."""
+
+    def __init__(self, io: BlockIO, header: Header, *, read_only: bool) -> None:
+        self.io = io
+        self.header = header
+        self.read_only = read_only
+        self.refcounts = Refcounts(io, header)
+        self.tables = ClusterTables(io, header, self.refcounts)
+
+    # -- creating and opening ----------------------------------------------------------------
+    @classmethod
+    def create(cls, io: BlockIO, size: int, *, cluster_size: int = 65536,
+               backing_file: str | None = None, backing_format: str | None = None,
+               lazy_refcounts: bool = False, refcount_bits: int = 16) -> None:
+        """qcow2_co_create on an empty file: the same steps, so the same bytes, as
+        ``qemu-img create -f qcow2``: header cluster, refcount table and block, the first
+        clusters referenced, the full header, then the L1 table sized for `size`."""
+        if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
+            raise Qcow2Error("Cluster size must be a power of two between 512 and 2048k")
+        if refcount_bits & (refcount_bits - 1) or not 1 <= refcount_bits <= 64:
+            raise Qcow2Error("Refcount width must be a power of two and may not exceed 64 "
+                             "bits")
+        if backing_format and not backing_file:
+            raise Qcow2Error("Backing format cannot be used without backing file")
+        header = Header(cluster_bits=cluster_size.bit_length() - 1, size=0,
+                        refcount_table_offset=cluster_size, refcount_table_clusters=1,
+                        refcount_order=refcount_bits.bit_length() - 1,
+                        compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0)
+        bare_header = header.pack()[:header.header_length]  # no extensions yet
+        io.pwrite(0, bare_header + bytes(cluster_size - len(bare_header)))
+        reftable = struct.pack(">Q", 2 * cluster_size) + bytes(2 * cluster_size - 8)
+        io.pwrite(cluster_size, reftable)
+        image = cls(io, header, read_only=False)
+        image.refcounts.alloc(3 * cluster_size)
+        header.backing_file = backing_file
+        header.backing_format = backing_format
+        image._write_header()
+        image._grow_l1(size)
+
+    @classmethod
+    def open(cls, io: BlockIO, *, read_only: bool = False) -> Qcow2Image:
+        """qcow2_open: read and check the header; metadata is loaded on demand."""
+        header = Header.parse(io.pread(0, Header.cluster_size_of(io.pread(0, 24))))
+        if header.nb_snapshots:
+            raise Qcow2Error("Images with internal snapshots are not supported")
+        if not read_only and header.incompatible_features & INCOMPAT_CORRUPT:
+            raise Qcow2Error("qcow2: Image is corrupt; cannot be opened read/write")
+        if not read_only and header.incompatible_features & INCOMPAT_DIRTY:
+            raise Qcow2Error("Dirty images (lazy refcounts) need a repair the emulator "
+                             "does not do; run 'qemu-img check -r all'")
+        return cls(io, header, read_only=read_only)
+
+    def _grow_l1(self, size: int) -> None:
+        """qcow2_co_truncate on a new image: an L1 table of exactly the needed size."""
+        covered = self.cluster_size * (self.cluster_size // 8)
+        l1_size = -(-size // covered)
+        l1_offset = self.refcounts.alloc(8 * l1_size) if l1_size else 0
+        if l1_size:
+            self.io.debug_event("l1_grow_write_table")
+            self.io.pwrite(l1_offset, bytes(8 * l1_size))
+        self.io.debug_event("l1_grow_activate_table")
+        self.io.pwrite(OFFSET_L1, struct.pack(">IQ", l1_size, l1_offset))
+        self.io.pwrite(OFFSET_SIZE, struct.pack(">Q", size))
+        self.header.l1_size, self.header.l1_table_offset = l1_size, l1_offset
+        self.header.size = size
+        self.tables.l1 = [0] * l1_size
+
+    def _write_header(self) -> None:
+        """qcow2_update_header: rewrite cluster 0 from the in-memory header."""
+        self.io.pwrite(0, self.header.pack())
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.header.cluster_size
+
+    @property
+    def backing_file(self) -> str | None:
+        return self.header.backing_file
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.header.backing_format
+
+    @property
+    def lazy_refcounts(self) -> bool:
+        return bool(self.header.compatible_features & COMPAT_LAZY_REFCOUNTS)
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.header.refcount_order
+
+    @property
+    def corrupt(self) -> bool:
+        return bool(self.header.incompatible_features & INCOMPAT_CORRUPT)
+
+    # -- reading -----------------------------------------------------------------------------
+    def block_status(self, offset: int, length: int) -> tuple[Status, int]:
+        """The status at `offset` and how far (at most `length`) it extends unchanged."""
+        status, nbytes, _ = self.map_extent(offset, length)
+        return status, nbytes
+
+    def map_extent(self, offset: int, length: int) -> tuple[Status, int, int | None]:
+        """Like `block_status`, plus the host offset for DATA and preallocated ZERO extents
+        (the "offset" of ``qemu-img map``). `length` is clipped at the end of the image."""
+        self._check_range(offset, 0)
+        length = min(length, self.size - offset)
+        kind, nbytes, host = self.tables.run(offset, length)
+        if kind is ClusterType.COMPRESSED:
+            host = None
+        return _STATUS[kind], nbytes, host
+
+    def read(self, offset: int, length: int, backing: Backing | None = None) -> bytes:
+        """qcow2_co_preadv_part: "read_aio" before each contiguous host data read,
+        "read_backing_aio" before each read from `backing`, nothing for zeroes."""
+        self._check_range(offset, length)
+        parts = []
+        pos, end = offset, offset + length
+        while pos < end:
+            kind, nbytes, host = self.tables.run(pos, end - pos)
+            if kind is ClusterType.NORMAL:
+                assert host is not None
+                self.io.debug_event("read_aio")
+                parts.append(self.io.pread(host, nbytes))
+            elif kind is ClusterType.COMPRESSED:
+                assert host is not None
+                parts.append(self._read_compressed(host, pos, nbytes))
+            elif kind is ClusterType.UNALLOCATED and backing is not None:
+                self.io.debug_event("read_backing_aio")
+                parts.append(_exactly(backing(pos, nbytes), nbytes))
+            else:
+                parts.append(bytes(nbytes))
+            pos += nbytes
+        return b"".join(parts)
+
+    def _read_compressed(self, entry: int, guest: int, nbytes: int) -> bytes:
+        """qcow2_co_preadv_compressed (zlib only): one cluster, inflated."""
+        coffset, csize = self._compressed_range(entry)
+        self.io.debug_event("read_compressed")
+        raw = self.io.pread(coffset, csize)
+        if self.header.compression_type != 0:
+            raise OSError(95, "Operation not supported")
+        try:
+            cluster = zlib.decompressobj(-12).decompress(raw, self.cluster_size)
+        except zlib.error as exc:
+            raise OSError(5, "Input/output error") from exc
+        start = guest & (self.cluster_size - 1)
+        return _exactly(cluster[start:start + nbytes], nbytes)
+
+    def _compressed_range(self, entry: int) -> tuple[int, int]:
+        """qcow2_parse_compressed_l2_entry: host offset and byte length of the data."""
+        csize_shift = 62 - (self.header.cluster_bits - 8)
+        coffset = entry & ((1 << csize_shift) - 1)
+        sectors = ((entry >> csize_shift) & ((1 << (self.header.cluster_bits - 8)) - 1)) + 1
+        return coffset, sectors * 512 - (coffset & 511)
+
+    def _reads_as_zero(self, offset: int, length: int, backing: Backing | None) -> bool:
+        """is_zero: the range reads as zeroes. QEMU asks block status of the backing chain;
+        here an unallocated range with a backing file is read and checked instead."""
+        end = min(offset + length, self.size)
+        pos = offset
+        while pos < end:
+            kind, nbytes, _ = self.tables.run(pos, end - pos)
+            if kind in (ClusterType.NORMAL, ClusterType.COMPRESSED):
+                return False
+            if (kind is ClusterType.UNALLOCATED and backing is not None
+                    and _exactly(backing(pos, nbytes), nbytes).strip(b"\0")):
+                return False
+            pos += nbytes
+        return True
+
+    # -- writing -----------------------------------------------------------------------------
+    def write(self, offset: int, data: bytes, backing: Backing | None = None) -> None:
+        """qcow2_co_pwritev_part: write in place where clusters are ours, else allocate, with
+        partial clusters completed from their old contents (`backing` for unallocated ones)."""
+        self._check_writable(offset, len(data))
+        view = memoryview(data)
+        done = 0
+        while done < len(data):
+            guest = offset + done
+            host, nbytes, allocations = self._alloc_host_offset(guest, len(data) - done)
+            self._write_guest_data(host, guest, view[done:done + nbytes], allocations, backing)
+            done += nbytes
+
+    def _alloc_host_offset(self, guest: int, nbytes: int) -> tuple[int, int, list[_Allocation]]:
+        """qcow2_alloc_host_offset: the longest host-contiguous stretch for [guest, +nbytes),
+        combining in-place clusters (handle_copied) and new ones (handle_alloc)."""
+        host_start = -1
+        covered = 0
+        allocations: list[_Allocation] = []
+        while covered < nbytes:
+            expected = host_start + covered if host_start >= 0 else -1
+            step = self._handle_copied(guest + covered, nbytes - covered, expected, allocations)
+            if step is None:
+                step = self._handle_alloc(guest + covered, nbytes - covered, expected,
+                                          allocations)
+            if not step:
+                break
+            host, length = step
+            if host_start < 0:
+                host_start = host
+            covered += length
+        return host_start, covered, allocations
+
+    def _handle_copied(self, guest: int, nbytes: int, expected: int,
+                       allocations: list[_Allocation]) -> tuple[int, int] | tuple[()] | None:
+        """handle_copied: clusters we own alone (QCOW_OFLAG_COPIED) are rewritten in place;
+        zero-flagged ones among them get an allocation record so their flag is cleared.
+        Returns (host, length), None when the cluster needs a new one, or () when it is ours
+        but elsewhere than `expected` (the contiguous stretch ends)."""
+        l1_index, l2_index = self.tables.split(guest)
+        l2_offset, table = self.tables.table_for_write(l1_index)
+        entry = table[l2_index]
+        if needs_new_alloc(entry):
+            return None
+        in_cluster = guest & (self.cluster_size - 1)
+        host = (entry & OFFSET_MASK) + in_cluster
+        if expected >= 0 and host != expected:
+            return ()  # ours, but not where the stretch continues: it ends here
+        wanted = self._clusters_in_table(guest, nbytes, l2_index)
+        count = 1
+        while (count < wanted and not needs_new_alloc(table[l2_index + count])
+               and table[l2_index + count] & OFFSET_MASK
+               == (entry & OFFSET_MASK) + count * self.cluster_size):
+            count += 1
+        length = min(nbytes, count * self.cluster_size - in_cluster)
+        touched = -(-(in_cluster + length) // self.cluster_size)
+        kinds = [cluster_type(e) for e in table[l2_index:l2_index + touched]]
+        if ClusterType.ZERO_ALLOC in kinds:
+            zero_first = kinds[0] is ClusterType.ZERO_ALLOC
+            zero_last = kinds[-1] is ClusterType.ZERO_ALLOC
+            allocations.append(_Allocation(
+                guest=guest - in_cluster, host=entry & OFFSET_MASK, nb_clusters=touched,
+                head_from=0 if zero_first else in_cluster, data_start=in_cluster,
+                data_end=in_cluster + length,
+                tail_to=touched * self.cluster_size if zero_last else in_cluster + length,
+                keep_old=True, l2_offset=l2_offset, l2_index=l2_index))
+        return host, length
+
+    def _handle_alloc(self, guest: int, nbytes: int, expected: int,
+                      allocations: list[_Allocation]) -> tuple[int, int] | None:
+        """handle_alloc: new host clusters for a run of clusters that need them, at
+        `expected` when continuing a contiguous stretch (qcow2_alloc_clusters_at)."""
+        l1_index, l2_index = self.tables.split(guest)
+        l2_offset, table = self.tables.table_for_write(l1_index)
+        wanted = self._clusters_in_table(guest, nbytes, l2_index)
+        count = 1
+        while count < wanted and needs_new_alloc(table[l2_index + count]):
+            count += 1
+        if expected < 0:
+            host_cluster = self.refcounts.alloc(count * self.cluster_size)
+        else:
+            host_cluster = expected & ~(self.cluster_size - 1)
+            count = self.refcounts.alloc_at(host_cluster, count)
+            if not count:
+                return None
+        in_cluster = guest & (self.cluster_size - 1)
+        length = min(nbytes, count * self.cluster_size - in_cluster)
+        allocations.append(_Allocation(
+            guest=guest - in_cluster, host=host_cluster, nb_clusters=count, head_from=0,
+            data_start=in_cluster, data_end=in_cluster + length,
+            tail_to=count * self.cluster_size, keep_old=False, l2_offset=l2_offset,
+            l2_index=l2_index, old_entries=list(table[l2_index:l2_index + count])))
+        return host_cluster + in_cluster, length
+
+    def _clusters_in_table(self, guest: int, nbytes: int, l2_index: int) -> int:
+        in_cluster = guest & (self.cluster_size - 1)
+        return min(-(-(in_cluster + nbytes) // self.cluster_size),
+                   self.tables.l2_entries - l2_index)
+
+    def _write_guest_data(self, host: int, guest: int, data: memoryview,
+                          allocations: list[_Allocation], backing: Backing | None) -> None:
+        """qcow2_co_pwritev_task: zero-fill COW regions that read as zero
+        (handle_alloc_space), write the data (merged with the COW regions when one
+        allocation surrounds it, as merge_cow does), copy the other COW regions
+        (perform_cow), then link the new clusters into the L2 table."""
+        pending = []
+        for alloc in allocations:
+            if not alloc.has_cow:
+                continue
+            regions = alloc.cow_regions()
+            if all(self._reads_as_zero(alloc.guest + start, stop - start, backing)
+                   for start, stop in regions):
+                self.io.debug_event("cluster_alloc_space")
+                for start, stop in regions:
+                    self.io.pwrite(alloc.host + start, bytes(stop - start))
+            else:
+                pending.append(alloc)
+        end = guest + len(data)
+        merged = next((a for a in pending if a.guest + a.data_start == guest
+                       and a.guest + a.data_end == end), None)
+        if merged is not None:
+            head = self._cow_read(merged.guest + merged.head_from,
+                                  merged.data_start - merged.head_from, backing)
+            tail = self._cow_read(end, merged.tail_to - merged.data_end, backing)
+            self.io.debug_event("write_aio")
+            self.io.pwrite(merged.host + merged.head_from, head + bytes(data) + tail)
+            pending.remove(merged)
+        else:
+            self.io.debug_event("write_aio")
+            self.io.pwrite(host, bytes(data))
+        for alloc in pending:
+            for start, stop in alloc.cow_regions():
+                contents = self._cow_read(alloc.guest + start, stop - start, backing)
+                self.io.debug_event("cow_write")
+                self.io.pwrite(alloc.host + start, contents)
+        for alloc in allocations:
+            self._link_l2(alloc)
+
+    def _cow_read(self, guest: int, length: int, backing: Backing | None) -> bytes:
+        """do_perform_cow_read: the old contents, read through qcow2 itself (past the end of
+        the image, the last cluster's tail reads as zeroes)."""
+        if length <= 0:
+            return b""
+        self.io.debug_event("cow_read")
+        inside = max(0, min(length, self.size - guest))
+        return _exactly(self.read(guest, inside, backing), length)
+
+    def _link_l2(self, alloc: _Allocation) -> None:
+        """qcow2_alloc_cluster_link_l2: point the L2 entries at the new clusters, then drop
+        the references the old entries held."""
+        table = self.tables.l2_table(alloc.l2_offset)
+        entries = [(alloc.host + i * self.cluster_size) | OFLAG_COPIED
+                   for i in range(alloc.nb_clusters)]
+        self.tables.set_entries(alloc.l2_offset, table, alloc.l2_index, entries)
+        if not alloc.keep_old:
+            for entry in alloc.old_entries:
+                self._free_any_cluster(entry)
+
+    def _free_any_cluster(self, entry: int) -> None:
+        """qcow2_free_any_cluster."""
+        kind = cluster_type(entry)
+        if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            self.refcounts.free(entry & OFFSET_MASK, self.cluster_size)
+        elif kind is ClusterType.COMPRESSED:
+            self.refcounts.free(*self._compressed_range(entry))
+
+    # -- zeroes and discard ------------------------------------------------------------------
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
+                     backing: Backing | None = None) -> None:
+        """bdrv_co_do_pwrite_zeroes + qcow2_co_pwrite_zeroes: whole clusters get the zero
+        flag (and lose their host cluster with `may_unmap`); a partial cluster does too if the
+        rest of it already reads as zero and it holds no data, else zeroes are written."""
+        self._check_writable(offset, length)
+        end = offset + length
+        tail = end & (self.cluster_size - 1)
+        pos = offset
+        while pos < end:
+            head = pos & (self.cluster_size - 1)
+            num = end - pos
+            if head:
+                num = min(num, self.cluster_size - head)
+            elif tail and num > self.cluster_size:
+                num -= tail
+            if not self._pwrite_zeroes(pos, num, may_unmap, backing):
+                self.write(pos, bytes(num), backing)
+            pos += num
+
+    def _pwrite_zeroes(self, offset: int, length: int, may_unmap: bool,
+                       backing: Backing | None) -> bool:
+        """qcow2_co_pwrite_zeroes; False where QEMU returns -ENOTSUP (caller writes zeroes)."""
+        head = offset & (self.cluster_size - 1)
+        tail = -(offset + length) % self.cluster_size
+        if offset + length == self.size:
+            tail = 0
+        if head or tail:
+            if not (self._reads_as_zero(offset - head, head, backing)
+                    and self._reads_as_zero(offset + length, tail, backing)):
+                return False
+            offset -= head
+            length = self.cluster_size
+            kind, _, _ = self.tables.run(offset, min(length, self.size - offset))
+            if kind not in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN,
+                            ClusterType.ZERO_ALLOC):
+                return False
+        self._update_clusters(offset, min(length, self.size - offset),
+                              lambda entry: _zeroed(entry, may_unmap))
+        return True
+
+    def discard(self, offset: int, length: int) -> None:
+        """bdrv_co_pdiscard + qcow2_co_pdiscard: only whole clusters (or the partial last
+        one) are discarded; they read as zeroes afterwards (zero flag), and their host clusters
+        are freed."""
+        self._check_writable(offset, length)
+        start = -(-offset // self.cluster_size) * self.cluster_size
+        end = offset + length
+        if end != self.size:
+            end -= end & (self.cluster_size - 1)
+        if start >= end:
+            return
+        has_backing = self.backing_file is not None
+        self._update_clusters(start, end - start,
+                              lambda entry: _discarded(entry, has_backing))
+
+    def _update_clusters(self, offset: int, length: int,
+                         new_entry: Callable[[int], int]) -> None:
+        """zero_in_l2_slice / discard_in_l2_slice: rewrite the L2 entries of whole clusters,
+        one L2 table at a time, then free the host clusters no entry points to any more."""
+        pos, end = offset, offset + length
+        while pos < end:
+            l1_index, l2_index = self.tables.split(pos)
+            count = min(-(-(end - pos) // self.cluster_size), self.tables.l2_entries - l2_index)
+            l2_offset, table = self.tables.table_for_write(l1_index)
+            old = list(table[l2_index:l2_index + count])
+            new = [new_entry(entry) for entry in old] if any(old) else [new_entry(0)] * count
+            changed = [i for i in range(count) if old[i] != new[i]]
+            if changed:
+                first, last = changed[0], changed[-1] + 1
+                self.tables.set_entries(l2_offset, table, l2_index + first, new[first:last])
+                for i in changed:
+                    if old[i] & OFFSET_MASK and new[i] & OFFSET_MASK != old[i] & OFFSET_MASK:
+                        self._free_any_cluster(old[i])
+            pos += count * self.cluster_size - (pos & (self.cluster_size - 1))
+
+    # -- other operations --------------------------------------------------------------------
+    def flush(self) -> None:
+        """Metadata is already written through; flush the file child."""
+        self.io.flush()
+
+    def set_backing(self, backing_file: str | None, backing_format: str | None) -> None:
+        """qcow2_change_backing_file (what ``qemu-img rebase -u`` does): rewrite the header's
+        backing file name and format, nothing else."""
+        self._check_writable(0, 0)
+        if backing_file is not None and len(backing_file.encode()) > 1023:
+            raise Qcow2Error("Backing file name too long")
+        self.header.backing_file = backing_file or None
+        self.header.backing_format = backing_format if backing_file else None
+        self._write_header()
+
+    def load_bitmaps(self, *, mark_in_use: bool = False) -> list[bm.StoredBitmap]:
+        """The persistent bitmaps, in directory order. With `mark_in_use` (QEMU does this when
+        it opens an image read-write) the stored flags gain IN_USE until `store_bitmaps`."""
+        entries = bm.read_directory(self.io, self.header)
+        bitmaps = [bm.load_bitmap(self.io, e, self.size, self.cluster_size) for e in entries]
+        if mark_in_use and entries and not self.read_only:
+            for entry in entries:
+                entry.flags |= bm.BME_FLAG_IN_USE
+            bm.rewrite_directory_in_place(self.io, self.header, entries, self._write_header)
+        return bitmaps
+
+    def store_bitmaps(self, bitmaps: list[bm.StoredBitmap]) -> None:
+        """Make `bitmaps` (in this order) the image's persistent bitmaps, replacing all stored
+        ones: new data and tables first, then the directory and header, then the old clusters
+        are freed (qcow2_store_persistent_dirty_bitmaps)."""
+        self._check_writable(0, 0)
+        if len(bitmaps) > bm.QCOW2_MAX_BITMAPS:
+            raise Qcow2Error("Too many persistent bitmaps")
+        names = set()
+        for bitmap in bitmaps:
+            bm.check_constraints(bitmap.name, bitmap.granularity, self.size)
+            if bitmap.name in names:
+                raise Qcow2Error(f"Bitmap '{bitmap.name}' already exists in the image")
+            names.add(bitmap.name)
+        old = bm.read_directory(self.io, self.header)
+        entries = [bm.store_bitmap(self.io, self.refcounts, b, self.size, self.cluster_size)
+                   for b in bitmaps]
+        bm.write_directory(self.io, self.refcounts, self.header, entries, self._write_header)
+        for entry in old:
+            bm.free_bitmap_clusters(self.io, self.refcounts, entry, self.cluster_size)
+
+    def check(self) -> CheckResult:
+        """qcow2_co_check without repair: see emulator.qcow2.check."""
+        return check_image(self)
+
+    def close(self) -> None:
+        """Drop the caches; the BlockIO stays open (its owner closes it)."""
+        self.tables = None  # type: ignore[assignment]
+        self.refcounts = None  # type: ignore[assignment]
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"request {offset}+{length} outside the {self.size}-byte image")
+
+    def _check_writable(self, offset: int, length: int) -> None:
+        if self.read_only:
+            raise OSError(1, "Operation not permitted")
+        self._check_range(offset, length)
+
+
+def _zeroed(entry: int, may_unmap: bool) -> int:
+    """zero_in_l2_slice: the entry after zeroing (host cluster kept unless unmapping)."""
+    kind = cluster_type(entry)
+    unmap = kind is ClusterType.COMPRESSED or (
+        may_unmap and kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC))
+    return (0 if unmap else entry) | OFLAG_ZERO
+
+
+def _discarded(entry: int, has_backing: bool) -> int:
+    """discard_in_l2_slice (v3, no full discard): allocated clusters, and every cluster of an
+    image with a backing file, become zero clusters."""
+    kind = cluster_type(entry)
+    if has_backing or kind not in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN):
+        return OFLAG_ZERO
+    return entry
+
+
+def _exactly(data: bytes, length: int) -> bytes:
+    if len(data) < length:
+        return data + bytes(length - len(data))
+    return data[:length]

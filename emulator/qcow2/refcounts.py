@@ -1,0 +1,265 @@
+"""Reference counts: the refcount table, refcount blocks and cluster allocation.
+
+Mirrors block/qcow2-refcount.c so images get QEMU's layout: first-fit allocation from
+``free_cluster_index`` (alloc_clusters_noref), new refcount blocks placed where they can
+describe themselves (alloc_refcount_block), and a grown refcount table written after a block
+of self-describing refcount structures (qcow2_refcount_area). Refcount blocks are cached after
+their first load and written through: each update writes just the bytes it changed.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from emulator.qcow2.blockio import BlockIO
+from emulator.qcow2.errors import Qcow2Error
+from emulator.qcow2.header import OFFSET_REFCOUNT_TABLE, Header
+
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+
+
+class Again(Exception):
+    """QEMU's -EAGAIN from alloc_refcount_block: new refcount metadata took space, so the
+    caller must search for free clusters again."""
+
+
+def get_refcount(block: bytes | bytearray, index: int, order: int) -> int:
+    """Entry `index` of a refcount block in its on-disk encoding (refcount_order 0..6)."""
+    if order >= 3:
+        width = 1 << (order - 3)
+        return int.from_bytes(block[index * width:(index + 1) * width], "big")
+    bits = 1 << order
+    per_byte = 8 // bits
+    return (block[index // per_byte] >> (index % per_byte * bits)) & ((1 << bits) - 1)
+
+
+def set_refcount(block: bytearray, index: int, order: int, value: int) -> tuple[int, int]:
+    """Store `value` at entry `index`; returns the byte range that changed."""
+    if order >= 3:
+        width = 1 << (order - 3)
+        block[index * width:(index + 1) * width] = value.to_bytes(width, "big")
+        return index * width, (index + 1) * width
+    bits = 1 << order
+    per_byte = 8 // bits
+    shift = index % per_byte * bits
+    byte = index // per_byte
+    block[byte] = (block[byte] & ~(((1 << bits) - 1) << shift)) | (value << shift)
+    return byte, byte + 1
+
+
+def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int,
+                           generous_increase: bool) -> tuple[int, int]:
+    """qcow2_refcount_metadata_size: (refcount blocks, table clusters) covering `clusters`
+    plus themselves; `generous_increase` leaves room for half as many table clusters again."""
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 >> refcount_order
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last and generous_increase:
+            clusters += -(-table // 2)
+            n = 0
+            generous_increase = False
+        if n == last:
+            return blocks, table
+
+
+class Refcounts:
+    """The refcount structures of one open image."""
+
+    def __init__(self, io: BlockIO, header: Header) -> None:
+        self.io = io
+        self.header = header
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = 1 << header.cluster_bits
+        self.order = header.refcount_order
+        self.block_bits = self.cluster_bits - (self.order - 3)  # log2(entries per block)
+        self.block_entries = 1 << self.block_bits
+        self.max_refcount = (1 << (1 << self.order)) - 1
+        raw = io.pread(header.refcount_table_offset,
+                       header.refcount_table_clusters * self.cluster_size)
+        self.table = [e & REFT_OFFSET_MASK for e in struct.unpack(f">{len(raw) // 8}Q", raw)]
+        self._blocks: dict[int, bytearray] = {}
+        self.free_cluster_index = 0
+
+    # -- lookups ---------------------------------------------------------------------------
+    def block(self, offset: int) -> bytearray:
+        """The refcount block at host `offset`, from the cache or loaded once."""
+        block = self._blocks.get(offset)
+        if block is None:
+            if offset & (self.cluster_size - 1):
+                raise Qcow2Error(f"Refblock offset {offset:#x} unaligned")
+            block = self._blocks[offset] = bytearray(self.io.pread(offset, self.cluster_size))
+        return block
+
+    def get(self, cluster_index: int) -> int:
+        """qcow2_get_refcount: 0 for clusters no refcount block describes."""
+        table_index = cluster_index >> self.block_bits
+        if table_index >= len(self.table) or not self.table[table_index]:
+            return 0
+        return get_refcount(self.block(self.table[table_index]),
+                            cluster_index & (self.block_entries - 1), self.order)
+
+    # -- allocation --------------------------------------------------------------------------
+    def alloc(self, size: int) -> int:
+        """qcow2_alloc_clusters: the host offset of `size` bytes of fresh, referenced clusters."""
+        self.io.debug_event("cluster_alloc")
+        while True:
+            offset = self._alloc_noref(size)
+            try:
+                self.update(offset, size, 1)
+                return offset
+            except Again:
+                continue
+
+    def alloc_at(self, offset: int, nb_clusters: int) -> int:
+        """qcow2_alloc_clusters_at: take up to `nb_clusters` free clusters starting exactly at
+        `offset`; returns how many were taken (0 if the first is in use)."""
+        while True:
+            first = offset >> self.cluster_bits
+            count = 0
+            while count < nb_clusters and self.get(first + count) == 0:
+                count += 1
+            try:
+                self.update(offset, count << self.cluster_bits, 1)
+                return count
+            except Again:
+                continue
+
+    def free(self, offset: int, size: int) -> None:
+        """qcow2_free_clusters."""
+        self.io.debug_event("cluster_free")
+        self.update(offset, size, -1)
+
+    def _alloc_noref(self, size: int) -> int:
+        """alloc_clusters_noref: first fit from free_cluster_index, refcounts untouched."""
+        nb_clusters = -(-size >> self.cluster_bits)
+        found = 0
+        while found < nb_clusters:
+            index = self.free_cluster_index
+            self.free_cluster_index += 1
+            found = found + 1 if self.get(index) == 0 else 0
+        return (self.free_cluster_index - nb_clusters) << self.cluster_bits
+
+    def update(self, offset: int, length: int, addend: int) -> None:
+        """update_refcount: add `addend` to every cluster touched by [offset, offset+length).
+
+        On `Again` (new refcount metadata was placed) the clusters already counted are undone
+        and the free-space search restarts at `offset`, as QEMU does.
+        """
+        if length <= 0:
+            return
+        start = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        done = start
+        block_offset = -1
+        dirty: tuple[int, int] | None = None
+        try:
+            for cluster in range(start, last + 1):
+                table_index = cluster >> self.block_bits
+                if block_offset < 0 or (cluster & (self.block_entries - 1)) == 0:
+                    self._write_back(block_offset, dirty)
+                    dirty = None
+                    block_offset = self._refblock_for(cluster, table_index)
+                block = self.block(block_offset)
+                index = cluster & (self.block_entries - 1)
+                refcount = get_refcount(block, index, self.order) + addend
+                if not 0 <= refcount <= self.max_refcount:
+                    raise Qcow2Error(f"Refcount of cluster {cluster} out of range")
+                if refcount == 0 and cluster < self.free_cluster_index:
+                    self.free_cluster_index = cluster
+                lo, hi = set_refcount(block, index, self.order, refcount)
+                dirty = (min(lo, dirty[0]), max(hi, dirty[1])) if dirty else (lo, hi)
+                done = cluster + 1
+        except Again:
+            self._write_back(block_offset, dirty)
+            self.free_cluster_index = min(self.free_cluster_index, start)
+            if done > start:
+                self.update(offset, (done - start) << self.cluster_bits, -addend)
+            raise
+        self._write_back(block_offset, dirty)
+
+    def _write_back(self, block_offset: int, dirty: tuple[int, int] | None) -> None:
+        if dirty is None:
+            return
+        lo, hi = dirty
+        self.io.debug_event("refblock_update_part")
+        self.io.pwrite(block_offset + lo, bytes(self.block(block_offset)[lo:hi]))
+
+    def _refblock_for(self, cluster: int, table_index: int) -> int:
+        """alloc_refcount_block: the block describing `cluster`, creating it if needed."""
+        self.io.debug_event("refblock_alloc")
+        if table_index < len(self.table) and self.table[table_index]:
+            self.io.debug_event("refblock_load")
+            return self.table[table_index]
+        new_block = self._alloc_noref(self.cluster_size)
+        block = bytearray(self.cluster_size)
+        new_index = new_block >> self.cluster_bits
+        if new_index >> self.block_bits == table_index:
+            set_refcount(block, new_index & (self.block_entries - 1), self.order, 1)
+        else:
+            self.update(new_block, self.cluster_size, 1)
+        self.io.debug_event("refblock_alloc_write")
+        self.io.pwrite(new_block, bytes(block))
+        self._blocks[new_block] = block
+        if table_index < len(self.table):
+            self.io.debug_event("refblock_alloc_hookup")
+            self.io.pwrite(self.header.refcount_table_offset + 8 * table_index,
+                           struct.pack(">Q", new_block))
+            self.table[table_index] = new_block
+            raise Again
+        self.io.debug_event("reftable_grow")
+        blocks_used = -(-max(cluster + 1, new_index + 1) // self.block_entries)
+        self._refcount_area(blocks_used * self.block_entries << self.cluster_bits,
+                            table_index, new_block)
+        raise Again
+
+    def _refcount_area(self, start_offset: int, new_index: int, new_block: int) -> None:
+        """qcow2_refcount_area: at `start_offset` (free space up to the end of the image) write
+        the refcount blocks still missing and a bigger refcount table, all describing
+        themselves, then switch the header to the new table and free the old one."""
+        total_blocks, _ = refcount_metadata_size(
+            start_offset >> self.cluster_bits, self.cluster_size, self.order, True)
+        area_index = (start_offset >> self.cluster_bits) // self.block_entries
+        per_cluster = self.cluster_size // 8
+        table_size = total_blocks + -(-total_blocks // 2)
+        table_size = -(-table_size // per_cluster) * per_cluster
+        table_clusters = table_size // per_cluster
+        new_table = (self.table + [0] * table_size)[:table_size]
+        new_table[new_index] = new_block
+        missing = sum(1 for i in range(area_index, total_blocks) if not new_table[i])
+        table_offset = start_offset + missing * self.cluster_size
+        end_offset = table_offset + table_clusters * self.cluster_size
+        block_offset = start_offset
+        written: list[int] = []
+        for i in range(area_index, total_blocks):
+            if new_table[i]:
+                block = self.block(new_table[i])
+            else:
+                block = self._blocks[block_offset] = bytearray(self.cluster_size)
+                new_table[i] = block_offset
+                block_offset += self.cluster_size
+            first_covered = i * self.block_entries << self.cluster_bits
+            if first_covered < end_offset:
+                j = max(start_offset - first_covered, 0) >> self.cluster_bits
+                end_index = min((end_offset - first_covered) >> self.cluster_bits,
+                                self.block_entries)
+                for k in range(j, end_index):
+                    set_refcount(block, k, self.order, 1)
+            written.append(new_table[i])
+        self.io.debug_event("refblock_alloc_write_blocks")
+        for offset in written:
+            self.io.pwrite(offset, bytes(self._blocks[offset]))
+        self.io.debug_event("refblock_alloc_write_table")
+        self.io.pwrite(table_offset, struct.pack(f">{table_size}Q", *new_table))
+        self.io.debug_event("refblock_alloc_switch_table")
+        self.io.pwrite(OFFSET_REFCOUNT_TABLE, struct.pack(">QI", table_offset, table_clusters))
+        old_offset = self.header.refcount_table_offset
+        old_clusters = self.header.refcount_table_clusters
+        self.table = new_table
+        self.header.refcount_table_offset = table_offset
+        self.header.refcount_table_clusters = table_clusters
+        self.free(old_offset, old_clusters * self.cluster_size)

@@ -1,0 +1,185 @@
+"""L1 and L2 tables: where each guest cluster lives (block/qcow2-cluster.c).
+
+The L1 table is read at open; an L2 table is read on first use ("l2_load") and cached; both are
+written through. `ClusterTables.run` answers "what is at this guest offset, and for how long"
+for a whole run of same-kind clusters at once, so large unallocated ranges cost one step.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from enum import Enum
+
+from emulator.qcow2.blockio import BlockIO
+from emulator.qcow2.errors import Qcow2Error
+from emulator.qcow2.header import Header
+from emulator.qcow2.refcounts import Refcounts
+
+OFFSET_MASK = 0x00FFFFFFFFFFFE00  # L1E_OFFSET_MASK == L2E_OFFSET_MASK
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1
+
+
+class ClusterType(Enum):
+    """QCow2ClusterType."""
+
+    UNALLOCATED = "unallocated"  # reads from the backing file, or zeroes
+    ZERO_PLAIN = "zero-plain"  # zero flag, no host cluster
+    ZERO_ALLOC = "zero-alloc"  # zero flag, host cluster kept (preallocated)
+    NORMAL = "normal"
+    COMPRESSED = "compressed"
+
+
+def cluster_type(entry: int) -> ClusterType:
+    """qcow2_get_cluster_type for an image without subclusters or an external data file."""
+    if entry & OFLAG_COMPRESSED:
+        return ClusterType.COMPRESSED
+    if entry & OFLAG_ZERO:
+        return ClusterType.ZERO_ALLOC if entry & OFFSET_MASK else ClusterType.ZERO_PLAIN
+    return ClusterType.NORMAL if entry & OFFSET_MASK else ClusterType.UNALLOCATED
+
+
+def needs_new_alloc(entry: int) -> bool:
+    """cluster_needs_new_alloc: writing here cannot reuse the host cluster in place."""
+    kind = cluster_type(entry)
+    in_place = kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and entry & OFLAG_COPIED
+    return not in_place
+
+
+def _load_entries(raw: bytes) -> array:
+    entries = array("Q", raw)
+    if sys.byteorder == "little":
+        entries.byteswap()
+    return entries
+
+
+def _pack_entries(entries: array) -> bytes:
+    out = array("Q", entries)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+class ClusterTables:
+    """The L1 table and the cached L2 tables of one open image."""
+
+    def __init__(self, io: BlockIO, header: Header, refcounts: Refcounts) -> None:
+        self.io = io
+        self.header = header
+        self.refcounts = refcounts
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = 1 << header.cluster_bits
+        self.l2_bits = self.cluster_bits - 3
+        self.l2_entries = 1 << self.l2_bits
+        self.l1 = list(struct.unpack(f">{header.l1_size}Q",
+                                     io.pread(header.l1_table_offset, 8 * header.l1_size)))
+        self._l2: dict[int, array] = {}
+
+    def l2_table(self, l2_offset: int) -> array:
+        """The L2 table at host `l2_offset`, read from disk the first time ("l2_load")."""
+        table = self._l2.get(l2_offset)
+        if table is None:
+            if l2_offset & (self.cluster_size - 1):
+                raise Qcow2Error(f"L2 table offset {l2_offset:#x} unaligned")
+            self.io.debug_event("l2_load")
+            table = self._l2[l2_offset] = _load_entries(self.io.pread(l2_offset,
+                                                                      self.cluster_size))
+        return table
+
+    def split(self, guest_offset: int) -> tuple[int, int]:
+        """(L1 index, L2 index) of the cluster holding `guest_offset`."""
+        cluster = guest_offset >> self.cluster_bits
+        return cluster >> self.l2_bits, cluster & (self.l2_entries - 1)
+
+    def lookup(self, l1_index: int) -> array | None:
+        """The L2 table for `l1_index`, or None when that whole range is unallocated."""
+        if l1_index >= len(self.l1) or not self.l1[l1_index] & OFFSET_MASK:
+            return None
+        return self.l2_table(self.l1[l1_index] & OFFSET_MASK)
+
+    def run(self, guest_offset: int, max_bytes: int) -> tuple[ClusterType, int, int | None]:
+        """qcow2_get_host_offset: the kind of cluster at `guest_offset`, how many bytes (at
+        most `max_bytes`, never past the L2 table) share that kind, and the host offset for
+        NORMAL / ZERO_ALLOC runs (host-contiguous, as count_contiguous_subclusters requires)."""
+        l1_index, l2_index = self.split(guest_offset)
+        in_cluster = guest_offset & (self.cluster_size - 1)
+        table_end = (l1_index + 1) << (self.l2_bits + self.cluster_bits)
+        limit = min(max_bytes, table_end - guest_offset)
+        table = self.lookup(l1_index)
+        if table is None:
+            return ClusterType.UNALLOCATED, limit, None
+        wanted = min(-(-(in_cluster + limit) >> self.cluster_bits), self.l2_entries - l2_index)
+        first = table[l2_index]
+        kind = cluster_type(first)
+        if first == 0:
+            count = self._count_zero_entries(table, l2_index, wanted)
+        elif kind is ClusterType.COMPRESSED:
+            count = 1
+        else:
+            check_offset = kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
+            expected = first & OFFSET_MASK
+            count = 1
+            while count < wanted:
+                entry = table[l2_index + count]
+                if cluster_type(entry) is not kind:
+                    break
+                if check_offset:
+                    expected += self.cluster_size
+                    if entry & OFFSET_MASK != expected:
+                        break
+                count += 1
+        nbytes = min((count << self.cluster_bits) - in_cluster, limit)
+        host = None
+        if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            host = (first & OFFSET_MASK) + in_cluster
+        elif kind is ClusterType.COMPRESSED:
+            host = first
+        return kind, nbytes, host
+
+    @staticmethod
+    def _count_zero_entries(table: array, start: int, limit: int) -> int:
+        """How many of table[start:start+limit] are 0, without a Python loop per entry."""
+        raw = bytes(memoryview(table)[start:start + limit])
+        return (len(raw) - len(raw.lstrip(b"\0"))) // 8
+
+    def table_for_write(self, l1_index: int) -> tuple[int, array]:
+        """get_cluster_table: the L2 table to modify for `l1_index`, allocated (or copied,
+        when shared with a snapshot) first if needed. Returns (host offset, table)."""
+        if l1_index >= len(self.l1):
+            raise Qcow2Error("Guest offset beyond the L1 table")
+        entry = self.l1[l1_index]
+        if entry & OFLAG_COPIED:
+            return entry & OFFSET_MASK, self.l2_table(entry & OFFSET_MASK)
+        old_offset = entry & OFFSET_MASK
+        new_offset = self.refcounts.alloc(self.cluster_size)
+        if old_offset:
+            self.io.debug_event("l2_alloc_cow_read")
+            table = array("Q", self.l2_table(old_offset))
+        else:
+            table = array("Q", bytes(self.cluster_size))
+        self.io.debug_event("l2_alloc_write")
+        self.io.pwrite(new_offset, _pack_entries(table))
+        self._l2[new_offset] = table
+        self.l1[l1_index] = new_offset | OFLAG_COPIED
+        self.write_l1_entry(l1_index)
+        if old_offset:
+            self.refcounts.free(old_offset, self.cluster_size)
+            self._l2.pop(old_offset, None)
+        return new_offset, table
+
+    def write_l1_entry(self, l1_index: int) -> None:
+        """qcow2_write_l1_entry ("l1_update")."""
+        self.io.debug_event("l1_update")
+        self.io.pwrite(self.header.l1_table_offset + 8 * l1_index,
+                       struct.pack(">Q", self.l1[l1_index]))
+
+    def set_entries(self, l2_offset: int, table: array, l2_index: int,
+                    entries: list[int]) -> None:
+        """Change consecutive L2 entries and write them through ("l2_update")."""
+        table[l2_index:l2_index + len(entries)] = array("Q", entries)
+        self.io.debug_event("l2_update")
+        self.io.pwrite(l2_offset + 8 * l2_index,
+                       _pack_entries(table[l2_index:l2_index + len(entries)]))

@@ -1,0 +1,61 @@
+"""Sandbox: every path the emulator touches stays inside the test directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from emulator.qmp.errors import GenericError
+from emulator.sandbox import Sandbox, SandboxError
+
+
+def test_relative_and_absolute_paths_inside_the_root_resolve(tmp_path: Path) -> None:
+    (tmp_path / "img").write_bytes(b"")
+    box = Sandbox(tmp_path)
+    assert box.resolve("img") == tmp_path.resolve() / "img"
+    assert box.resolve(tmp_path / "img") == tmp_path.resolve() / "img"
+    assert box.resolve("sub/../img") == tmp_path.resolve() / "img"
+    assert box.resolve("new.qcow2", for_create=True) == tmp_path.resolve() / "new.qcow2"
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../outside", "a/../../outside", ""])
+def test_paths_leaving_the_root_are_refused_with_qemus_error_shape(tmp_path: Path,
+                                                                     path: str) -> None:
+    with pytest.raises(SandboxError) as info:
+        Sandbox(tmp_path / "root").resolve(path)
+    assert info.value.desc == (f"Could not open '{path}': path is outside the emulator's "
+                               "test directory")
+    assert isinstance(info.value, GenericError)
+    assert info.value.error_class == "GenericError"
+
+
+def test_a_symlink_pointing_outside_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "secret").write_bytes(b"x")
+    os.symlink(tmp_path / "secret", root / "link")
+    os.symlink(tmp_path, root / "dirlink")
+    box = Sandbox(root)
+    for name in ("link", "dirlink/secret", "dirlink/new-file"):
+        with pytest.raises(SandboxError):
+            box.resolve(name, for_create=True)
+
+
+def test_a_symlink_inside_the_root_is_followed(tmp_path: Path) -> None:
+    (tmp_path / "real").write_bytes(b"")
+    os.symlink("real", tmp_path / "alias")
+    assert Sandbox(tmp_path).resolve("alias") == tmp_path.resolve() / "real"
+
+
+def test_backing_names_are_relative_to_the_image_and_checked(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    box = Sandbox(tmp_path)
+    image = box.resolve("sub/top.qcow2", for_create=True)
+    assert box.resolve_backing(image, "base.qcow2") == tmp_path.resolve() / "sub/base.qcow2"
+    assert box.resolve_backing(image, "../base.qcow2") == tmp_path.resolve() / "base.qcow2"
+    for name in ("../../base.qcow2", "/etc/passwd", ""):
+        with pytest.raises(SandboxError) as info:
+            box.resolve_backing(image, name)
+        assert info.value.desc.startswith(f"Could not open '{name}': path is outside")
