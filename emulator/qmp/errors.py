@@ -1,0 +1,41 @@
+"""The QMP error classes a command handler raises; the dispatcher turns one into
+``{"error": {"class": error_class, "desc": desc}}``."""
+
+from __future__ import annotations
+
+
+class QMPError(Exception):
+    """A failed command, with QEMU's error class and human-readable description."""
+
+    error_class = "GenericError"
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc)
+        self.desc = desc
+
+
+class GenericError(QMPError):
+    """QEMU's ERROR_CLASS_GENERIC_ERROR: almost every failure."""
+
+
+class CommandNotFound(QMPError):
+    error_class = "CommandNotFound"
+
+
+class DeviceNotFound(QMPError):
+    error_class = "DeviceNotFound"
+
+
+class DeviceNotActive(QMPError):
+    """ERROR_CLASS_DEVICE_NOT_ACTIVE, e.g. "Block job 'j' not found"."""
+
+    error_class = "DeviceNotActive"
+
+
+class KVMMissingCap(QMPError):
+    error_class = "KVMMissingCap"
+
+
+def error_object(err: QMPError) -> dict[str, str]:
+    """qmp_build_error_object(): the value of a reply's "error" member."""
+    return {"class": err.error_class, "desc": err.desc}

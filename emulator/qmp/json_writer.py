@@ -1,0 +1,119 @@
+"""QEMU's JSON writer (qobject/json-writer.c) with QDict's iteration order (qobject/qdict.c).
+
+What goes on the wire must match QEMU byte for byte:
+- object members come out in QDict order: by ``tdb_hash(key) % 512`` bucket, and within a
+  bucket the most recently inserted first (so a Python dict's insertion order matters only
+  for keys that share a bucket; build dicts in QAPI member order, as QEMU's output visitor
+  inserts them);
+- separators are ", " and ": ";
+- strings escape ``"`` ``\\`` and ``\\b \\f \\n \\r \\t``, every other code point below 0x20 or from
+  0x7F upward as ``\\uXXXX`` (upper-case hex, surrogate pairs beyond the BMP);
+- floating-point numbers print with ``%.17g``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+QDICT_BUCKET_MAX = 512
+_MASK32 = 0xFFFFFFFF
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+            "\t": "\\t"}
+
+
+def tdb_hash(key: str) -> int:
+    """qdict.c tdb_hash over the key's (modified) UTF-8 bytes."""
+    raw = key.encode("utf-8", "surrogatepass").replace(b"\0", b"\xc0\x80")
+    value = (0x238F13AF * len(raw)) & _MASK32
+    for i, byte in enumerate(raw):
+        value = (value + (byte << (i * 5 % 24))) & _MASK32
+    return (1103515243 * value + 12345) & _MASK32
+
+
+def qdict_keys(d: dict[str, Any]) -> list[str]:
+    """The keys of ``d`` in the order QEMU's qdict_first()/qdict_next() visit them, taking
+    ``d``'s insertion order as the order of qdict_put() calls."""
+    order = {key: i for i, key in enumerate(d)}
+    return sorted(d, key=lambda k: (tdb_hash(k) % QDICT_BUCKET_MAX, -order[k]))
+
+
+def quote(s: str) -> str:
+    """json-writer.c quoted_str()."""
+    out = ['"']
+    for ch in s:
+        esc = _ESCAPES.get(ch)
+        if esc is not None:
+            out.append(esc)
+            continue
+        cp = ord(ch)
+        if 0xD800 <= cp <= 0xDFFF:
+            cp = 0xFFFD  # cannot come from QEMU's parser; printed as invalid
+        if cp > 0xFFFF:
+            cp -= 0x10000
+            out.append(f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}")
+        elif cp < 0x20 or cp >= 0x7F:
+            out.append(f"\\u{cp:04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def format_double(value: float) -> str:
+    """``%.17g`` as json_writer_double prints it (C's inf/nan spellings included)."""
+    return format(value, ".17g")
+
+
+def to_json(obj: Any) -> str:
+    """Serialize like qobject_to_json(): dict, list/tuple, str, bool, int, float, None.
+
+    Iterative, because an echoed "id" may nest 1024 levels deep."""
+    parts: list[str] = []
+    todo: list[Any] = [obj]  # values to write, or literal text (_Text) to emit
+    while todo:
+        item = todo.pop()
+        if isinstance(item, _Text):
+            parts.append(item)
+        elif isinstance(item, dict):
+            parts.append("{")
+            todo.append(_Text("}"))
+            keys = qdict_keys(item)
+            for i in range(len(keys) - 1, -1, -1):
+                todo.append(item[keys[i]])
+                todo.append(_Text(("" if i == 0 else ", ") + quote(keys[i]) + ": "))
+        elif isinstance(item, list | tuple):
+            parts.append("[")
+            todo.append(_Text("]"))
+            for i in range(len(item) - 1, -1, -1):
+                todo.append(item[i])
+                if i:
+                    todo.append(_Text(", "))
+        else:
+            parts.append(_scalar(item))
+    return "".join(parts)
+
+
+class _Text(str):
+    """Punctuation queued by to_json (as opposed to a string value)."""
+
+
+def _scalar(obj: Any) -> str:
+    if obj is None:
+        return "null"
+    if obj is True:
+        return "true"
+    if obj is False:
+        return "false"
+    if isinstance(obj, str):
+        return quote(obj)
+    if isinstance(obj, int):
+        return str(obj)
+    if isinstance(obj, float):
+        return format_double(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__} as QMP JSON")
+
+
+def encode_message(obj: dict[str, Any]) -> bytes:
+    """One QMP line as QEMU sends it: the JSON text, then "\\r\\n" (monitor_puts turns the
+    writer's "\\n" into "\\r\\n")."""
+    return to_json(obj).encode("utf-8") + b"\r\n"
