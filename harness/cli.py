@@ -37,6 +37,9 @@ def _backend_options(p: argparse.ArgumentParser, default: str = "emulator") -> N
                    help="qemu-img for image work on the QEMU backend (default: from PATH)")
     p.add_argument("--recipe", metavar="PATH", default=None,
                    help="recipe for hidden steps (default: cases/<stem>.toml if present)")
+    p.add_argument("--transport", choices=("direct", "socket"), default="direct",
+                   help="how the emulator backend is reached: its monitor's dispatch directly "
+                        "(default), or qemu.qmp over a socket pair (the wire path)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="PATH", required=True)
     p.add_argument("--connect", metavar="PATH", required=True)
     p.add_argument("-o", "--output", metavar="FILE", required=True)
+    p.add_argument("--test-dir", metavar="DIR", default=None,
+                   help="log paths under DIR as TEST_DIR/PID-<name>, as iotests does")
 
     p = sub.add_parser("serve", help="run the emulator as a standalone QMP server")
     p.add_argument("--socket", metavar="PATH", required=True)

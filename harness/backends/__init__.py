@@ -11,7 +11,8 @@ __all__ = ["Backend", "ToolResult", "VmConfig", "make_factory"]
 
 
 def make_factory(backend: str, qemu_binary: str | None = None,
-                 qemu_img: str | None = None) -> Callable[[Path], Backend]:
+                 qemu_img: str | None = None, transport: str = "direct",
+                 ) -> Callable[[Path], Backend]:
     """A factory of fresh backends; checks up front that the tools it needs exist."""
     if backend == "qemu":
         from harness.backends.qemu import QemuBackend, find_tool, preflight
@@ -22,5 +23,5 @@ def make_factory(backend: str, qemu_binary: str | None = None,
         return lambda test_dir: QemuBackend(test_dir, binary, img)
     if backend == "emulator":
         from harness.backends.emulator import EmulatorBackend
-        return EmulatorBackend
+        return lambda test_dir: EmulatorBackend(test_dir, transport)
     raise ValueError(f"unknown backend {backend!r}")

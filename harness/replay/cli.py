@@ -42,7 +42,7 @@ def default_jobs(backend: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    factory = make_factory(args.backend, args.qemu_binary, args.qemu_img)
+    factory = make_factory(args.backend, args.qemu_binary, args.qemu_img, args.transport)
     jobs = default_jobs(args.backend) if args.jobs is None else args.jobs
     color = sys.stdout.isatty()
     started = time.monotonic()

@@ -1,0 +1,96 @@
+"""Replay on the emulator: the main job, through both transports, and as pytest items."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.backends import make_factory
+from harness.replay.recipe import find_recipe
+from harness.replay.runner import replay_transcript
+from harness.transcript import parse_file
+from tests.conftest import GOLDENS
+
+EMULATED = ["257", "236", "254", "283"]
+
+
+def replay(name: str, transport: str = "direct") -> str:
+    path = GOLDENS / f"{name}.out"
+    result = asyncio.run(replay_transcript(parse_file(path), find_recipe(path),
+                                           make_factory("emulator", transport=transport)))
+    failed = [(r.title, r.error, r.notes) for r in result.results if not r.passed]
+    assert not failed, failed
+    return result.actual_text()
+
+
+@pytest.mark.parametrize("name", EMULATED)
+def test_golden_passes_on_the_emulator_through_both_transports(name: str) -> None:
+    """The direct transport is only a shortcut: the wire path must give the same transcript."""
+    direct = replay(name, "direct")
+    assert direct == (GOLDENS / f"{name}.out").read_text()
+    assert replay(name, "socket") == direct
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True,
+                          text=True, check=False, cwd=cwd)
+
+
+def test_main_job_ends_with_22_passed() -> None:
+    proc = cli("replay", str(GOLDENS / "257.out"))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.splitlines()[-1] == "22 passed, 0 failed"
+    assert proc.stdout.count("\nPASS  ") + proc.stdout.startswith("PASS  ") == 22
+
+
+def test_changed_bitmap_count_fails_on_its_line_on_the_emulator(tmp_path: Path) -> None:
+    lines = (GOLDENS / "257.out").read_text().split("\n")
+    index = next(i for i, ln in enumerate(lines) if '"count": 655360,' in ln)
+    lines[index] = lines[index].replace("655360", "655361")
+    (tmp_path / "257.out").write_text("\n".join(lines))
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases" / "257.toml").write_text((GOLDENS.parent / "cases/257.toml").read_text())
+    proc = cli("replay", str(tmp_path / "257.out"), "-k", "never with simulated")
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[-1] == "0 passed, 1 failed"
+    assert "root['bitmaps']['drive0'][0]['count']: 655361 → 655360" in proc.stdout
+
+
+def run_pytest(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:randomly", *args],
+                          capture_output=True, text=True, check=False, cwd=GOLDENS.parent)
+
+
+def test_pytest_collects_sections_as_items_named_after_their_titles() -> None:
+    proc = run_pytest("goldens/257.out", "goldens/283.out", "--collect-only", "-q")
+    items = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    assert len(items) == 24
+    assert "goldens/257.out::Mode top; Bitmap Sync always with intermediate failure" in items
+    assert "goldens/283.out::copy-before-write filter should be gone after job-finalize" in items
+
+
+def test_pytest_runs_goldens_with_k_x_and_xdist() -> None:
+    proc = run_pytest("goldens/257.out", "--qmp-backend", "emulator", "-k",
+                      "always and intermediate", "-x", "-q")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "3 passed, 19 deselected" in proc.stdout
+    proc = run_pytest("goldens/257.out", "goldens/236.out", "-n", "2", "-q")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "23 passed" in proc.stdout
+
+
+def test_pytest_shows_the_diff_of_a_failing_section(tmp_path: Path) -> None:
+    goldens = tmp_path / "goldens"
+    goldens.mkdir()
+    text = (GOLDENS / "283.out").read_text().replace("'write'", "'resize'")
+    (goldens / "283.out").write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(goldens), "-q",
+                           "-p", "no:cacheprovider"], capture_output=True, text=True,
+                          check=False, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "1 failed, 1 passed" in proc.stdout
+    assert "@@ 283.out:" in proc.stdout and "root['error']['desc']" in proc.stdout
