@@ -1,0 +1,255 @@
+"""blkdebug: a filter that injects errors on debug events (block/blkdebug.c).
+
+Rules come from ``inject-error`` and ``set-state`` (the ``config`` file is accepted and
+remembered but not read). Per event, rules are kept newest first as QEMU's
+QLIST_INSERT_HEAD does; an event runs every rule of that event whose state is 0 or the
+current state: the first inject rule that fires resets the active list, each fired inject
+rule goes to the head of the active list, and the new state of the set-state rules is applied
+after all ran. A request checks the active rules (head first) for a matching offset and I/O
+type and fails with -errno; ``once`` rules are removed when they fire. ``immediately=false``
+(QEMU yields once before failing) is recorded in :attr:`Rule.immediately` for the job layer.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from emulator.block import perm as P
+from emulator.block.drivers import register
+from emulator.block.errors import GenericError
+from emulator.block.node import (
+    BDRV_BLOCK_OFFSET_VALID,
+    BDRV_BLOCK_RAW,
+    BdrvChild,
+    BlockDriverState,
+    BlockStatus,
+)
+from emulator.block.perm import Role
+
+EVENTS = (
+    "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table",
+    "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write",
+    "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed",
+    "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow",
+    "reftable_update", "refblock_load", "refblock_update", "refblock_update_part",
+    "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write",
+    "refblock_alloc_write_blocks", "refblock_alloc_write_table",
+    "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free",
+    "flush_to_os", "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head",
+    "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev", "pwritev_zero", "pwritev_done",
+    "empty_image_prepare", "l1_shrink_write_table", "l1_shrink_free_l2_clusters",
+    "cor_write", "cluster_alloc_space", "none",
+)
+IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
+DEFAULT_IOTYPES = frozenset({"read", "write", "write-zeroes", "discard", "flush"})
+
+ACTION_INJECT_ERROR = "inject-error"
+ACTION_SET_STATE = "set-state"
+
+
+@dataclass(eq=False)
+class Rule:
+    """struct BlkdebugRule."""
+
+    event: str
+    action: str
+    state: int = 0
+    # inject-error
+    error: int = errno_mod.EIO
+    once: bool = False
+    immediately: bool = False
+    offset: int = -1                      # sector * 512, or -1 for any
+    iotypes: frozenset[str] = DEFAULT_IOTYPES
+    # set-state
+    new_state: int = 0
+
+
+def _max_int(value: int) -> bool:
+    return value >= 2**31 - 1
+
+
+@register
+class BlkdebugNode(BlockDriverState):
+    format_name: ClassVar[str] = "blkdebug"
+    protocol_name: ClassVar[str | None] = "blkdebug"
+    is_filter: ClassVar[bool] = True
+    has_refresh_filename_hook: ClassVar[bool] = True
+    strong_runtime_opts: ClassVar[tuple[str, ...]] = (
+        "config", "inject-error.", "set-state.", "align", "max-transfer", "opt-write-zero",
+        "max-write-zero", "opt-discard", "max-discard")
+
+    def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
+        self.config_file: str | None = options.get("config")
+        self.rules: dict[str, list[Rule]] = {}
+        self.active_rules: list[Rule] = []
+        for spec in options.get("inject-error", []):
+            self._add_rule(spec, ACTION_INJECT_ERROR)
+        for spec in options.get("set-state", []):
+            self._add_rule(spec, ACTION_SET_STATE)
+        self.state = 1
+        self.take_child_perms = 0
+        self.unshare_child_perms = 0
+        for name in options.get("take-child-perms", []):
+            self.take_child_perms |= P.QAPI_PERMS[name]
+        for name in options.get("unshare-child-perms", []):
+            self.unshare_child_perms |= P.QAPI_PERMS[name]
+        open_child(options.get("image"), "image", Role.FILTERED | Role.PRIMARY)
+        assert self.file is not None and self.file.bs is not None
+        self.align = int(options.get("align", 0))
+        if self.align and (_max_int(self.align) or self.align & (self.align - 1)):
+            raise GenericError(f"Cannot meet constraints with align {self.align}")
+        align = max(self.align, self.file.bs.request_alignment)
+        self.max_transfer_opt = int(options.get("max-transfer", 0))
+        if self.max_transfer_opt and (_max_int(self.max_transfer_opt)
+                                      or self.max_transfer_opt % align):
+            raise GenericError("Cannot meet constraints with max-transfer "
+                               f"{self.max_transfer_opt}")
+        self.opt_write_zero_opt = int(options.get("opt-write-zero", 0))
+        if self.opt_write_zero_opt and (_max_int(self.opt_write_zero_opt)
+                                        or self.opt_write_zero_opt % align):
+            raise GenericError("Cannot meet constraints with opt-write-zero "
+                               f"{self.opt_write_zero_opt}")
+        self.max_write_zero_opt = int(options.get("max-write-zero", 0))
+        wz_align = max(self.opt_write_zero_opt, align)
+        if self.max_write_zero_opt and (_max_int(self.max_write_zero_opt)
+                                        or self.max_write_zero_opt % wz_align):
+            raise GenericError("Cannot meet constraints with max-write-zero "
+                               f"{self.max_write_zero_opt}")
+        self.opt_discard_opt = int(options.get("opt-discard", 0))
+        if self.opt_discard_opt and (_max_int(self.opt_discard_opt)
+                                     or self.opt_discard_opt % align):
+            raise GenericError("Cannot meet constraints with opt-discard "
+                               f"{self.opt_discard_opt}")
+        self.max_discard_opt = int(options.get("max-discard", 0))
+        d_align = max(self.opt_discard_opt, align)
+        if self.max_discard_opt and (_max_int(self.max_discard_opt)
+                                     or self.max_discard_opt % d_align):
+            raise GenericError("Cannot meet constraints with max-discard "
+                               f"{self.max_discard_opt}")
+        self.drv_debug_event("none")
+
+    def _add_rule(self, spec: dict[str, Any], action: str) -> None:
+        """add_rule: the QAPI schema already checked event and iotype names."""
+        event = spec.get("event")
+        if event is None:
+            raise GenericError("Missing event name for rule")
+        rule = Rule(event=event, action=action, state=int(spec.get("state", 0)))
+        if action == ACTION_INJECT_ERROR:
+            rule.error = int(spec.get("errno", errno_mod.EIO))
+            rule.once = bool(spec.get("once", False))
+            rule.immediately = bool(spec.get("immediately", False))
+            sector = int(spec.get("sector", -1))
+            rule.offset = -1 if sector == -1 else sector * 512
+            if "iotype" in spec:
+                rule.iotypes = frozenset({spec["iotype"]})
+        else:
+            rule.new_state = int(spec.get("new_state", 0))
+        self.rules.setdefault(event, []).insert(0, rule)
+
+    def drv_refresh_limits(self) -> None:
+        if self.align:
+            self.request_alignment = self.align
+        if self.max_transfer_opt:
+            self.max_transfer = self.max_transfer_opt
+        if self.opt_write_zero_opt:
+            self.opt_write_zero = self.opt_write_zero_opt
+        if self.max_write_zero_opt:
+            self.max_pwrite_zeroes = self.max_write_zero_opt
+        if self.opt_discard_opt:
+            self.pdiscard_alignment = self.opt_discard_opt
+        if self.max_discard_opt:
+            self.max_pdiscard = self.max_discard_opt
+
+    # -- permissions ----------------------------------------------------------------------
+    def child_perm(self, child: BdrvChild | None, role: Role, perm: int,
+                   shared: int) -> tuple[int, int]:
+        """blkdebug_child_perm: default filter permissions, then take/unshare modifiers."""
+        nperm, nshared = super().child_perm(child, role, perm, shared)
+        return nperm | self.take_child_perms, nshared & ~self.unshare_child_perms
+
+    # -- events and rules --------------------------------------------------------------------
+    def drv_debug_event(self, event: str) -> None:
+        """blkdebug_debug_event."""
+        new_state = self.state
+        injected = 0
+        for rule in list(self.rules.get(event, [])):
+            if rule.state and rule.state != self.state:
+                continue
+            if rule.action == ACTION_INJECT_ERROR:
+                injected += 1
+                if injected == 1:
+                    self.active_rules = []
+                self.active_rules.insert(0, rule)
+            elif rule.action == ACTION_SET_STATE:
+                new_state = rule.new_state
+        self.state = new_state
+
+    def rule_check(self, offset: int, length: int, iotype: str) -> None:
+        """rule_check: fail the request with the first matching active rule's errno."""
+        for rule in self.active_rules:
+            if ((rule.offset == -1 or (length and offset <= rule.offset < offset + length))
+                    and iotype in rule.iotypes):
+                break
+        else:
+            return
+        if not rule.error:
+            return
+        if rule.once:
+            self.active_rules.remove(rule)
+            self.rules[rule.event].remove(rule)
+        raise OSError(rule.error, os.strerror(rule.error))
+
+    # -- I/O ------------------------------------------------------------------------------------
+    def drv_getlength(self) -> int:
+        assert self.file is not None and self.file.bs is not None
+        return self.file.bs.getlength()
+
+    def drv_preadv(self, offset: int, length: int) -> bytes:
+        self.rule_check(offset, length, "read")
+        assert self.file is not None
+        return self.file.pread(offset, length)
+
+    def drv_pwritev(self, offset: int, data: bytes, flags: int) -> None:
+        self.rule_check(offset, len(data), "write")
+        assert self.file is not None
+        self.file.pwrite(offset, data, flags)
+
+    def drv_pwrite_zeroes(self, offset: int, length: int, flags: int) -> None:
+        align = max(self.request_alignment, self.opt_write_zero)
+        if length < align:
+            raise NotImplementedError   # -ENOTSUP: the block layer falls back to writes
+        self.rule_check(offset, length, "write-zeroes")
+        assert self.file is not None
+        self.file.pwrite_zeroes(offset, length, flags)
+
+    def drv_pdiscard(self, offset: int, length: int) -> None:
+        if length < self.request_alignment:
+            return
+        self.rule_check(offset, length, "discard")
+        assert self.file is not None
+        self.file.pdiscard(offset, length)
+
+    def drv_flush_to_disk(self) -> None:
+        """blkdebug_co_flush is .bdrv_co_flush_to_disk: the generic flush calls it (and so
+        checks "flush" rules) only when the node was written since its last flush."""
+        self.rule_check(0, 0, "flush")
+        assert self.file is not None
+        self.file.flush()
+
+    def drv_block_status(self, want_zero: bool, offset: int, length: int) -> BlockStatus:
+        self.rule_check(offset, length, "block-status")
+        assert self.file is not None
+        return BDRV_BLOCK_RAW | BDRV_BLOCK_OFFSET_VALID, length, offset, self.file.bs
+
+    def drv_refresh_filename(self) -> None:
+        """blkdebug_refresh_filename: "blkdebug:CONFIG:IMAGE" when nothing else was set."""
+        assert self.file is not None and self.file.bs is not None
+        if not self.file.bs.exact_filename:
+            return
+        if any(k not in ("config", "image", "x-image", "driver") for k in self.full_open_options):
+            return
+        self.exact_filename = f"blkdebug:{self.config_file or ''}:{self.file.bs.exact_filename}"
+

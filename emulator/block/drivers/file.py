@@ -1,0 +1,120 @@
+"""file: a host file (block/file-posix.c), opened through the emulator's sandbox.
+
+``filename`` is kept as given (QEMU shows it verbatim in query output); the host path is
+the sandbox's resolution of it. Lengths are the host file's; reads past the end return
+zeroes; writes past the end grow the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any, ClassVar
+
+from emulator.block.drivers import register
+from emulator.block.errors import GenericError
+from emulator.block.node import (
+    BDRV_BLOCK_DATA,
+    BDRV_BLOCK_OFFSET_VALID,
+    BDRV_BLOCK_ZERO,
+    BlockDriverState,
+    BlockStatus,
+)
+
+
+@register
+class FileNode(BlockDriverState):
+    format_name: ClassVar[str] = "file"
+    protocol_name: ClassVar[str | None] = "file"
+
+    fd: int = -1
+
+    def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
+        filename = options["filename"]
+        self.exact_filename = filename
+        self.filename = filename
+        self.aio = options.get("aio", "threads")
+        self.locking = options.get("locking", "auto")
+        path = open_child.layer.resolve_path(filename)
+        self.host_path = path
+        flags = os.O_RDONLY if self.read_only else os.O_RDWR
+        try:
+            self.fd = os.open(path, flags | os.O_CLOEXEC)
+        except OSError as e:
+            if (e.errno in (errno.EACCES, errno.EROFS) and self.auto_read_only
+                    and not self.read_only):
+                self.read_only = True
+                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                return
+            reason = os.strerror(e.errno or errno.EIO)
+            raise GenericError(f"Could not open '{filename}': {reason}") from None
+        if os.path.isdir(path):
+            os.close(self.fd)
+            self.fd = -1
+            raise GenericError(f"Could not open '{filename}': Is a directory")
+
+    def drv_getlength(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def drv_preadv(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def drv_pwritev(self, offset: int, data: bytes, flags: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def drv_pwrite_zeroes(self, offset: int, length: int, flags: int) -> None:
+        size = self.drv_getlength()
+        if offset >= size:
+            os.ftruncate(self.fd, offset + length)
+            return
+        end = min(offset + length, size)
+        step = 1 << 20
+        for o in range(offset, end, step):
+            self.drv_pwritev(o, bytes(min(step, end - o)), 0)
+        if offset + length > size:
+            os.ftruncate(self.fd, offset + length)
+
+    def drv_truncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+
+    def drv_flush_to_disk(self) -> None:
+        os.fdatasync(self.fd)
+
+    def drv_block_status(self, want_zero: bool, offset: int, length: int) -> BlockStatus:
+        """raw_co_block_status: SEEK_DATA/SEEK_HOLE, holes read as zeroes."""
+        if not want_zero:
+            return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID, length, offset, self
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError:
+            return BDRV_BLOCK_ZERO | BDRV_BLOCK_OFFSET_VALID, length, offset, self
+        if data > offset:
+            return (BDRV_BLOCK_ZERO | BDRV_BLOCK_OFFSET_VALID, min(length, data - offset), offset,
+                    self)
+        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID, min(length, hole - offset), offset, self
+
+    def get_info(self) -> dict | None:
+        """raw_get_info: no cluster size, never dirty."""
+        return {"cluster_size": 0, "is_dirty": False}
+
+    def get_allocated_file_size(self) -> int | None:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def drv_close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def drv_reopen_read_only(self) -> None:
+        """Reopen the host file read-only (raw_reopen_prepare with a new O_RDONLY fd)."""
+        if self.fd >= 0 and not self.read_only:
+            fd = os.open(self.host_path, os.O_RDONLY | os.O_CLOEXEC)
+            os.close(self.fd)
+            self.fd = fd

@@ -1,0 +1,316 @@
+"""qcow2: the format node over the qcow2 library (emulator/qcow2), block/qcow2.c's role.
+
+The library does all its I/O through :class:`ChildIO`, a BlockIO over this node's ``file``
+child, so a blkdebug node under qcow2 sees every request and debug event (READ_AIO before each
+host data read, FLUSH_TO_OS/FLUSH_TO_DISK from the generic flush). Reads of unallocated ranges
+come from the backing child through the request layer.
+
+Persistent dirty bitmaps follow block/qcow2-bitmap.c: loaded on open (enabled iff the AUTO
+flag is set; an IN_USE bitmap loads as inconsistent; when the node is writable every loaded
+bitmap is marked IN_USE in the image at once); stored — and released — when the node is closed
+(blockdev-del, quit) and stored-and-made-readonly when it is reopened read-only (the base of
+blockdev-snapshot-sync); removed from the image at once by block-dirty-bitmap-remove.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar
+
+from emulator.block.dirty_bitmap import BdrvDirtyBitmap, ctz
+from emulator.block.drivers import register
+from emulator.block.errors import GenericError
+from emulator.block.node import (
+    BDRV_BLOCK_DATA,
+    BDRV_BLOCK_OFFSET_VALID,
+    BDRV_BLOCK_RECURSE,
+    BDRV_BLOCK_ZERO,
+    BDRV_REQ_MAY_UNMAP,
+    BdrvChild,
+    BlockDriverState,
+    BlockStatus,
+)
+from emulator.block.perm import Role
+
+QCOW2_MAX_BITMAPS = 65535
+QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
+BME_MAX_GRANULARITY_BITS = 31
+BME_MIN_GRANULARITY_BITS = 9
+BME_MAX_NAME_SIZE = 1023
+BME_MAX_TABLE_SIZE = 0x8000000
+BME_MAX_PHYS_SIZE = 0x20000000
+
+
+def calc_dir_entry_size(name_size: int, extra_data_size: int = 0) -> int:
+    """calc_dir_entry_size: 24-byte entry + extra data + name, aligned to 8."""
+    return (24 + extra_data_size + name_size + 7) & ~7
+
+
+class ChildIO:
+    """The qcow2 library's BlockIO over a BdrvChild (QEMU's bs->file)."""
+
+    def __init__(self, child: BdrvChild) -> None:
+        self.child = child
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.child.pread(offset, length)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        self.child.pwrite(offset, data)
+
+    def length(self) -> int:
+        assert self.child.bs is not None
+        return self.child.bs.drv_getlength()
+
+    def truncate(self, length: int) -> None:
+        assert self.child.bs is not None
+        self.child.bs.drv_truncate(length)
+
+    def flush(self) -> None:
+        self.child.flush()
+
+    def debug_event(self, event: str) -> None:
+        self.child.debug_event(event)
+
+
+@register
+class Qcow2Node(BlockDriverState):
+    format_name: ClassVar[str] = "qcow2"
+    supports_backing: ClassVar[bool] = True
+    strong_runtime_opts: ClassVar[tuple[str, ...]] = ("encrypt.key-secret",)
+
+    image: Any = None
+
+    def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
+        from emulator.qcow2 import Qcow2Error, Qcow2Image
+
+        self.lazy_refcounts_opt = options.get("lazy-refcounts")
+        open_child(options.get("file"), "file", Role.DATA | Role.METADATA | Role.PRIMARY)
+        assert self.file is not None and self.file.bs is not None
+        try:
+            self.image = Qcow2Image.open(ChildIO(self.file), read_only=not self.is_writable())
+        except Qcow2Error as e:
+            raise GenericError(str(e)) from None
+        self.backing_file = self.image.backing_file or ""
+        self.backing_format = self.image.backing_format or ""
+        self.auto_backing_file = self.backing_file
+        self._load_dirty_bitmaps()
+
+    def drv_refresh_limits(self) -> None:
+        self.request_alignment = 1
+
+    # -- geometry and I/O -------------------------------------------------------------------
+    def drv_getlength(self) -> int:
+        return int(self.image.size)
+
+    def _backing_reader(self) -> Any:
+        b = self.backing
+        if b is None or b.bs is None:
+            return None
+        child = b
+
+        def read(offset: int, length: int) -> bytes:
+            assert child.bs is not None
+            blen = child.bs.getlength()
+            if offset >= blen:
+                return bytes(length)
+            n = min(length, blen - offset)
+            data = child.pread(offset, n)
+            return data + bytes(length - n)
+
+        return read
+
+    def drv_preadv(self, offset: int, length: int) -> bytes:
+        return bytes(self.image.read(offset, length, self._backing_reader()))
+
+    def drv_pwritev(self, offset: int, data: bytes, flags: int) -> None:
+        self.image.write(offset, data, self._backing_reader())
+
+    def drv_pwrite_zeroes(self, offset: int, length: int, flags: int) -> None:
+        self.image.write_zeroes(offset, length, may_unmap=bool(flags & BDRV_REQ_MAY_UNMAP))
+
+    def drv_pdiscard(self, offset: int, length: int) -> None:
+        self.image.discard(offset, length)
+
+    def drv_flush_to_os(self) -> None:
+        self.image.flush()
+
+    def drv_block_status(self, want_zero: bool, offset: int, length: int) -> BlockStatus:
+        from emulator.qcow2 import Status
+
+        status, pnum = self.image.block_status(offset, length)
+        file_bs = self.file.bs if self.file is not None else None
+        if status == Status.DATA:
+            flags = BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID | BDRV_BLOCK_RECURSE
+            return flags, pnum, offset, file_bs
+        if status == Status.ZERO:
+            return BDRV_BLOCK_ZERO, pnum, offset, None
+        return 0, pnum, offset, None
+
+    # -- information ----------------------------------------------------------------------------
+    def get_info(self) -> dict | None:
+        """qcow2_get_info: cluster size; dirty = the DIRTY incompatible feature bit."""
+        return {"cluster_size": int(self.image.cluster_size),
+                "is_dirty": bool(self.image.header.incompatible_features & 1)}
+
+    def _version(self) -> int:
+        return int(self.image.header.version)
+
+    def get_specific_info(self) -> dict | None:
+        """qcow2_get_specific_info: members in QAPI order; ``bitmaps`` only if stored."""
+        img = self.image
+        if self._version() == 2:
+            return {"type": "qcow2", "data": {"compat": "0.10",
+                                              "refcount-bits": int(img.refcount_bits)}}
+        data: dict[str, Any] = {"compat": "1.1"}
+        data["extended-l2"] = False
+        data["lazy-refcounts"] = bool(img.lazy_refcounts)
+        data["corrupt"] = bool(img.corrupt)
+        data["refcount-bits"] = int(img.refcount_bits)
+        stored = self.image.load_bitmaps()
+        if stored:
+            data["bitmaps"] = [{"flags": list(sb.flags), "name": sb.name,
+                                "granularity": int(sb.granularity)} for sb in stored]
+        data["compression-type"] = "zlib"
+        return {"type": "qcow2", "data": data}
+
+    # -- persistent dirty bitmaps -----------------------------------------------------------
+    def supports_persistent_dirty_bitmap(self) -> bool:
+        return self._version() >= 3
+
+    def _load_dirty_bitmaps(self) -> None:
+        """qcow2_load_dirty_bitmaps: every stored bitmap becomes a persistent BdrvDirtyBitmap;
+        a writable node marks them all IN_USE in the image right away."""
+        stored = self.image.load_bitmaps(mark_in_use=self.is_writable())
+        for sb in stored:
+            if sb.in_use and self.find_dirty_bitmap(sb.name) is not None:
+                continue
+            bm = self.create_dirty_bitmap(int(sb.granularity), sb.name)
+            bm.persistent = True
+            if sb.in_use:
+                bm.inconsistent = True
+                bm.disabled = True
+            else:
+                bm.bitmap.bits = int(sb.dirty) & ((1 << bm.bitmap.size) - 1)
+            if not sb.auto:
+                bm.disabled = True
+            if not self.is_writable():
+                bm.readonly = True
+
+    def _check_constraints(self, name: str, granularity: int) -> None:
+        """check_constraints_on_bitmap."""
+        gbits = ctz(granularity)
+        if gbits > BME_MAX_GRANULARITY_BITS:
+            raise GenericError("Granularity exceeds maximum "
+                               f"({1 << BME_MAX_GRANULARITY_BITS} bytes)")
+        if gbits < BME_MIN_GRANULARITY_BITS:
+            raise GenericError("Granularity is under minimum "
+                               f"({1 << BME_MIN_GRANULARITY_BITS} bytes)")
+        length = self.getlength()
+        nbits = (length + granularity - 1) // granularity
+        nbytes = (nbits + 7) // 8
+        cluster = int(self.image.cluster_size)
+        if nbytes > BME_MAX_PHYS_SIZE or nbytes > BME_MAX_TABLE_SIZE * cluster:
+            raise GenericError("Too much space will be occupied by the bitmap. "
+                               "Use larger granularity")
+        if len(name.encode()) > BME_MAX_NAME_SIZE:
+            raise GenericError(f"Name length exceeds maximum ({BME_MAX_NAME_SIZE} characters)")
+
+    def can_store_new_dirty_bitmap(self, name: str, granularity: int) -> None:
+        """qcow2_co_can_store_new_dirty_bitmap."""
+        if self.find_dirty_bitmap(name) is not None:
+            raise GenericError(f"Bitmap already exists: {name}")
+        prefix = f"Can't make bitmap '{name}' persistent in '{self.device_or_node_name()}': "
+        if self._version() < 3:
+            raise GenericError(prefix + "Cannot store dirty bitmaps in qcow2 v2 files")
+        try:
+            self._check_constraints(name, granularity)
+        except GenericError as e:
+            raise GenericError(prefix + e.desc) from None
+        nb, size = 1, calc_dir_entry_size(len(name.encode()))
+        for bm in self.dirty_bitmaps:
+            if bm.get_persistence():
+                nb += 1
+                size += calc_dir_entry_size(len((bm.name or "").encode()))
+        if nb > QCOW2_MAX_BITMAPS:
+            raise GenericError(prefix + "Maximum number of persistent bitmaps is already reached")
+        if size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+            raise GenericError(prefix + "Not enough space in the bitmap directory")
+
+    def remove_persistent_dirty_bitmap(self, name: str) -> None:
+        """qcow2_co_remove_persistent_dirty_bitmap: a new directory without ``name``, then the
+        bitmap's table and data clusters freed; the other bitmaps stay where they are.
+        Absent is fine."""
+        remove = getattr(self.image, "remove_bitmap", None)
+        if remove is not None:
+            remove(name)
+            return
+        from emulator.qcow2 import bitmaps as bm
+
+        img = self.image
+        entries = bm.read_directory(img.io, img.header)
+        victim = next((e for e in entries if e.name == name), None)
+        if victim is None:
+            return
+        kept = [e for e in entries if e is not victim]
+        bm.write_directory(img.io, img.refcounts, img.header, kept, img._write_header)
+        bm.free_bitmap_clusters(img.io, img.refcounts, victim, int(img.cluster_size))
+
+    def store_persistent_dirty_bitmaps(self, *, release: bool) -> None:
+        """qcow2_store_persistent_dirty_bitmaps: write every persistent, consistent,
+        non-readonly bitmap (flags: AUTO iff enabled, IN_USE cleared); keep the others."""
+        from emulator.qcow2 import Qcow2Error, StoredBitmap
+
+        stored = {sb.name: sb for sb in self.image.load_bitmaps()}
+        order = list(stored)
+        to_release: list[BdrvDirtyBitmap] = []
+        need_write = False
+        for bm in self.dirty_bitmaps:
+            if not bm.get_persistence() or bm.inconsistent:
+                continue
+            name = bm.name or ""
+            if bm.readonly:
+                if name in stored:
+                    to_release.append(bm)
+                continue
+            need_write = True
+            self._check_constraints(name, bm.granularity)
+            if name in stored and not stored[name].in_use:
+                raise GenericError(f"Bitmap '{name}' already exists in the image")
+            if name not in stored:
+                order.append(name)
+            stored[name] = StoredBitmap(name=name, granularity=bm.granularity,
+                                        dirty=bm.bitmap.bits, in_use=False, auto=bm.enabled())
+            to_release.append(bm)
+        if need_write:
+            if not self.is_writable():
+                raise GenericError("No write access")
+            try:
+                self.image.store_bitmaps([stored[n] for n in order])
+            except Qcow2Error as e:
+                raise GenericError(str(e)) from None
+        if release:
+            for bm in to_release:
+                if bm in self.dirty_bitmaps:
+                    bm.busy = False
+                    bm.successor = None
+                    self.release_dirty_bitmap(bm)
+
+    def drv_reopen_read_only(self) -> None:
+        """qcow2_reopen_bitmaps_ro: store, then persistent bitmaps become readonly."""
+        self.store_persistent_dirty_bitmaps(release=False)
+        for bm in self.dirty_bitmaps:
+            if bm.get_persistence():
+                bm.readonly = True
+
+    def drv_close(self) -> None:
+        """qcow2_close -> qcow2_inactivate: store (and release) bitmaps, close the image."""
+        if self.image is None:
+            return
+        if self.is_writable():
+            with contextlib.suppress(GenericError):
+                self.store_persistent_dirty_bitmaps(release=True)
+        self.image.close()
+        self.image = None
+
+

@@ -1,0 +1,287 @@
+"""The generic request layer of block/io.c, applied on every node a request reaches.
+
+Each node a request passes through gets the same treatment as in QEMU: padding to the node's
+``request_alignment`` (read-modify-write for unaligned writes), splitting at ``max_transfer``,
+``detect-zeroes``, then the driver hook, then ``bdrv_co_write_req_finish``: ``write_gen`` is
+bumped and the node's enabled dirty bitmaps record the (aligned) range — even when the driver
+failed, as QEMU does. Errors are ``OSError`` with an errno (what blkdebug injects).
+
+Flush follows bdrv_co_flush: FLUSH_TO_OS on the primary child, FLUSH_TO_DISK only if the node
+was written since its last successful flush (and cache.no-flush is off), then every child the
+node holds WRITE or WRITE_UNCHANGED on is flushed, in child-list order.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from emulator.block.node import BlockDriverState
+
+_ZERO_CHUNK = 1 << 20
+
+
+def _eio(code: int = errno.EIO) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _align_down(x: int, a: int) -> int:
+    return x // a * a
+
+
+def _align_up(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+def _chunks(offset: int, length: int, max_transfer: int, align: int) -> list[tuple[int, int]]:
+    if not max_transfer or length <= max_transfer:
+        return [(offset, length)]
+    step = max(_align_down(max_transfer, align), align)
+    return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
+
+
+def _check(bs: BlockDriverState) -> None:
+    if bs.closed:
+        raise _eio(errno.ENOMEDIUM)
+
+
+# -- reads ----------------------------------------------------------------------------------
+def preadv(bs: BlockDriverState, offset: int, length: int) -> bytes:
+    """bdrv_co_preadv_part on ``bs``."""
+    _check(bs)
+    if length == 0:
+        return b""
+    align = bs.request_alignment
+    start, end = _align_down(offset, align), _align_up(offset + length, align)
+    data = _aligned_preadv(bs, start, end - start, align)
+    return data[offset - start:offset - start + length]
+
+
+def _aligned_preadv(bs: BlockDriverState, offset: int, length: int, align: int) -> bytes:
+    """bdrv_aligned_preadv: the part past the end of the node reads as zeroes."""
+    total = bs.drv_getlength()
+    max_bytes = _align_up(max(0, total - offset), align)
+    readable = min(length, max_bytes)
+    parts = [bs.drv_preadv(o, n) for o, n in _chunks(offset, readable, bs.max_transfer, align)]
+    out = b"".join(parts)
+    if len(out) < length:
+        out += bytes(length - len(out))
+    return out
+
+
+# -- writes ---------------------------------------------------------------------------------
+def _write_req_finish(bs: BlockDriverState, offset: int, length: int, *,
+                      discard: bool = False) -> None:
+    """bdrv_co_write_req_finish: generation counter, growth, dirty bitmaps."""
+    bs.write_gen += 1
+    if not discard:
+        bs.wr_highest_offset = max(bs.wr_highest_offset, offset + length)
+    if length:
+        bs.set_dirty(offset, length)
+
+
+def pwritev(bs: BlockDriverState, offset: int, data: bytes, flags: int = 0) -> None:
+    """bdrv_co_pwritev_part on ``bs``: RMW padding, detect-zeroes, split, dirty marking."""
+    _check(bs)
+    if not bs.is_writable():
+        raise _eio(errno.EPERM)
+    length = len(data)
+    if length == 0:
+        return
+    align = bs.request_alignment
+    start, end = _align_down(offset, align), _align_up(offset + length, align)
+    if start != offset or end != offset + length:
+        # bdrv_pad_request: read the head and tail blocks (once if they are the same)
+        buf = bytearray(end - start)
+        if offset != start:
+            buf[0:align] = _aligned_preadv(bs, start, align, align)
+        if offset + length != end and (end - align != start or offset == start):
+            buf[end - start - align:] = _aligned_preadv(bs, end - align, align, align)
+        buf[offset - start:offset - start + length] = data
+        data, offset, length = bytes(buf), start, end - start
+    _aligned_pwritev(bs, offset, data, flags, align)
+
+
+def _aligned_pwritev(bs: BlockDriverState, offset: int, data: bytes, flags: int,
+                     align: int) -> None:
+    from emulator.block.node import BDRV_REQ_MAY_UNMAP, BDRV_REQ_ZERO_WRITE
+
+    length = len(data)
+    try:
+        if bs.detect_zeroes != "off" and not flags & BDRV_REQ_ZERO_WRITE and not any(data):
+            zflags = flags | BDRV_REQ_ZERO_WRITE
+            if bs.detect_zeroes == "unmap" and bs.discard == "unmap":
+                zflags |= BDRV_REQ_MAY_UNMAP
+            _do_pwrite_zeroes(bs, offset, length, zflags)
+        elif flags & BDRV_REQ_ZERO_WRITE:
+            _do_pwrite_zeroes(bs, offset, length, flags)
+        else:
+            for o, n in _chunks(offset, length, bs.max_transfer, align):
+                bs.drv_pwritev(o, data[o - offset:o - offset + n], flags)
+    finally:
+        _write_req_finish(bs, offset, length)
+
+
+def _do_pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: int) -> None:
+    """bdrv_co_do_pwrite_zeroes: the driver's efficient path, else a zero-buffer fallback."""
+    from emulator.block.node import BDRV_REQ_NO_FALLBACK
+
+    try:
+        bs.drv_pwrite_zeroes(offset, length, flags)
+        return
+    except NotImplementedError:
+        if flags & BDRV_REQ_NO_FALLBACK:
+            raise _eio(errno.ENOTSUP) from None
+    step = bs.max_transfer or _ZERO_CHUNK
+    for o in range(offset, offset + length, step):
+        n = min(step, offset + length - o)
+        bs.drv_pwritev(o, bytes(n), 0)
+
+
+def pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: int = 0) -> None:
+    """bdrv_co_pwrite_zeroes: a write request with BDRV_REQ_ZERO_WRITE."""
+    from emulator.block.node import BDRV_REQ_MAY_UNMAP, BDRV_REQ_ZERO_WRITE
+
+    _check(bs)
+    if not bs.is_writable():
+        raise _eio(errno.EPERM)
+    if length == 0:
+        return
+    if bs.discard != "unmap":
+        flags &= ~BDRV_REQ_MAY_UNMAP
+    align = bs.request_alignment
+    start, end = _align_down(offset, align), _align_up(offset + length, align)
+    if start != offset or end != offset + length:
+        # unaligned zero writes become RMW writes of a zero buffer, as in QEMU
+        pwritev(bs, offset, bytes(length), flags & ~BDRV_REQ_ZERO_WRITE)
+        return
+    try:
+        _do_pwrite_zeroes(bs, offset, length, flags | BDRV_REQ_ZERO_WRITE)
+    finally:
+        _write_req_finish(bs, offset, length)
+
+
+def pdiscard(bs: BlockDriverState, offset: int, length: int) -> None:
+    """bdrv_co_pdiscard: ignored unless discard=unmap; dirties bitmaps like a write."""
+    _check(bs)
+    if not bs.is_writable():
+        raise _eio(errno.EPERM)
+    if length == 0:
+        return
+    try:
+        if bs.discard == "unmap" or bs.protocol_name is None or bs.is_filter:
+            bs.drv_pdiscard(offset, length)
+    finally:
+        _write_req_finish(bs, offset, length, discard=True)
+
+
+# -- flush ------------------------------------------------------------------------------------
+def flush(bs: BlockDriverState) -> None:
+    """bdrv_co_flush on ``bs`` (see the module docstring for the event order)."""
+    from emulator.block import perm as P
+
+    if bs.closed or bs.read_only:
+        return
+    current_gen = bs.write_gen
+    if bs.drv_flush():
+        # the driver flushes all layers itself (.bdrv_co_flush, e.g. blkdebug)
+        bs.flushed_gen = current_gen
+        return
+    primary = bs.primary_child()
+    if primary is not None:
+        primary.debug_event("flush_to_os")
+    bs.drv_flush_to_os()
+    if not bs.no_flush and bs.flushed_gen != current_gen:
+        if primary is not None:
+            primary.debug_event("flush_to_disk")
+        bs.drv_flush_to_disk()
+    first_error: OSError | None = None
+    for c in list(bs.children):
+        if c.bs is not None and c.perm & (P.WRITE | P.WRITE_UNCHANGED):
+            try:
+                flush(c.bs)
+            except OSError as e:
+                first_error = first_error or e
+    if first_error is not None:
+        raise first_error
+    bs.flushed_gen = current_gen
+
+
+# -- block status --------------------------------------------------------------------------------
+def block_status(bs: BlockDriverState, offset: int, length: int, *,
+                 want_zero: bool = True) -> tuple[int, int]:
+    """bdrv_co_block_status (without the mapping): flags and the extent length."""
+    from emulator.block.node import (
+        BDRV_BLOCK_ALLOCATED,
+        BDRV_BLOCK_DATA,
+        BDRV_BLOCK_EOF,
+        BDRV_BLOCK_RAW,
+        BDRV_BLOCK_RECURSE,
+        BDRV_BLOCK_ZERO,
+    )
+
+    total = bs.getlength()
+    if offset >= total:
+        return BDRV_BLOCK_EOF, 0
+    length = min(length, total - offset)
+    if length == 0:
+        return 0, 0
+    ret, pnum, mapped, file = bs.drv_block_status(want_zero, offset, length)
+    pnum = max(1, min(pnum, length))
+    if ret & BDRV_BLOCK_RAW and file is not None:
+        # the driver passes the request through: the file's status is the answer
+        return block_status(file, mapped, pnum, want_zero=want_zero)
+    if ret & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO):
+        ret |= BDRV_BLOCK_ALLOCATED
+    elif bs.supports_backing:
+        cow = bs.cow_child()
+        if cow is None or cow.bs is None:
+            if want_zero:
+                ret |= BDRV_BLOCK_ZERO
+        elif want_zero and offset >= cow.bs.getlength():
+            ret |= BDRV_BLOCK_ZERO
+    if want_zero and ret & BDRV_BLOCK_RECURSE and file is not None:
+        ret2, pnum2 = block_status(file, mapped, pnum, want_zero=True)
+        if ret2 & BDRV_BLOCK_ZERO:
+            ret |= BDRV_BLOCK_ZERO
+        if pnum2:
+            pnum = max(1, min(pnum, pnum2))
+    ret &= ~BDRV_BLOCK_RECURSE
+    if offset + pnum == total:
+        ret |= BDRV_BLOCK_EOF
+    return ret, pnum
+
+
+def block_status_above(bs: BlockDriverState, base: BlockDriverState | None, offset: int,
+                       length: int, *, include_base: bool = False,
+                       want_zero: bool = True) -> tuple[int, int]:
+    """bdrv_common_block_status_above: the status of the first layer of the filter/COW chain
+    from ``bs`` down to ``base`` that allocates the extent (for sync=top's skip-unallocated
+    scan and for commit/stream-like users)."""
+    from emulator.block.node import BDRV_BLOCK_ALLOCATED, BDRV_BLOCK_EOF, BDRV_BLOCK_ZERO
+
+    ret, pnum = block_status(bs, offset, length, want_zero=want_zero)
+    if pnum == 0 or ret & BDRV_BLOCK_ALLOCATED or bs is base:
+        return ret, pnum
+    eof = offset + pnum if ret & BDRV_BLOCK_EOF else None
+    length = pnum
+    p = bs.filter_or_cow_bs()
+    while p is not None and (include_base or p is not base):
+        ret, pnum = block_status(p, offset, length, want_zero=want_zero)
+        if pnum == 0:
+            # this layer is short: what the upper layer deferred reads as zeroes here
+            pnum = length
+            ret = BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED
+            break
+        if ret & BDRV_BLOCK_ALLOCATED:
+            ret &= ~BDRV_BLOCK_EOF
+            break
+        if p is base:
+            break
+        length = pnum
+        p = p.filter_or_cow_bs()
+    if eof is not None and offset + pnum == eof:
+        ret |= BDRV_BLOCK_EOF
+    return ret, pnum

@@ -1,0 +1,286 @@
+"""BlockLayer: the block side of a Machine (``Machine.block``).
+
+Entry points mirror QEMU's: :meth:`add_drive` (``-drive``), :meth:`add_blockdev`
+(``-blockdev``), :meth:`blockdev_add` / :meth:`blockdev_del` (QMP), the two queries,
+:meth:`reopen_read_only`, :meth:`external_snapshot` (blockdev-snapshot-sync's work),
+:meth:`temporary_backend` (HMP qemu-io on a node) and :meth:`close_all` (quit).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from emulator.block import perm as P
+from emulator.block.backend import BlockBackend
+from emulator.block.errors import GenericError
+from emulator.block.graph import BlockGraph
+from emulator.block.node import BlockDriverState
+from emulator.block.open import Opener
+from emulator.block.query import block_device_info, block_info
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+_CACHE_MODES = {  # bdrv_parse_cache_mode: (writeback, direct, no-flush)
+    "none": (True, True, False), "off": (True, True, False),
+    "writeback": (True, False, False), "unsafe": (True, False, True),
+    "directsync": (False, True, False), "writethrough": (False, False, False),
+}
+
+
+def _onoff(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "yes", "true"):
+        return True
+    if value in ("off", "no", "false"):
+        return False
+    raise GenericError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+class BlockLayer:
+    """The node graph and BlockBackends of one emulated VM."""
+
+    def __init__(self, sandbox: Any = None, emit: Any = None) -> None:
+        self.sandbox = sandbox
+        self.emit = emit
+        self.graph = BlockGraph()
+        # set by the job manager: cancel jobs synchronously before the nodes close (quit)
+        self.before_close_all: Callable[[], None] | None = None
+
+    # -- paths -------------------------------------------------------------------------------
+    def resolve_path(self, filename: str, *, for_create: bool = False) -> str:
+        """A client's file name -> the host path (through the Machine's sandbox)."""
+        if self.sandbox is None:
+            return filename
+        return os.fspath(self.sandbox.resolve(filename, for_create=for_create))
+
+    # -- lookups ------------------------------------------------------------------------------
+    def lookup_bs(self, device: str | None, node_name: str | None) -> BlockDriverState:
+        return self.graph.lookup_bs(device, node_name)
+
+    def find_node(self, node_name: str) -> BlockDriverState | None:
+        return self.graph.find_node(node_name)
+
+    def blk_by_name(self, name: str) -> BlockBackend | None:
+        return self.graph.blk_by_name(name)
+
+    @property
+    def backends(self) -> list[BlockBackend]:
+        return self.graph.backends
+
+    # -- creating nodes ----------------------------------------------------------------------
+    def open_node(self, options: dict[str, Any] | str, **kw: Any) -> BlockDriverState:
+        """bdrv_open for internal users (jobs open filters and targets this way). The caller
+        owns one reference (graph.unref when done)."""
+        return Opener(self).open(options, **kw)
+
+    def insert_node(self, bs: BlockDriverState, options: dict[str, Any]) -> BlockDriverState:
+        """bdrv_insert_node: open a filter from ``options`` (which reference ``bs`` as its
+        child) and put it in ``bs``'s place for all of ``bs``'s other parents; on failure the
+        filter is dropped and the error reads "Could not replace node: ...". The caller owns
+        one reference to the returned node."""
+        new_bs = Opener(self).open(options)
+        try:
+            self.graph.replace_node(bs, new_bs)
+        except GenericError as e:
+            self.graph.unref(new_bs)
+            raise GenericError(f"Could not replace node: {e.desc}") from None
+        return new_bs
+
+    def add_blockdev(self, options: dict[str, Any]) -> BlockDriverState:
+        """-blockdev / the work of blockdev-add: a monitor-owned node tree."""
+        opts = dict(options)
+        cache = dict(opts.get("cache", {}))
+        cache.setdefault("direct", False)
+        cache.setdefault("no-flush", False)
+        opts["cache"] = cache
+        opts.setdefault("read-only", False)
+        bs = Opener(self).open(opts)
+        bs.monitor_owned = True
+        self.graph.monitor_owned.append(bs)
+        return bs
+
+    def blockdev_add(self, options: dict[str, Any]) -> None:
+        """qmp_blockdev_add."""
+        if options.get("node-name") is None:
+            raise GenericError("'node-name' must be specified for the root node")
+        self.add_blockdev(options)
+
+    def blockdev_del(self, node_name: str) -> None:
+        """qmp_blockdev_del, its checks in QEMU's order."""
+        from emulator.block.graph import OP_DRIVE_DEL
+
+        bs = self.graph.find_node(node_name)
+        if bs is None:
+            raise GenericError(f"Failed to find node with node-name='{node_name}'")
+        if bs.has_blk():
+            raise GenericError(f"Node {node_name} is in use")
+        self.graph.op_check_blocked(bs, OP_DRIVE_DEL)
+        if not bs.monitor_owned:
+            raise GenericError(f"Node {bs.node_name} is not owned by the monitor")
+        if bs.refcnt > 1:
+            raise GenericError(f"Block device {bs.device_or_node_name()} is in use")
+        self.graph.monitor_owned.remove(bs)
+        bs.monitor_owned = False
+        self.graph.unref(bs)
+
+    def probe_format(self, filename: str) -> str:
+        """bdrv_find_protocol + format probing: qcow2 by its magic, else raw."""
+        try:
+            with open(self.resolve_path(filename), "rb") as f:
+                head = f.read(4)
+        except OSError as e:
+            reason = os.strerror(e.errno or 5)
+            raise GenericError(f"Could not open '{filename}': {reason}") from None
+        return "qcow2" if head == QCOW2_MAGIC else "raw"
+
+    def add_drive(self, options: dict[str, Any]) -> BlockBackend:
+        """-drive (drive_new + blockdev_init) for ``if=none`` style drives: a named
+        BlockBackend (``id``) over the format node (``node-name``) over a file node."""
+        opts = {k: v for k, v in options.items()}
+        name = opts.pop("id", None)
+        iface = opts.pop("if", "ide")
+        for key in ("bus", "unit", "index", "media", "aio", "werror", "rerror", "serial",
+                    "addr", "snapshot", "copy-on-read"):
+            opts.pop(key, None)
+        if name is None:
+            name = f"{iface}0"
+        if self.graph.blk_by_name(name) is not None:
+            raise GenericError(f"Duplicate ID '{name}' for drive")
+        filename = opts.pop("file", None)
+        fmt = opts.pop("format", None)
+        writeback, direct, no_flush = _CACHE_MODES["writeback"]
+        if "cache" in opts:
+            mode = opts.pop("cache")
+            if mode not in _CACHE_MODES:
+                raise GenericError("invalid cache option")
+            writeback, direct, no_flush = _CACHE_MODES[mode]
+        read_only = _onoff(opts.pop("read-only", opts.pop("readonly", False)), "read-only")
+        node_opts: dict[str, Any] = {}
+        for key, value in opts.items():
+            node_opts[key] = value
+        node_opts["cache"] = {
+            "direct": _onoff(node_opts.pop("cache.direct", direct), "cache.direct"),
+            "no-flush": _onoff(node_opts.pop("cache.no-flush", no_flush), "cache.no-flush")}
+        node_opts["read-only"] = read_only
+        for key in ("detect-zeroes", "discard"):
+            if key in node_opts:
+                node_opts[key] = str(node_opts[key])
+        blk = BlockBackend(self.graph, name=name)
+        blk.enable_write_cache = writeback
+        blk.legacy_dinfo = dict(options)
+        if filename is None:
+            self.graph.backends.append(blk)
+            return blk
+        if fmt is None:
+            fmt = self.probe_format(filename)
+        node_opts["driver"] = fmt
+        if fmt in ("file", "null-co"):
+            node_opts["filename"] = filename
+        else:
+            node_opts.setdefault("file", {"driver": "file", "filename": filename})
+        blk.perm = P.CONSISTENT_READ | (0 if read_only else P.WRITE)
+        blk.shared_perm = P.ALL
+        bs = Opener(self).open(node_opts)
+        try:
+            blk.insert_bs(bs)
+        finally:
+            self.graph.unref(bs)
+        self.graph.backends.append(blk)
+        return blk
+
+    # -- monitor helpers ---------------------------------------------------------------------
+    def temporary_backend(self, bs: BlockDriverState) -> BlockBackend:
+        """blk_new(ctx, 0, BLK_PERM_ALL) + blk_insert_bs: what HMP qemu-io uses for a node.
+        The caller calls ``unref()`` on it when done."""
+        blk = BlockBackend(self.graph, perm=0, shared_perm=P.ALL)
+        blk.insert_bs(bs)
+        return blk
+
+    def query_block(self) -> list[dict[str, Any]]:
+        return [block_info(blk) for blk in self.graph.backends
+                if blk.name or blk.dev_id]
+
+    def query_named_block_nodes(self, flat: bool = False) -> list[dict[str, Any]]:
+        """bdrv_named_nodes_list: newest node first (QAPI_LIST_PREPEND over the list)."""
+        return [block_device_info(None, bs, flat) for bs in reversed(self.graph.named_nodes)]
+
+    # -- state changes --------------------------------------------------------------------------
+    def reopen_read_only(self, bs: BlockDriverState) -> None:
+        """bdrv_reopen_set_read_only(bs, true): the node and the children that inherit
+        read-only; qcow2 stores its persistent bitmaps first (qcow2_reopen_bitmaps_ro)."""
+        if bs.read_only:
+            return
+        bs.flush()
+        bs.drv_reopen_read_only()
+        self._set_read_only(bs)
+        self.graph.refresh_perms(bs)
+
+    def _set_read_only(self, bs: BlockDriverState) -> None:
+        bs.read_only = True
+        for c in bs.children:
+            if c.bs is None or c is bs.backing or c.bs.read_only:
+                continue
+            c.bs.drv_reopen_read_only()
+            self._set_read_only(c.bs)
+
+    def create_image(self, filename: str, fmt: str, size: int, *, backing_file: str | None = None,
+                     backing_format: str | None = None) -> None:
+        """bdrv_img_create for the formats the emulator writes (qcow2, raw)."""
+        path = self.resolve_path(filename, for_create=True)
+        if fmt == "qcow2":
+            from emulator.qcow2 import Qcow2Image
+            from emulator.qcow2.blockio import FileIO
+
+            io = FileIO.create(path)
+            try:
+                Qcow2Image.create(io, size, backing_file=backing_file,
+                                  backing_format=backing_format)
+            finally:
+                io.close()
+        elif fmt == "raw":
+            with open(path, "wb") as f:
+                f.truncate(size)
+        else:
+            raise GenericError(f"Unknown file format '{fmt}'")
+
+    def external_snapshot(self, old_bs: BlockDriverState, snapshot_file: str, fmt: str,
+                          node_name: str | None, mode: str) -> BlockDriverState:
+        """external_snapshot_prepare's image work for blockdev-snapshot-sync: create the
+        overlay (unless mode=existing), open it without backing, and append it above
+        ``old_bs``. Returns the new node; the caller owns one reference."""
+        if mode != "existing":
+            size = old_bs.getlength()
+            old_bs.refresh_filename()
+            self.create_image(snapshot_file, fmt, size, backing_file=old_bs.filename,
+                              backing_format=old_bs.format_name)
+        opts: dict[str, Any] = {"driver": fmt}
+        if node_name is not None:
+            opts["node-name"] = node_name
+        opts["file"] = {"driver": "file", "filename": snapshot_file}
+        opts["cache"] = {"direct": old_bs.cache_direct, "no-flush": old_bs.no_flush}
+        opts["read-only"] = old_bs.read_only
+        new_bs = Opener(self).open(opts, no_backing=True)
+        return new_bs
+
+    def close_all(self) -> None:
+        """bdrv_close_all at quit: drop BlockBackends, then monitor-owned nodes."""
+        # --- jobs part: qemu_cleanup's job_cancel_sync_all() comes first (JobManager sets
+        # this hook); jobs hold nodes through their edges and backup filters ---
+        if self.before_close_all is not None:
+            self.before_close_all()
+        # --- end of jobs part ---
+        for blk in list(self.graph.backends):
+            blk.unref()
+        for bs in list(self.graph.monitor_owned):
+            self.graph.monitor_owned.remove(bs)
+            bs.monitor_owned = False
+            self.graph.unref(bs)
+
+    @staticmethod
+    def path_of(bs: BlockDriverState) -> Path | None:
+        host = getattr(bs, "host_path", None)
+        return Path(host) if host else None

@@ -1,0 +1,248 @@
+"""bdrv_open: turn an option dictionary (blockdev-add / -blockdev / -drive) into nodes.
+
+The steps and their order are QEMU's (block.c bdrv_open_inherit / bdrv_open_common /
+bdrv_open_driver), because error texts and auto-generated node names depend on them:
+a format driver's ``file`` child is opened before the format node gets its name; then the
+node name is assigned and checked; then the driver opens (protocol drivers such as blkdebug
+open their children here); then the backing file (from the option or the image header).
+Child options inherit cache, read-only and force-share from the parent and default to
+``discard=unmap``; backing children default to read-only (bdrv_inherited_options).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from emulator.block.errors import GenericError
+from emulator.block.graph import Transaction
+from emulator.block.node import BdrvChild, BlockDriverState
+from emulator.block.perm import Role
+
+if TYPE_CHECKING:
+    from emulator.block.layer import BlockLayer
+
+# options every node accepts (BlockdevOptions base), not passed to the driver
+COMMON_KEYS = ("driver", "node-name", "discard", "cache", "read-only", "auto-read-only",
+               "force-share", "detect-zeroes")
+
+
+def backing_role(bs: BlockDriverState) -> Role:
+    """bdrv_backing_role."""
+    if bs.is_filter:
+        return Role.FILTERED | Role.PRIMARY
+    return Role.COW
+
+
+def file_role(bs: BlockDriverState) -> Role:
+    """bdrv_open_file_child's role."""
+    if bs.is_filter:
+        return Role.FILTERED | Role.PRIMARY
+    return Role.DATA | Role.METADATA | Role.PRIMARY
+
+
+def _inherit(child: dict[str, Any], parent: dict[str, Any], role: Role) -> dict[str, Any]:
+    """bdrv_inherited_options / bdrv_backing_options for a child given as a definition."""
+    out = dict(child)
+    pcache = parent.get("cache", {})
+    cache = dict(out.get("cache", {}))
+    for key in ("direct", "no-flush"):
+        if key not in cache and key in pcache:
+            cache[key] = pcache[key]
+    if cache:
+        out["cache"] = cache
+    if "force-share" not in out and "force-share" in parent:
+        out["force-share"] = parent["force-share"]
+    if role & Role.COW:
+        out.setdefault("read-only", True)
+        out.setdefault("auto-read-only", False)
+    else:
+        if "read-only" in parent:
+            out.setdefault("read-only", parent["read-only"])
+        if "auto-read-only" in parent:
+            out.setdefault("auto-read-only", parent["auto-read-only"])
+    out.setdefault("discard", "unmap")
+    return out
+
+
+def _flat_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """bs->options as QEMU keeps them: the node's own options, children as references."""
+    out: dict[str, Any] = {}
+    for key, value in opts.items():
+        if isinstance(value, dict) and key != "cache":
+            continue
+        if key == "cache":
+            for k, v in value.items():
+                out[f"cache.{k}"] = v
+            continue
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    for k, v in item.items():
+                        out[f"{key}.{i}.{k}"] = v
+                else:
+                    out[f"{key}.{i}"] = item
+            continue
+        out[key] = value
+    return out
+
+
+class Opener:
+    """One bdrv_open call tree; undoes everything it created if any step fails."""
+
+    def __init__(self, layer: BlockLayer) -> None:
+        self.layer = layer
+        self.graph = layer.graph
+
+    def open(self, options: dict[str, Any] | str, *, parent_opts: dict[str, Any] | None = None,
+             role: Role | None = None, no_backing: bool = False) -> BlockDriverState:
+        """Open a node from a definition, or take a reference to an existing one.
+
+        The caller owns one reference to the result."""
+        if isinstance(options, str):
+            bs = self.graph.lookup_bs(options, options)
+            bs.refcnt += 1
+            return bs
+        from emulator.block.drivers import DRIVERS
+
+        opts = dict(options)
+        if parent_opts is not None and role is not None:
+            opts = _inherit(opts, parent_opts, role)
+        driver = opts["driver"]
+        cls = DRIVERS.get(driver)
+        if cls is None:
+            raise GenericError(f"Unknown driver '{driver}'")
+        file_bs: BlockDriverState | None = None
+        if cls.protocol_name is None and isinstance(opts.get("file"), dict | str):
+            # bdrv_open_inherit opens the image file before the format node (for probing)
+            file_bs = self.open(opts["file"], parent_opts=opts,
+                                role=Role.DATA | Role.METADATA | Role.PRIMARY)
+        bs = cls(self.graph)
+        try:
+            self._open_common(bs, opts, file_bs)
+        except BaseException:
+            if file_bs is not None:
+                self.graph.unref(file_bs)
+            self._discard(bs)
+            raise
+        if file_bs is not None:
+            self.graph.unref(file_bs)   # the "file" edge holds its own reference now
+        if cls.supports_backing and not no_backing:
+            try:
+                self._open_backing(bs, opts)
+            except BaseException:
+                self._discard(bs)
+                raise
+        return bs
+
+    def _discard(self, bs: BlockDriverState) -> None:
+        bs.refcnt = 1
+        self.graph.unref(bs)
+
+    def _open_common(self, bs: BlockDriverState, opts: dict[str, Any],
+                     file_bs: BlockDriverState | None) -> None:
+        """bdrv_open_common + bdrv_open_driver."""
+        cache = opts.get("cache", {})
+        bs.cache_direct = bool(cache.get("direct", False))
+        bs.no_flush = bool(cache.get("no-flush", False))
+        bs.read_only = bool(opts.get("read-only", False))
+        bs.auto_read_only = bool(opts.get("auto-read-only", False))
+        bs.force_share = bool(opts.get("force-share", False))
+        if bs.force_share and not bs.read_only:
+            raise GenericError("force-share=on can only be used with read-only images")
+        bs.discard = opts.get("discard", "ignore")
+        detect = opts.get("detect-zeroes", "off")
+        if detect == "unmap" and bs.discard != "unmap":
+            raise GenericError("setting detect-zeroes to unmap is not allowed without "
+                               "setting discard operation to unmap")
+        bs.detect_zeroes = detect
+        bs.options = _flat_options({k: v for k, v in opts.items() if k != "node-name"})
+        if file_bs is not None:
+            bs.options["file"] = file_bs.node_name
+        self.graph.assign_node_name(bs, opts.get("node-name"))
+        self.graph.all_nodes.append(bs)
+        drv_opts = {k: v for k, v in opts.items() if k not in COMMON_KEYS}
+        if file_bs is not None:
+            drv_opts["file"] = file_bs.node_name
+        bs.drv_open(drv_opts, ChildOpener(self, bs, opts))
+        bs.opened = True
+        bs.refresh_limits()
+
+    def _open_backing(self, bs: BlockDriverState, opts: dict[str, Any]) -> None:
+        """bdrv_open_backing_file: the ``backing`` option, else the header's backing file."""
+        if "backing" in opts:
+            value = opts["backing"]
+            if value is None:
+                return
+            child = self.open(value, parent_opts=opts, role=backing_role(bs))
+        elif bs.backing_file:
+            path = full_backing_filename(bs)
+            definition: dict[str, Any] = {"driver": bs.backing_format or "raw",
+                                          "file": {"driver": "file", "filename": path}}
+            child = self.open(definition, parent_opts=opts, role=backing_role(bs))
+            child.refresh_filename()
+            bs.auto_backing_file = child.filename
+        else:
+            return
+        try:
+            self.graph.attach_child(bs, child, "backing", backing_role(bs))
+        finally:
+            self.graph.unref(child)
+
+
+class ChildOpener:
+    """What a driver's drv_open uses to open its children (bdrv_open_child)."""
+
+    def __init__(self, opener: Opener, bs: BlockDriverState, opts: dict[str, Any]) -> None:
+        self.opener = opener
+        self.bs = bs
+        self.opts = opts
+        self.layer = opener.layer
+
+    def __call__(self, ref: dict[str, Any] | str | None, name: str, role: Role, *,
+                 allow_none: bool = False) -> BdrvChild | None:
+        if ref is None:
+            if allow_none:
+                return None
+            raise GenericError(f"A block device must be specified for \"{name}\"")
+        child_bs = self.opener.open(ref, parent_opts=self.opts, role=role)
+        try:
+            return self.opener.graph.attach_child(self.bs, child_bs, name, role)
+        finally:
+            self.opener.graph.unref(child_bs)
+
+
+def path_has_protocol(path: str) -> bool:
+    """path_has_protocol: a ':' before any '/'."""
+    head = path.split("/", 1)[0]
+    return ":" in head
+
+
+def bdrv_dirname(bs: BlockDriverState) -> str | None:
+    """bdrv_dirname: the directory of the protocol node under ``bs`` (with a trailing '/');
+    None where QEMU reports "Cannot generate a base directory"."""
+    primary = bs.primary_child()
+    if primary is not None and primary.bs is not None:
+        return bdrv_dirname(primary.bs)
+    bs.refresh_filename()
+    if bs.exact_filename:
+        return os.path.dirname(bs.exact_filename) + "/" if "/" in bs.exact_filename else ""
+    return None
+
+
+def full_backing_filename(bs: BlockDriverState) -> str:
+    """bdrv_get_full_backing_filename: a relative header name is taken relative to the
+    image's directory; "" when there is none or no directory can be derived."""
+    name = bs.backing_file
+    if not name:
+        return ""
+    if path_has_protocol(name) or os.path.isabs(name):
+        return name
+    base = bdrv_dirname(bs)
+    if base is None:
+        return ""
+    return base + name
+
+
+def new_transaction() -> Transaction:
+    return Transaction()

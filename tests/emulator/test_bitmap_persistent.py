@@ -1,0 +1,121 @@
+"""Persistent dirty bitmaps in qcow2 images, checked with the real qemu-img and compared
+with real QEMU doing the same: stored on blockdev-del (qcow2_inactivate), loaded on
+blockdev-add (AUTO -> recording, IN_USE marked in the image while the node is writable),
+removed from the image by block-dirty-bitmap-remove, inconsistent when found IN_USE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.emulator.test_block_helpers import (
+    create_qcow2,
+    qemu_img,
+    requires_qemu,
+    requires_qemu_img,
+    run_both,
+    run_emulator,
+)
+
+pytestmark = [requires_qemu, requires_qemu_img]
+
+
+def c(_cmd: str, **args: Any) -> tuple[str, dict[str, Any]]:
+    return (_cmd, args)
+
+
+def io(node: str, cmd: str) -> tuple[str, dict[str, Any]]:
+    return ("human-monitor-command", {"command-line": f'qemu-io {node} "{cmd}"'})
+
+
+QCOW2 = {"driver": "qcow2", "node-name": "d",
+         "file": {"driver": "file", "filename": "@DIR@/img.qcow2"}}
+
+
+def stored(path: Path) -> list[dict]:
+    info = json.loads(qemu_img("info", "-U", "--output=json", path).stdout)
+    return info["format-specific"]["data"].get("bitmaps", [])
+
+
+def test_store_on_del_and_load_on_add(tmp_path: Path) -> None:
+    cmds = [
+        c("blockdev-add", **QCOW2),
+        c("block-dirty-bitmap-add", node="d", name="on", persistent=True),
+        c("block-dirty-bitmap-add", node="d", name="off", persistent=True, disabled=True,
+          granularity=4096),
+        c("block-dirty-bitmap-add", node="d", name="mem"),
+        c("block-dirty-bitmap-add", node="d", name="gone", persistent=True),
+        io("d", "write 0 64k"), io("d", "write 5M 4k"),
+        c("block-dirty-bitmap-enable", node="d", name="off"),
+        io("d", "write 6M 4k"),
+        c("block-dirty-bitmap-disable", node="d", name="off"),
+        c("block-dirty-bitmap-remove", node="d", name="gone"),
+        c("blockdev-del", **{"node-name": "d"}),
+        c("blockdev-add", **QCOW2),
+        c("query-named-block-nodes", flat=True),
+        c("x-debug-block-dirty-bitmap-sha256", node="d", name="on"),
+        c("x-debug-block-dirty-bitmap-sha256", node="d", name="off"),
+        io("d", "write 8M 4k"),
+        c("block-dirty-bitmap-remove", node="d", name="off"),
+        c("blockdev-del", **{"node-name": "d"}),
+        c("blockdev-add", **{**QCOW2, "read-only": True}),
+        c("query-named-block-nodes", flat=True),
+        c("block-dirty-bitmap-clear", node="d", name="on"),
+        c("block-dirty-bitmap-remove", node="d", name="on"),
+        c("block-dirty-bitmap-add", node="d", name="on", persistent=True),
+        c("block-dirty-bitmap-disable", node="d", name="on"),
+    ]
+    qemu, emu = run_both(tmp_path, cmds, setup=lambda d: create_qcow2(d / "img.qcow2", "64M"))
+    for i, (a, b) in enumerate(zip(qemu, emu, strict=True)):
+        assert b == a, f"command {i}: {cmds[i]}"
+    for kind in ("qemu", "emu"):
+        assert qemu_img("check", tmp_path / kind / "img.qcow2").returncode == 0
+    assert stored(tmp_path / "emu" / "img.qcow2") == stored(tmp_path / "qemu" / "img.qcow2")
+    assert stored(tmp_path / "emu" / "img.qcow2") == [
+        {"flags": ["auto"], "name": "on", "granularity": 65536}]
+
+
+def test_in_use_while_open_and_inconsistent_after_crash(tmp_path: Path) -> None:
+    """While a writable node has the image open its bitmaps are IN_USE on disk; an image
+    left that way (QEMU killed) loads them as inconsistent: only remove works."""
+    img = tmp_path / "img.qcow2"
+    create_qcow2(img, "1M")
+    run_emulator(tmp_path, [
+        c("blockdev-add", **{**QCOW2, "file": {"driver": "file", "filename": str(img)}}),
+        c("block-dirty-bitmap-add", node="d", name="b", persistent=True),
+    ])
+    assert stored(img) == [{"flags": ["auto"], "name": "b", "granularity": 65536}]
+
+    def crash_copy(d: Path) -> None:
+        (d / "img.qcow2").write_bytes(img.read_bytes())
+
+    open_cmds = [c("blockdev-add", **QCOW2), c("query-named-block-nodes", flat=True)]
+    (tmp_path / "a").mkdir()
+    qemu, emu = run_both(tmp_path / "a", open_cmds, setup=crash_copy)
+    assert emu == qemu
+    # leave an IN_USE flag behind: mark it as a running QEMU would, then copy the bytes
+    from emulator.block.layer import BlockLayer
+    layer = BlockLayer()
+    layer.blockdev_add({"driver": "qcow2", "node-name": "d",
+                        "file": {"driver": "file", "filename": str(img)}})
+    assert stored(img) == [{"flags": ["in-use", "auto"], "name": "b", "granularity": 65536}]
+    dirty = img.read_bytes()
+    layer.close_all()
+    assert stored(img) == [{"flags": ["auto"], "name": "b", "granularity": 65536}]
+
+    def dirty_copy(d: Path) -> None:
+        (d / "img.qcow2").write_bytes(dirty)
+
+    cmds = [c("blockdev-add", **QCOW2), c("query-named-block-nodes", flat=True),
+            c("block-dirty-bitmap-clear", node="d", name="b"),
+            c("block-dirty-bitmap-enable", node="d", name="b"),
+            c("x-debug-block-dirty-bitmap-sha256", node="d", name="b"),
+            c("block-dirty-bitmap-add", node="d", name="b2"),
+            c("block-dirty-bitmap-merge", node="d", target="b2", bitmaps=["b"]),
+            c("block-dirty-bitmap-remove", node="d", name="b"),
+            c("query-named-block-nodes", flat=True)]
+    (tmp_path / "b").mkdir()
+    qemu, emu = run_both(tmp_path / "b", cmds, setup=dirty_copy)
+    for i, (a, b) in enumerate(zip(qemu, emu, strict=True)):
+        assert b == a, f"command {i}: {cmds[i]}"

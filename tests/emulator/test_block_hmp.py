@@ -1,0 +1,68 @@
+"""HMP qemu-io over QMP against real QEMU: lookups (BlockBackend name, then node name
+through a temporary BlockBackend), HMP argument errors, and the "" reply whatever qemu-io
+prints (its output goes to QEMU's stdout)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.emulator.test_block_helpers import (
+    create_qcow2,
+    requires_qemu,
+    requires_qemu_img,
+    run_both,
+    run_emulator,
+)
+
+pytestmark = [requires_qemu, requires_qemu_img]
+
+
+def hmp(line: str) -> tuple[str, dict[str, Any]]:
+    return ("human-monitor-command", {"command-line": line})
+
+
+def test_qemu_io_replies_match_qemu(tmp_path: Path) -> None:
+    drives = [{"if": "none", "id": "drive0", "file": "@DIR@/img", "format": "qcow2",
+               "node-name": "fmt"}]
+    cmds = [
+        ("blockdev-add", {"driver": "null-co", "node-name": "n"}),
+        ("blockdev-add", {"driver": "null-co", "node-name": "ro", "read-only": True}),
+        ("block-dirty-bitmap-add", {"node": "n", "name": "b"}),
+        hmp('qemu-io n "write 0 512"'),
+        hmp('qemu-io n "writ 0 512"'),
+        hmp('qemu-io n "write 0"'),
+        hmp("qemu-io n write"),
+        hmp("qemu-io n"),
+        hmp("qemu-io"),
+        hmp('qemu-io -d n "write 0 512"'),
+        hmp('qemu-io -x n "write 0 512"'),
+        hmp('qemu-io nosuch "write 0 512"'),
+        hmp('qemu-io n "write 0 512'),
+        hmp('qemu-io n "write 0 512" extra'),
+        hmp('qemu-io ro "write 0 512"'),
+        hmp('qemu-io ro "read 0 512"'),
+        hmp('qemu-io drive0 "write -P 0x11 64k 64k"'),
+        hmp('qemu-io fmt "write 1M 4k"'),
+        hmp('qemu-io drive0 "read -P 0x11 64k 64k"'),
+        hmp('qemu-io drive0 "flush"'),
+        ("query-named-block-nodes", {"flat": True}),
+        ("query-block", None),
+    ]
+    qemu, emu = run_both(tmp_path, cmds, drives=drives,
+                         setup=lambda d: create_qcow2(d / "img", "4M"))
+    for i, (a, b) in enumerate(zip(qemu, emu, strict=True)):
+        assert b == a, f"command {i}: {cmds[i]}"
+
+
+def test_qemu_io_output_is_logged_not_replied(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="emulator.qemu_io"):
+        replies = run_emulator(tmp_path, [
+            ("blockdev-add", {"driver": "null-co", "node-name": "n", "read-only": True}),
+            hmp('qemu-io n "write 0 512"'), hmp('qemu-io n "read 0 512"')])
+    assert replies[1:] == [{"return": "Block node is read-only\r\n"}, {"return": ""}]
+    assert "read 512/512 bytes at offset 0" in caplog.text

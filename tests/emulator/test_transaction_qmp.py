@@ -1,0 +1,135 @@
+"""transaction over QMP against real QEMU: rollback of every bitmap action, completion-mode,
+the abort action, and blockdev-snapshot-sync (errors, the new overlay, the base reopened
+read-only with its persistent bitmaps stored)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.emulator.test_block_helpers import (
+    create_qcow2,
+    qemu_img,
+    requires_qemu,
+    requires_qemu_img,
+    run_both,
+)
+
+pytestmark = [requires_qemu, requires_qemu_img]
+
+
+def c(_cmd: str, **args: Any) -> tuple[str, dict[str, Any]]:
+    return (_cmd, args)
+
+
+def act(kind: str, **data: Any) -> dict[str, Any]:
+    return {"type": kind, "data": data}
+
+
+def io(node: str, cmd: str) -> tuple[str, dict[str, Any]]:
+    return ("human-monitor-command", {"command-line": f'qemu-io {node} "{cmd}"'})
+
+
+def compare(tmp_path: Path, cmds: list[tuple[str, Any]], **kw: Any) -> None:
+    qemu, emu = run_both(tmp_path, cmds, **kw)
+    for i, (a, b) in enumerate(zip(qemu, emu, strict=True)):
+        assert b == a, f"command {i}: {cmds[i]}"
+
+
+def test_rollback_of_every_bitmap_action(tmp_path: Path) -> None:
+    setup = [
+        c("blockdev-add", driver="null-co", **{"node-name": "n"}, size=4 << 20),
+        c("block-dirty-bitmap-add", node="n", name="a"),
+        c("block-dirty-bitmap-add", node="n", name="b", disabled=True),
+        c("block-dirty-bitmap-add", node="n", name="c"),
+        io("n", "write 0 64k"), io("n", "write 1M 64k"),
+    ]
+    failing = [
+        [act("block-dirty-bitmap-clear", node="n", name="a"),
+         act("block-dirty-bitmap-enable", node="n", name="b"),
+         act("block-dirty-bitmap-disable", node="n", name="c"),
+         act("block-dirty-bitmap-add", node="n", name="d", granularity=512),
+         act("block-dirty-bitmap-merge", node="n", target="b", bitmaps=["a", "c"]),
+         act("block-dirty-bitmap-remove", node="n", name="c"),
+         act("abort")],
+        [act("block-dirty-bitmap-remove", node="n", name="a"),
+         act("block-dirty-bitmap-add", node="n", name="a")],
+        [act("block-dirty-bitmap-remove", node="n", name="a"),
+         act("block-dirty-bitmap-remove", node="n", name="a")],
+        [act("block-dirty-bitmap-merge", node="n", target="a", bitmaps=["c"]),
+         act("block-dirty-bitmap-clear", node="n", name="zz")],
+        [act("block-dirty-bitmap-add", node="n", name="e"),
+         act("block-dirty-bitmap-add", node="n", name="e")],
+    ]
+    cmds = list(setup)
+    for actions in failing:
+        cmds += [c("transaction", actions=actions), c("query-named-block-nodes", flat=True)]
+    cmds += [c("x-debug-block-dirty-bitmap-sha256", node="n", name=x) for x in "abc"]
+    cmds += [c("transaction", actions=[act("block-dirty-bitmap-remove", node="n", name="a"),
+                                       act("block-dirty-bitmap-add", node="n", name="f")]),
+             c("query-named-block-nodes", flat=True)]
+    compare(tmp_path, cmds)
+
+
+def test_completion_mode_and_kinds(tmp_path: Path) -> None:
+    cmds = [
+        c("blockdev-add", driver="null-co", **{"node-name": "n"}),
+        c("transaction", actions=[act("block-dirty-bitmap-add", node="n", name="b")],
+          properties={"completion-mode": "grouped"}),
+        c("transaction", actions=[act("abort")], properties={"completion-mode": "grouped"}),
+        c("transaction", actions=[act("block-dirty-bitmap-add", node="n", name="b")],
+          properties={"completion-mode": "individual"}),
+        c("transaction", actions=[]),
+        c("transaction", actions=[{"type": "nosuch", "data": {}}]),
+        c("transaction", actions=[{"type": "abort"}]),
+        c("transaction", actions=[act("block-dirty-bitmap-add", node="n")]),
+        c("query-named-block-nodes", flat=True),
+    ]
+    compare(tmp_path, cmds)
+
+
+def test_blockdev_snapshot_sync(tmp_path: Path) -> None:
+    def setup(d: Path) -> None:
+        create_qcow2(d / "disk", "1M")
+
+    drives = [{"if": "none", "id": "drive0", "file": "@DIR@/disk", "format": "qcow2",
+               "cache": "writeback", "aio": "threads", "node-name": "base"}]
+    cmds = [
+        c("block-dirty-bitmap-add", node="base", name="p", persistent=True),
+        c("block-dirty-bitmap-add", node="base", name="q", persistent=True, disabled=True),
+        io("drive0", "write 0 64k"),
+        c("blockdev-snapshot-sync", device="base", **{"snapshot-file": "@DIR@/top"}),
+        c("blockdev-snapshot-sync", **{"node-name": "base", "snapshot-file": "@DIR@/top"}),
+        c("blockdev-snapshot-sync", **{"node-name": "base", "snapshot-file": "@DIR@/top",
+                                       "snapshot-node-name": "drive0"}),
+        c("blockdev-snapshot-sync", **{"snapshot-file": "@DIR@/top"}),
+        c("blockdev-snapshot-sync", device="drive0", **{"snapshot-file": "@DIR@/top",
+                                                       "snapshot-node-name": "1x"}),
+        c("query-named-block-nodes", flat=True),
+        c("transaction", actions=[
+            act("blockdev-snapshot-sync", device="drive0", **{"snapshot-file": "@DIR@/top2",
+                                                             "snapshot-node-name": "s2"}),
+            act("abort")]),
+        c("query-block"),
+        c("blockdev-snapshot-sync", device="drive0", **{"snapshot-file": "@DIR@/top",
+                                                       "snapshot-node-name": "snap"}),
+        io("drive0", "write 64k 64k"),
+        c("query-block"),
+        c("query-named-block-nodes"),
+        c("block-dirty-bitmap-remove", node="base", name="p"),
+        c("block-dirty-bitmap-clear", node="base", name="q"),
+        c("block-dirty-bitmap-enable", node="base", name="q"),
+        c("blockdev-del", **{"node-name": "base"}),
+    ]
+    compare(tmp_path, cmds, drives=drives, setup=setup)
+    infos = {}
+    for kind in ("qemu", "emu"):
+        for name in ("disk", "top"):
+            out = qemu_img("info", "--output=json", tmp_path / kind / name)
+            info = json.loads(out.stdout.replace(str(tmp_path / kind), "TEST_DIR"))
+            info.pop("actual-size", None)
+            infos[kind, name] = info
+            assert qemu_img("check", tmp_path / kind / name).returncode == 0
+    assert infos["emu", "disk"] == infos["qemu", "disk"]
+    assert infos["emu", "top"] == infos["qemu", "top"]
