@@ -1,0 +1,1 @@
+"""The block layer: node graph, BlockBackends, drivers, dirty bitmaps."""
