@@ -1,0 +1,156 @@
+"""Backup error policies (on-source-error / on-target-error) on blkdebug-injected errors.
+
+Each script is compared with QEMU 7.2.22 when it is installed (test_matches_qemu); the
+expectations written here were recorded from it. block_job_error_action (blockjob.c) emits
+BLOCK_JOB_ERROR; "stop" pauses the job user-visibly with io-status "failed" (or "nospace"
+for ENOSPC) until job-resume; "ignore" retries at once; "enospc" stops on ENOSPC only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.emulator.test_job_helpers import (
+    Record,
+    Step,
+    create_qcow2,
+    requires_qemu,
+    run_both,
+    run_script,
+)
+
+SIZE = 4 << 20
+
+
+def images(d: Path) -> None:
+    """4 MiB source with data clusters at 0 and 1 MiB, empty 4 MiB target."""
+    create_qcow2(d / "src", "4M")
+    create_qcow2(d / "dst", "4M")
+    for cmd in ("write -P0x11 0 64k", "write -P0x22 1M 64k"):
+        _qemu_io(d / "src", cmd)
+
+
+def _qemu_io(path: Path, cmd: str) -> None:
+    import shutil
+    import subprocess
+    exe = shutil.which("qemu-io")
+    if exe is not None:
+        subprocess.run([exe, "-f", "qcow2", "-c", cmd, str(path)], check=True,
+                       capture_output=True)
+        return
+    from emulator import img, qemu_io
+    from emulator.sandbox import Sandbox
+    with img.opened(Sandbox(path.parent), str(path), "qcow2", writable=True) as image:
+        qemu_io.run(image, cmd)
+
+
+def source(**rule: Any) -> Step:
+    return ("cmd", "blockdev-add", {
+        "driver": "qcow2", "node-name": "src",
+        "file": {"driver": "blkdebug", "image": {"driver": "file", "filename": "@DIR@/src"},
+                 "inject-error": [rule]} if rule else {"driver": "file",
+                                                       "filename": "@DIR@/src"}})
+
+
+def target(**rule: Any) -> Step:
+    return ("cmd", "blockdev-add", {
+        "driver": "qcow2", "node-name": "dst",
+        "file": {"driver": "blkdebug", "image": {"driver": "file", "filename": "@DIR@/dst"},
+                 "inject-error": [rule]} if rule else {"driver": "file",
+                                                       "filename": "@DIR@/dst"}})
+
+
+def backup(**kw: Any) -> Step:
+    return ("cmd", "blockdev-backup", {"device": "src", "target": "dst", "sync": "full",
+                                       "job-id": "j", "x-perf": {"max-workers": 1}, **kw})
+
+
+def interesting(records: list[Record]) -> list[Any]:
+    out: list[Any] = []
+    for kind, name, data in records:
+        if kind == "event" and name == "JOB_STATUS_CHANGE":
+            out.append(f"{data['status']}")
+        elif kind == "event" or name in ("query-block-jobs", "job-resume"):
+            out.append((name, data))
+    return out
+
+
+SCRIPTS: dict[str, tuple[list[Step], list[Any]]] = {
+    "read-error-report": (
+        [source(event="read_aio", errno=5, once=True), target(), backup(),
+         ("rest", "j")],
+        ["created", "running", "paused", "running",
+         ("BLOCK_JOB_ERROR", {"action": "report", "device": "j", "operation": "read"}),
+         "aborting",
+         ("BLOCK_JOB_COMPLETED", {"device": "j", "error": "Input/output error",
+                                  "len": SIZE, "offset": 0, "speed": 0, "type": "backup"}),
+         "concluded", "null"]),
+    "read-error-at-sector-ignore": (
+        # host sector 768 = 0x60000: the second data cluster of the source file
+        [source(event="read_aio", errno=5, sector=768, once=True), target(),
+         backup(**{"on-source-error": "ignore"}), ("rest", "j")],
+        ["created", "running", "paused", "running",
+         ("BLOCK_JOB_ERROR", {"action": "ignore", "device": "j", "operation": "read"}),
+         "waiting", "pending",
+         ("BLOCK_JOB_COMPLETED", {"device": "j", "len": SIZE, "offset": SIZE, "speed": 0,
+                                  "type": "backup"}),
+         "concluded", "null"]),
+    "write-error-stop-resume": (
+        [source(), target(event="write_aio", iotype="write", errno=5, once=True),
+         backup(**{"on-target-error": "stop"}), ("rest", "j"),
+         ("cmd", "query-block-jobs", None),
+         ("cmd", "job-resume", {"id": "j"}), ("rest", "j")],
+        ["created", "running", "paused", "running",
+         ("BLOCK_JOB_ERROR", {"action": "stop", "device": "j", "operation": "write"}),
+         "paused",
+         ("query-block-jobs", {"return": [{
+             "auto-dismiss": True, "auto-finalize": True, "busy": False, "device": "j",
+             "io-status": "failed", "len": SIZE, "offset": 0, "paused": True,
+             "ready": False, "speed": 0, "status": "paused", "type": "backup"}]}),
+         "running", ("job-resume", {"return": {}}), "waiting", "pending",
+         ("BLOCK_JOB_COMPLETED", {"device": "j", "len": SIZE, "offset": SIZE, "speed": 0,
+                                  "type": "backup"}),
+         "concluded", "null"]),
+    "enospc-stops-on-enospc": (
+        [source(event="read_aio", errno=28, once=True), target(),
+         backup(**{"on-source-error": "enospc"}), ("rest", "j"),
+         ("cmd", "query-block-jobs", None), ("cmd", "job-resume", {"id": "j"}),
+         ("rest", "j")],
+        ["created", "running", "paused", "running",
+         ("BLOCK_JOB_ERROR", {"action": "stop", "device": "j", "operation": "read"}),
+         "paused",
+         ("query-block-jobs", {"return": [{
+             "auto-dismiss": True, "auto-finalize": True, "busy": False, "device": "j",
+             "io-status": "nospace", "len": SIZE, "offset": 0, "paused": True,
+             "ready": False, "speed": 0, "status": "paused", "type": "backup"}]}),
+         "running", ("job-resume", {"return": {}}), "waiting", "pending",
+         ("BLOCK_JOB_COMPLETED", {"device": "j", "len": SIZE, "offset": SIZE, "speed": 0,
+                                  "type": "backup"}),
+         "concluded", "null"]),
+    "enospc-reports-eio": (
+        [source(event="read_aio", errno=5, once=True), target(),
+         backup(**{"on-source-error": "enospc"}), ("rest", "j")],
+        ["created", "running", "paused", "running",
+         ("BLOCK_JOB_ERROR", {"action": "report", "device": "j", "operation": "read"}),
+         "aborting",
+         ("BLOCK_JOB_COMPLETED", {"device": "j", "error": "Input/output error",
+                                  "len": SIZE, "offset": 0, "speed": 0, "type": "backup"}),
+         "concluded", "null"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_error_policy(tmp_path: Path, name: str) -> None:
+    steps, expected = SCRIPTS[name]
+    images(tmp_path)
+    assert interesting(run_script(steps, tmp_path)) == expected
+
+
+@requires_qemu
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_matches_qemu(tmp_path: Path, name: str) -> None:
+    qemu, emu = run_both(tmp_path, SCRIPTS[name][0], images)
+    assert interesting(emu) == interesting(qemu)

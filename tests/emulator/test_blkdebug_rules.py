@@ -1,0 +1,152 @@
+"""blkdebug fault injection (block/blkdebug.c, QEMU 7.2), on the block layer directly.
+
+Rules run on debug events raised by the node above (qcow2 raises READ_AIO on its file child
+before each data read; a flush raises FLUSH_TO_OS and, only after writes since the last flush,
+FLUSH_TO_DISK). The first inject rule that fires replaces the active list; set-state applies
+after all rules of the event ran; an I/O request fails with the first active rule that
+matches its offset and type (``once`` removes the rule). Last, the trace of
+docs/qemu-semantics.md §7 (257's intermediate failure) step by step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emulator.block.backend import BlockBackend
+from emulator.block.drivers.blkdebug import BlkdebugNode
+from emulator.block.layer import BlockLayer
+from emulator.block.perm import ALL, CONSISTENT_READ, WRITE
+from emulator.sandbox import Sandbox
+from tests.emulator.test_job_helpers import create_qcow2
+
+
+def open_drive(d: Path, **blkdebug: Any) -> tuple[BlockLayer, BlockBackend, BlkdebugNode]:
+    layer = BlockLayer(sandbox=Sandbox(d))
+    bs = layer.add_blockdev({"driver": "qcow2", "node-name": "drive0", "file": {
+        "driver": "blkdebug", "node-name": "dbg",
+        "image": {"driver": "file", "filename": str(d / "img")}, **blkdebug}})
+    blk = BlockBackend(layer.graph, perm=CONSISTENT_READ | WRITE, shared_perm=ALL)
+    blk.insert_bs(bs)
+    dbg = layer.find_node("dbg")
+    assert isinstance(dbg, BlkdebugNode)
+    return layer, blk, dbg
+
+
+@pytest.fixture
+def img(tmp_path: Path) -> Path:
+    create_qcow2(tmp_path / "img", "4M")
+    layer, blk, _ = open_drive(tmp_path)
+    blk.pwrite(0, b"\x11" * 65536)            # guest cluster 0
+    blk.pwrite(1 << 20, b"\x22" * 65536)      # guest cluster 16
+    blk.unref()
+    layer.close_all()
+    return tmp_path
+
+
+def test_set_state_on_flush_needs_writes(img: Path) -> None:
+    """FLUSH_TO_DISK reaches blkdebug only when the qcow2 node was written since its last
+    flush (bdrv_co_flush's flushed_gen check)."""
+    _, blk, dbg = open_drive(img, **{"set-state": [{"event": "flush_to_disk", "state": 1,
+                                                    "new_state": 2},
+                                                   {"event": "flush_to_disk", "state": 2,
+                                                    "new_state": 3}]})
+    assert dbg.state == 1
+    blk.flush()                 # nothing written since open: FLUSH_TO_OS only
+    assert dbg.state == 1
+    blk.pwrite(0, b"x")
+    blk.flush()
+    assert dbg.state == 2
+    blk.flush()
+    assert dbg.state == 2
+
+
+def test_inject_once_then_succeed(img: Path) -> None:
+    _, blk, _ = open_drive(img, **{"inject-error": [{"event": "read_aio", "errno": 5,
+                                                     "once": True}]})
+    with pytest.raises(OSError) as e:
+        blk.pread(0, 65536)
+    assert e.value.errno == 5
+    assert blk.pread(0, 65536) == b"\x11" * 65536
+
+
+def test_inject_without_once_keeps_failing(img: Path) -> None:
+    _, blk, _ = open_drive(img, **{"inject-error": [{"event": "read_aio", "errno": 28}]})
+    for _ in range(3):
+        with pytest.raises(OSError) as e:
+            blk.pread(1 << 20, 4096)
+        assert e.value.errno == 28
+
+
+def test_zero_clusters_raise_no_read_aio(img: Path) -> None:
+    """An unallocated cluster reads as zeroes without a host read: the rule stays idle."""
+    _, blk, _ = open_drive(img, **{"inject-error": [{"event": "read_aio", "errno": 5}]})
+    assert blk.pread(65536, 65536) == bytes(65536)
+
+
+def test_sector_matches_host_offsets(img: Path) -> None:
+    """``sector`` is a host offset in the file under blkdebug (qemu-img's layout: header,
+    refcount table and block, L1, L2, then guest cluster 0 at 0x50000, cluster 16 at
+    0x60000)."""
+    _, blk, dbg = open_drive(img, **{"inject-error": [{"event": "read_aio", "errno": 5,
+                                                       "sector": 0x60000 // 512}]})
+    assert blk.pread(0, 65536) == b"\x11" * 65536       # host 0x50000: no match
+    with pytest.raises(OSError):
+        blk.pread(1 << 20, 512)                          # host 0x60000
+    assert dbg.active_rules                              # not once: still active
+
+
+def test_iotype_write_spares_reads(img: Path) -> None:
+    _, blk, _ = open_drive(img, **{"inject-error": [{"event": "read_aio", "errno": 5,
+                                                     "iotype": "write"}]})
+    assert blk.pread(0, 512) == b"\x11" * 512           # activates the rule; reads pass
+    with pytest.raises(OSError):
+        blk.pwrite(0, b"\x33" * 512)
+
+
+def test_flush_iotype(img: Path) -> None:
+    """A "flush" rule fails the flush that reaches blkdebug's flush_to_disk."""
+    _, blk, _ = open_drive(img, **{"inject-error": [{"event": "flush_to_os", "errno": 5,
+                                                     "iotype": "flush", "once": True}]})
+    blk.pwrite(0, b"y")
+    with pytest.raises(OSError):
+        blk.flush()
+    blk.flush()
+
+
+def test_state_gates_rules_and_set_state_applies_after(img: Path) -> None:
+    """Both rules of one event see the old state: read_aio in state 1 moves to 2 but the
+    state-2 inject rule does not fire on that same event."""
+    _, blk, dbg = open_drive(img, **{
+        "set-state": [{"event": "read_aio", "state": 1, "new_state": 2}],
+        "inject-error": [{"event": "read_aio", "state": 2, "errno": 5, "once": True}]})
+    assert blk.pread(0, 512) == b"\x11" * 512
+    assert dbg.state == 2
+    with pytest.raises(OSError):
+        blk.pread(0, 512)
+    assert blk.pread(0, 512) == b"\x11" * 512
+
+
+def test_257_intermediate_failure_trace(img: Path) -> None:
+    """§7: the HMP flush moves 1->2; the job's first data read raises READ_AIO in state 2
+    (-> 3) and succeeds; the next data read activates the once-rule and fails; then
+    reads work again."""
+    _, blk, dbg = open_drive(img, **{
+        "set-state": [{"event": "flush_to_disk", "state": 1, "new_state": 2},
+                      {"event": "read_aio", "state": 2, "new_state": 3}],
+        "inject-error": [{"event": "read_aio", "errno": 5, "state": 3,
+                          "immediately": False, "once": True}]})
+    assert blk.pread(0, 65536) == b"\x11" * 65536       # state 1: nothing happens
+    assert dbg.state == 1
+    blk.pwrite(2 << 20, b"\x44" * 65536)
+    blk.flush()
+    assert dbg.state == 2
+    assert blk.pread(0, 65536) == b"\x11" * 65536
+    assert dbg.state == 3
+    with pytest.raises(OSError) as e:
+        blk.pread(1 << 20, 65536)
+    assert e.value.errno == 5
+    assert blk.pread(1 << 20, 65536) == b"\x22" * 65536
+    assert dbg.state == 3

@@ -1,0 +1,305 @@
+"""The job state machine over QMP: every event and reply in wire order (qemu-semantics §5).
+
+The expected sequences are QEMU 7.2.22's (Debian, ``-machine none -S``), recorded from the
+real binary with these very scripts; test_sequences_match_qemu replays them there when it is
+installed. Facts beyond §5 they pin down (job.c, blockdev.c, block/create.c):
+
+* blockdev-backup is a transaction that drains the source from prepare to clean, so the new
+  job pauses as soon as it exists and resumes at clean: created, running, paused, running
+  come before the reply;
+* a job that finishes without leaving its coroutine (null-co never yields; blockdev-create
+  failing its checks) is completed by a bottom half that runs before the reply;
+* file I/O yields (thread pool): qcow2 backups and successful creates end after the reply.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.emulator.test_job_helpers import (
+    Record,
+    Step,
+    create_qcow2,
+    requires_qemu,
+    run_both,
+    run_script,
+)
+
+
+def compact(records: list[Record]) -> list[Any]:
+    """JOB_STATUS_CHANGE as "id:status", other events as (name, data), replies as
+    (command, reply)."""
+    out: list[Any] = []
+    for kind, name, data in records:
+        if kind == "event" and name == "JOB_STATUS_CHANGE":
+            out.append(f"{data['id']}:{data['status']}")
+        elif kind == "event":
+            out.append((name, data))
+        else:
+            out.append((name, data))
+    return out
+
+
+OK = {"return": {}}
+
+
+def image(d: Path) -> None:
+    create_qcow2(d / "img", "64M")
+
+
+def create_target(n: int) -> list[Step]:
+    """257's create_target: blockdev-create file, blockdev-add, blockdev-create qcow2."""
+    return [
+        ("cmd", "blockdev-create", {"job-id": f"c{n}", "options": {
+            "driver": "file", "filename": f"@DIR@/t{n}", "size": 0}}),
+        ("rest", f"c{n}"),
+        ("cmd", "job-dismiss", {"id": f"c{n}"}),
+        ("cmd", "blockdev-add", {"driver": "file", "node-name": f"f{n}",
+                                 "filename": f"@DIR@/t{n}"}),
+        ("cmd", "blockdev-create", {"job-id": f"q{n}", "options": {
+            "driver": "qcow2", "file": f"f{n}", "size": 67108864}}),
+        ("rest", f"q{n}"),
+        ("cmd", "job-dismiss", {"id": f"q{n}"}),
+        ("cmd", "blockdev-add", {"driver": "qcow2", "node-name": f"t{n}", "file": f"f{n}"}),
+    ]
+
+
+def create_events(job: str) -> list[Any]:
+    return [f"{job}:created", f"{job}:running", ("blockdev-create", OK), f"{job}:waiting",
+            f"{job}:pending", f"{job}:concluded", f"{job}:null", ("job-dismiss", OK)]
+
+
+TARGET_EVENTS = [*create_events("c1"), ("blockdev-add", OK), *create_events("q1"),
+                 ("blockdev-add", OK)]
+DRIVE0: Step = ("cmd", "blockdev-add", {"driver": "qcow2", "node-name": "drive0",
+                                        "file": {"driver": "file", "filename": "@DIR@/img"}})
+
+
+def backup(**kw: Any) -> Step:
+    args = {"device": "drive0", "target": "t1", "filter-node-name": "backup-top",
+            "x-perf": {"max-workers": 1}, **kw}
+    return ("cmd", "blockdev-backup", {k: v for k, v in args.items() if v is not None})
+
+
+SCRIPTS: dict[str, tuple[list[Step], list[Any]]] = {
+    "create": ([
+        *create_target(1),
+        ("cmd", "blockdev-create", {"job-id": "c3", "options": {
+            "driver": "qcow2", "file": "nosuch", "size": 67108864}}),
+        ("cmd", "query-jobs", None),
+        ("cmd", "job-dismiss", {"id": "c3"}),
+        ("cmd", "blockdev-create", {"job-id": "c4", "options": {
+            "driver": "qcow2", "file": "f1", "size": 1000}}),
+        ("cmd", "query-jobs", None),
+        ("cmd", "blockdev-create", {"job-id": "c4", "options": {"driver": "null-co"}}),
+        ("cmd", "blockdev-create", {"job-id": "1bad", "options": {
+            "driver": "file", "filename": "@DIR@/x", "size": 0}}),
+        ("cmd", "job-dismiss", {"id": "c4"}),
+    ], [
+        *TARGET_EVENTS,
+        "c3:created", "c3:running", "c3:aborting", "c3:concluded", ("blockdev-create", OK),
+        ("query-jobs", {"return": [{"current-progress": 1, "error": "Cannot find device="
+                                    "'nosuch' nor node-name='nosuch'", "id": "c3",
+                                    "status": "concluded", "total-progress": 1,
+                                    "type": "create"}]}),
+        "c3:null", ("job-dismiss", OK),
+        "c4:created", "c4:running", "c4:aborting", "c4:concluded", ("blockdev-create", OK),
+        ("query-jobs", {"return": [{"current-progress": 1, "error": "Image size must be a "
+                                    "multiple of 512 bytes", "id": "c4",
+                                    "status": "concluded", "total-progress": 1,
+                                    "type": "create"}]}),
+        ("blockdev-create", {"error": {"class": "GenericError",
+                                       "desc": "Driver does not support blockdev-create"}}),
+        ("blockdev-create", {"error": {"class": "GenericError",
+                                       "desc": "Invalid job ID '1bad'"}}),
+        "c4:null", ("job-dismiss", OK),
+    ]),
+    "manual-finalize-and-cancel-while-pending": ([
+        DRIVE0,
+        ("cmd", "block-dirty-bitmap-add", {"node": "drive0", "name": "bitmap0",
+                                           "granularity": 65536}),
+        ("hmp", 'qemu-io drive0 "write -P0x65 0 64k"'),
+        *create_target(1),
+        backup(sync="bitmap", bitmap="bitmap0", **{"bitmap-mode": "on-success",
+                                                   "job-id": "j1", "auto-finalize": False}),
+        ("wait", "BLOCK_JOB_PENDING", {"id": "j1"}),
+        ("cmd", "query-jobs", None),
+        ("hmp", 'qemu-io backup-top "write -P0x74 0x10000 64k"'),
+        ("cmd", "job-cancel", {"id": "j1"}),
+        ("cmd", "query-jobs", None),
+    ], [
+        ("blockdev-add", OK), ("block-dirty-bitmap-add", OK),
+        ("human-monitor-command", {"return": ""}), *TARGET_EVENTS,
+        "j1:created", "j1:running", "j1:paused", "j1:running", ("blockdev-backup", OK),
+        "j1:waiting", "j1:pending", ("BLOCK_JOB_PENDING", {"id": "j1", "type": "backup"}),
+        ("query-jobs", {"return": [{"current-progress": 65536, "id": "j1",
+                                    "status": "pending", "total-progress": 65536,
+                                    "type": "backup"}]}),
+        ("human-monitor-command", {"return": ""}),
+        "j1:aborting",
+        ("BLOCK_JOB_CANCELLED", {"device": "j1", "len": 65536, "offset": 65536, "speed": 0,
+                                 "type": "backup"}),
+        "j1:concluded", "j1:null", ("job-cancel", OK), ("query-jobs", {"return": []}),
+    ]),
+    "sync-none-verbs": ([
+        DRIVE0, *create_target(1),
+        backup(sync="none", **{"job-id": "j3", "filter-node-name": None}),
+        ("cmd", "query-block-jobs", None),
+        ("cmd", "job-pause", {"id": "j3"}),
+        ("cmd", "job-pause", {"id": "j3"}),
+        ("cmd", "query-block-jobs", None),
+        ("cmd", "block-job-resume", {"device": "j3"}),
+        ("cmd", "block-job-resume", {"device": "j3"}),
+        ("cmd", "job-complete", {"id": "j3"}),
+        ("cmd", "job-finalize", {"id": "j3"}),
+        ("cmd", "job-dismiss", {"id": "j3"}),
+        ("cmd", "block-job-cancel", {"device": "nosuch"}),
+        ("cmd", "job-cancel", {"id": "nosuch"}),
+        ("cmd", "block-job-set-speed", {"device": "j3", "speed": -1}),
+        ("cmd", "block-job-set-speed", {"device": "j3", "speed": 1000}),
+        ("cmd", "job-pause", {"id": "j3"}),
+        ("cmd", "block-job-cancel", {"device": "j3"}),
+        ("cmd", "block-job-cancel", {"device": "j3", "force": True}),
+        ("cmd", "query-jobs", None),
+    ], [
+        ("blockdev-add", OK), *TARGET_EVENTS,
+        "j3:created", "j3:running", "j3:paused", "j3:running", ("blockdev-backup", OK),
+        ("query-block-jobs", {"return": [{
+            "auto-dismiss": True, "auto-finalize": True, "busy": False, "device": "j3",
+            "io-status": "ok", "len": 67108864, "offset": 0, "paused": False,
+            "ready": False, "speed": 0, "status": "running", "type": "backup"}]}),
+        "j3:paused", ("job-pause", OK),
+        ("job-pause", {"error": {"class": "GenericError", "desc": "Job is already paused"}}),
+        ("query-block-jobs", {"return": [{
+            "auto-dismiss": True, "auto-finalize": True, "busy": False, "device": "j3",
+            "io-status": "ok", "len": 67108864, "offset": 0, "paused": True,
+            "ready": False, "speed": 0, "status": "paused", "type": "backup"}]}),
+        "j3:running", ("block-job-resume", OK),
+        ("block-job-resume", {"error": {"class": "GenericError",
+                                        "desc": "Can't resume a job that was not paused"}}),
+        ("job-complete", {"error": {"class": "GenericError", "desc": "Job 'j3' in state "
+                                    "'running' cannot accept command verb 'complete'"}}),
+        ("job-finalize", {"error": {"class": "GenericError", "desc": "Job 'j3' in state "
+                                    "'running' cannot accept command verb 'finalize'"}}),
+        ("job-dismiss", {"error": {"class": "GenericError", "desc": "Job 'j3' in state "
+                                   "'running' cannot accept command verb 'dismiss'"}}),
+        ("block-job-cancel", {"error": {"class": "DeviceNotActive",
+                                        "desc": "Block job 'nosuch' not found"}}),
+        ("job-cancel", {"error": {"class": "GenericError", "desc": "Job not found"}}),
+        ("block-job-set-speed", {"error": {"class": "GenericError", "desc": "Parameter "
+                                           "'speed' expects a non-negative value"}}),
+        ("block-job-set-speed", OK),
+        "j3:paused", ("job-pause", OK),
+        ("block-job-cancel", {"error": {"class": "GenericError", "desc": "The block job "
+                                        "for device 'j3' is currently paused"}}),
+        "j3:running", "j3:aborting",
+        ("BLOCK_JOB_CANCELLED", {"device": "j3", "len": 67108864, "offset": 0,
+                                 "speed": 1000, "type": "backup"}),
+        "j3:concluded", "j3:null", ("block-job-cancel", OK), ("query-jobs", {"return": []}),
+    ]),
+    "283-permission-conflict": ([
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "target",
+                                 "size": 1048576}),
+        ("cmd", "blockdev-add", {"driver": "blkdebug", "node-name": "source", "image": {
+            "driver": "null-co", "node-name": "base", "size": 1048576}}),
+        ("cmd", "blockdev-add", {"driver": "blkdebug", "image": "base", "node-name": "other",
+                                 "take-child-perms": ["write"]}),
+        ("cmd", "blockdev-backup", {"device": "source", "job-id": "backup0", "sync": "full",
+                                    "target": "target"}),
+    ], [
+        ("blockdev-add", OK), ("blockdev-add", OK), ("blockdev-add", OK),
+        "backup0:created", "backup0:null",
+        ("blockdev-backup", {"error": {"class": "GenericError", "desc": (
+            "Permission conflict on node 'base': permissions 'write' are both required by "
+            "node 'other' (uses node 'base' as 'image' child) and unshared by node 'source' "
+            "(uses node 'base' as 'image' child).")}}),
+    ]),
+    "283-filter-gone-after-finalize": ([
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "source"}),
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "target"}),
+        ("cmd", "blockdev-backup", {"auto-dismiss": False, "auto-finalize": False,
+                                    "device": "source", "filter-node-name": "backup-filter",
+                                    "job-id": "backup", "sync": "full", "target": "target"}),
+        ("cmd", "job-finalize", {"id": "backup"}),
+        ("hmp", 'qemu-io backup-filter "write 0 1M"'),
+        ("cmd", "job-dismiss", {"id": "backup"}),
+    ], [
+        ("blockdev-add", OK), ("blockdev-add", OK),
+        # null-co never yields: the whole 1 GiB copy and job_exit happen before the reply
+        "backup:created", "backup:running", "backup:paused", "backup:running",
+        "backup:waiting", "backup:pending", ("BLOCK_JOB_PENDING", {"id": "backup",
+                                                                   "type": "backup"}),
+        ("blockdev-backup", OK),
+        ("BLOCK_JOB_COMPLETED", {"device": "backup", "len": 1073741824,
+                                 "offset": 1073741824, "speed": 0, "type": "backup"}),
+        "backup:concluded", ("job-finalize", OK),
+        ("human-monitor-command", {"return": "Error: Cannot find device='' nor "
+                                             "node-name='backup-filter'\r\n"}),
+        "backup:null", ("job-dismiss", OK),
+    ]),
+    # rate limits (100 ms slices): pausing a sleeping job, dropping the limit, resuming;
+    # cancelling while the limit holds the job after its first 1 MiB task
+    "speed-pause-set-speed-resume": ([
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "src", "size": 67108864}),
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "dst", "size": 67108864}),
+        ("cmd", "blockdev-backup", {"device": "src", "target": "dst", "sync": "full",
+                                    "job-id": "s", "speed": 4194304}),
+        ("sleep", 0.3),
+        ("cmd", "job-pause", {"id": "s"}),
+        ("cmd", "block-job-set-speed", {"device": "s", "speed": 0}),
+        ("cmd", "job-resume", {"id": "s"}),
+    ], [
+        ("blockdev-add", OK), ("blockdev-add", OK),
+        "s:created", "s:running", "s:paused", "s:running", ("blockdev-backup", OK),
+        "s:paused", ("job-pause", OK), ("block-job-set-speed", OK),
+        "s:running", "s:waiting", "s:pending",
+        ("BLOCK_JOB_COMPLETED", {"device": "s", "len": 67108864, "offset": 67108864,
+                                 "speed": 0, "type": "backup"}),
+        "s:concluded", "s:null", ("job-resume", OK),
+    ]),
+    "speed-cancel": ([
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "src", "size": 67108864}),
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "dst", "size": 67108864}),
+        ("cmd", "blockdev-backup", {"device": "src", "target": "dst", "sync": "full",
+                                    "job-id": "s", "speed": 1048576}),
+        ("sleep", 0.25),
+        ("cmd", "job-cancel", {"id": "s"}),
+    ], [
+        ("blockdev-add", OK), ("blockdev-add", OK),
+        "s:created", "s:running", "s:paused", "s:running", ("blockdev-backup", OK),
+        "s:aborting",
+        ("BLOCK_JOB_CANCELLED", {"device": "s", "len": 67108864, "offset": 1048576,
+                                 "speed": 1048576, "type": "backup"}),
+        "s:concluded", "s:null", ("job-cancel", OK),
+    ]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_sequence(tmp_path: Path, name: str) -> None:
+    steps, expected = SCRIPTS[name]
+    image(tmp_path)
+    assert compact(run_script(steps, tmp_path)) == expected
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_sequence_is_deterministic(tmp_path: Path, name: str) -> None:
+    """The same command sequence gives the same events in the same order, every time."""
+    steps, _ = SCRIPTS[name]
+    runs = []
+    for i in range(3):
+        d = tmp_path / str(i)
+        d.mkdir()
+        image(d)
+        runs.append(compact(run_script(steps, d)))
+    assert runs[0] == runs[1] == runs[2]
+
+
+@requires_qemu
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_sequences_match_qemu(tmp_path: Path, name: str) -> None:
+    qemu, emu = run_both(tmp_path, SCRIPTS[name][0], image)
+    assert compact(emu) == compact(qemu)
