@@ -4,6 +4,10 @@
 named on the command line) and runs each section on the backend ``--qmp-backend`` names.
 A failing item shows the section's diff, hunks headed by golden line numbers. Works with
 ``-k``, ``-x`` and pytest-xdist's ``-n``: sections are independent, each on its own backend.
+
+``--regen`` rewrites each golden whose sections ran differently (observations recomputed,
+expectations kept; never from a run with a backend fault); ``--strict-goldens`` warns about
+golden sections this run did not select and about recipes or case templates with no golden.
 """
 
 from __future__ import annotations
@@ -32,6 +36,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="warn about golden sections no run selected and recipes with no golden")
 
 
+REGEN_PROPERTY = "qmpreplay-regen"
+_COLLECTED = pytest.StashKey[dict[str, Any]]()
+
+
+class GoldenCoverageWarning(pytest.PytestWarning):
+    """A golden section no test selected, or a recipe/template with no golden."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_COLLECTED] = {}
+    if config.getoption("regen") and not hasattr(config, "workerinput"):
+        from harness.pytest_regen import RegenPlugin
+        config.pluginmanager.register(RegenPlugin(config), "qmpreplay-regen")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    config = session.config
+    worker = getattr(config, "workerinput", None)
+    if not config.getoption("strict_goldens") or (worker and worker["workerid"] != "gw0"):
+        return
+    import warnings
+
+    from harness.pytest_regen import coverage_warnings
+    selected = {(str(i.path), i.part.line) for i in session.items if isinstance(i, SectionItem)}
+    for message, path, line in coverage_warnings(config.rootpath, config.stash[_COLLECTED],
+                                                 selected):
+        warnings.warn_explicit(GoldenCoverageWarning(message), GoldenCoverageWarning,
+                               path, line)
+
+
 def _wanted(file_path: Path, config: pytest.Config) -> bool:
     if file_path.suffix != ".out":
         return False
@@ -55,6 +89,7 @@ class GoldenFile(pytest.File):
             recipe = find_recipe(self.path)
         except QmpReplayError as exc:
             raise self.CollectError(str(exc)) from None
+        self.config.stash[_COLLECTED][str(self.path)] = transcript
         for part in transcript.sections():
             yield SectionItem.from_parent(self, name=part.title, transcript=transcript,
                                           part=part, recipe=recipe)
@@ -94,10 +129,24 @@ class SectionItem(pytest.Item):
 
     def runtest(self) -> None:
         from harness.replay.engine import run_part
-        self.result = asyncio.run(run_part(self.transcript, self.part, self.recipe,
-                                           _factory(self.config)))
+        try:
+            self.result = asyncio.run(run_part(self.transcript, self.part, self.recipe,
+                                               _factory(self.config)))
+        finally:
+            if self.config.getoption("regen"):
+                self.user_properties.append((REGEN_PROPERTY, self.regen_payload()))
+        if self.result.skipped is not None:
+            pytest.skip(f"{self.result.backend}: {self.result.skipped}")
         if not self.result.passed:
             raise SectionFailed(self.result)
+
+    def regen_payload(self) -> dict[str, Any]:
+        """What ``--regen`` needs of this run, plain enough to cross from an xdist worker."""
+        from harness.regen import faults
+        result = self.result
+        return {"path": str(self.path), "line": self.part.line, "title": self.part.title,
+                "text": result.actual_text if result is not None else "",
+                "faults": faults(result) if result is not None else ["the run raised"]}
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
                      style: Any = None) -> str:

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.backends.base import Backend, ToolResult, VmConfig
 
-__all__ = ["Backend", "ToolResult", "VmConfig", "make_factory"]
+__all__ = ["Backend", "BackendFactory", "ToolResult", "VmConfig", "make_factory"]
+
+
+@dataclass(frozen=True)
+class BackendFactory:
+    """Makes a fresh backend for each section; ``name`` is what recipes refer to."""
+
+    name: str
+    make: Callable[[Path], Backend]
+
+    def __call__(self, test_dir: Path) -> Backend:
+        return self.make(test_dir)
 
 
 def make_factory(backend: str, qemu_binary: str | None = None,
                  qemu_img: str | None = None, transport: str = "direct",
-                 ) -> Callable[[Path], Backend]:
+                 ) -> BackendFactory:
     """A factory of fresh backends; checks up front that the tools it needs exist."""
     if backend == "qemu":
         from harness.backends.qemu import QemuBackend, find_tool, preflight
@@ -20,8 +32,8 @@ def make_factory(backend: str, qemu_binary: str | None = None,
         img = find_tool(qemu_img, "qemu-img", "qemu-utils")
         preflight(binary)
         preflight(img)
-        return lambda test_dir: QemuBackend(test_dir, binary, img)
+        return BackendFactory("qemu", lambda test_dir: QemuBackend(test_dir, binary, img))
     if backend == "emulator":
         from harness.backends.emulator import EmulatorBackend
-        return lambda test_dir: EmulatorBackend(test_dir, transport)
+        return BackendFactory("emulator", lambda test_dir: EmulatorBackend(test_dir, transport))
     raise ValueError(f"unknown backend {backend!r}")

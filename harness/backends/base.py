@@ -73,7 +73,8 @@ class Backend(abc.ABC):
         except (QMPError, EOFError, OSError) as exc:
             self.running = False
             raise BackendError(f"{self.name}: connection lost during {name!r}: "
-                               f"{exc or type(exc).__name__}{self.crash_details()}") from None
+                               f"{exc or type(exc).__name__}{await self.crash_details()}"
+                               ) from None
         return {"return": value}
 
     async def shutdown(self) -> None:
@@ -94,7 +95,7 @@ class Backend(abc.ABC):
     async def close(self) -> None:
         """Release everything, whatever state the VM is in. Safe to call twice."""
 
-    def crash_details(self) -> str:
+    async def crash_details(self) -> str:
         """Extra words for an error message when the VM died (exit status, last output)."""
         return ""
 

@@ -129,7 +129,12 @@ class QemuBackend(Backend):
         lines = [ln for ln in text.splitlines() if ln.strip()]
         return f": {lines[-1]}" if lines else ""
 
-    def crash_details(self) -> str:
+    async def crash_details(self) -> str:
+        """The exit status and last words of a QEMU that went away (waiting briefly for
+        the kernel to report its death: the socket closes a moment before)."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 2.0)
         if self.proc is not None and self.proc.returncode is not None:
             return f" (QEMU exited with status {self.proc.returncode}{self.last_output()})"
         return ""

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from harness.backends import make_factory
-from harness.diff import BOLD, GREEN, RED, RESET, section_diff
+from harness.diff import BOLD, GREEN, RED, RESET, YELLOW, section_diff
 from harness.replay.engine import PartResult
 from harness.replay.junit import write_junit
 from harness.replay.runner import replay_file
@@ -18,10 +18,13 @@ from harness.replay.runner import replay_file
 
 def format_result(result: PartResult, color: bool) -> str:
     name = Path(result.golden_path).name
-    mark = "PASS" if result.passed else "FAIL"
+    mark, paint = (("SKIP", YELLOW) if result.skipped else ("PASS", GREEN) if result.passed
+                   else ("FAIL", RED))
     if color:
-        mark = f"{GREEN if result.passed else RED}{BOLD}{mark}{RESET}"
+        mark = f"{paint}{BOLD}{mark}{RESET}"
     head = f"{mark}  {name}:{result.line:<5} {result.title}  ({result.seconds:.2f} s)"
+    if result.skipped:
+        return f"{head}  {result.skipped}"
     if result.passed:
         return head
     body = []
@@ -50,23 +53,24 @@ def run(args: argparse.Namespace) -> int:
 
     def report(result: PartResult) -> bool:
         all_results.append(result)
-        if not (args.quiet and result.passed):
+        if not (args.quiet and not result.failed):
             print(format_result(result, color), flush=True)
-        return result.passed or not args.exitfirst
+        return not (result.failed and args.exitfirst)
 
     async def main() -> None:
         for path in args.files:
             await replay_file(path, factory, recipe=args.recipe, keyword=args.keyword,
                               on_result=report, jobs=jobs)
-            if args.exitfirst and any(not r.passed for r in all_results):
+            if args.exitfirst and any(r.failed for r in all_results):
                 break
 
     asyncio.run(main())
     passed = sum(r.passed for r in all_results)
-    failed = len(all_results) - passed
+    failed = sum(r.failed for r in all_results)
+    skipped = len(all_results) - passed - failed
     if args.junit_xml:
         write_junit(args.junit_xml, all_results)
     print(f"{len(all_results)} sections of {', '.join(Path(f).name for f in args.files)} "
           f"on {args.backend} in {time.monotonic() - started:.2f} s")
-    print(f"{passed} passed, {failed} failed")
-    return 0 if failed == 0 and all_results else 1
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
+    return 0 if failed == 0 and passed else 1

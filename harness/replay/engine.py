@@ -27,7 +27,7 @@ from harness.replay.jobs import JobTracker
 from harness.replay.plan import GOLDEN_PREFIX, Plan, compile_part
 from harness.replay.recipe import Recipe
 from harness.transcript.normalize import DEFAULT_FILTERS, Context, Normalizer
-from harness.transcript.records import Event, Record
+from harness.transcript.records import Event, Record, Reply
 from harness.transcript.render import render_records
 from harness.transcript.transcript import Part, Transcript
 
@@ -36,6 +36,8 @@ BackendFactory = Callable[[Path], Backend]
 
 SETTLE_TIMEOUT = 60.0     # a job that does not come to rest in this time is reported stuck
 EVENT_TIMEOUT = 10.0      # for events no job explains (a job's events end when it rests)
+SECTION_TIMEOUT = 300.0   # a whole section, whatever happens in it
+DEGRADED_WAIT = 0.1       # once something expected never came, later waits are cut short
 POLL_INTERVAL = 0.005     # between repetitions of a polled query
 _JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 
@@ -60,10 +62,16 @@ class PartResult:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     backend: str = ""
+    skipped: str | None = None   # why the section cannot run on this backend (recipe's skip)
 
     @property
     def passed(self) -> bool:
-        return self.error is None and self.golden_text == self.actual_text
+        return (self.skipped is None and self.error is None
+                and self.golden_text == self.actual_text)
+
+    @property
+    def failed(self) -> bool:
+        return self.skipped is None and not self.passed
 
     @property
     def golden_text(self) -> str:
@@ -76,6 +84,10 @@ class PartResult:
 
 class StepFailure(Exception):
     """A step could not do its job (a stuck job); the section fails, the run goes on."""
+
+
+class SectionTimeout(StepFailure):
+    """The section ran out of time: its remaining steps are not run."""
 
 
 class PartRun:
@@ -92,6 +104,9 @@ class PartRun:
         self.jobs = JobTracker()
         self.notes: list[str] = []
         self.settle_timeout = settle_timeout
+        self.section_limit = max(SECTION_TIMEOUT, 4 * settle_timeout)
+        self.section_deadline = time.monotonic() + self.section_limit
+        self.degraded = False   # an expected event or state never came: fail fast from now
         self.settling = settle
         self.vm_down = False
         self.visible = visible_events
@@ -117,14 +132,25 @@ class PartRun:
             return False
         return True
 
+    def deadline(self, seconds: float) -> float:
+        """When a wait of ``seconds`` must give up: sooner once the run is already failing,
+        never after the section's own deadline (then the section stops)."""
+        now = time.monotonic()
+        if now >= self.section_deadline:
+            raise SectionTimeout(f"section timed out after {self.section_limit:.0f} s; "
+                                 f"the steps after this one were not run")
+        return min(now + (min(seconds, DEGRADED_WAIT) if self.degraded else seconds),
+                   self.section_deadline)
+
     async def settle(self) -> None:
         """Wait until every job is at rest (or fail the step after the settle timeout)."""
         await self.drain()
         if not self.settling or self.vm_down:
             return
-        deadline = time.monotonic() + self.settle_timeout
+        deadline = self.deadline(self.settle_timeout)
         while busy := self.jobs.busy():
             if not await self.next_event(deadline - time.monotonic()):
+                self.degraded = True
                 raise StepFailure("jobs not at rest after "
                                   f"{self.settle_timeout:.0f} s: "
                                   + ", ".join(f"{j.id} ({j.status})" for j in busy))
@@ -147,7 +173,8 @@ class PartRun:
         """
         await self.drain()
         is_job_event = _identity(golden) is not None
-        deadline = time.monotonic() + (self.settle_timeout if is_job_event else EVENT_TIMEOUT)
+        deadline = self.deadline(self.settle_timeout if is_job_event and self.settling
+                                 else EVENT_TIMEOUT)
         while True:
             if (found := self._take(golden)) is not None:
                 return found
@@ -156,6 +183,7 @@ class PartRun:
             if self.vm_down or (self.settling and is_job_event and not self.jobs.busy()):
                 return None
             if not await self.next_event(deadline - time.monotonic()):
+                self.degraded = True
                 return None
 
     def unexpected_events(self) -> list[Received]:
@@ -178,21 +206,24 @@ class PartRun:
         For state that moves on its own (a speed-limited job's progress): the recipe lists
         such commands under ``poll``; the last result is shown if the golden never comes.
         """
-        deadline = time.monotonic() + self.settle_timeout
+        deadline = self.deadline(self.settle_timeout)
         while True:
             value = shown(await self.execute(name, arguments))
-            if golden is None or self.norm.json(value, golden) == golden \
-                    or time.monotonic() > deadline:
+            if golden is None or self.norm.json(value, golden) == golden:
+                return value
+            if time.monotonic() > deadline:
+                self.degraded = True
                 return value
             await asyncio.sleep(POLL_INTERVAL)
 
     async def poll_until(self, name: str, arguments: dict[str, Json], condition: str) -> None:
-        deadline = time.monotonic() + self.settle_timeout
+        deadline = self.deadline(self.settle_timeout)
         while True:
             reply = await self.execute(name, arguments)
             if self.evaluate(condition, reply.get("return", reply)):
                 return
             if time.monotonic() > deadline:
+                self.degraded = True
                 raise StepFailure(f"{name}: {condition!r} still false after "
                                   f"{self.settle_timeout:.0f} s (last: {reply})")
             await asyncio.sleep(POLL_INTERVAL)
@@ -261,6 +292,10 @@ async def run_part(golden: Transcript, part: Part, recipe: Recipe, factory: Back
     """Replay one section on a fresh backend in a fresh test directory."""
     started = time.monotonic()
     result = PartResult(golden.path, part.title, part.line, list(part.records), [], 0.0)
+    name = getattr(factory, "name", "")
+    if name in recipe.skip:
+        result.backend, result.skipped = name, recipe.skip[name]
+        return result
     test_dir = Path(tempfile.mkdtemp(prefix="qmpreplay-"))
     backend: Backend | None = None
     try:
@@ -309,18 +344,22 @@ async def run_steps(run: PartRun) -> None:
             await step.run(run)
         except StepFailure as exc:
             run.note(f"line {step.line}: {exc}")
+            if isinstance(exc, SectionTimeout):
+                break
     await run.drain()
 
 
 def insert_unexpected(run: PartRun) -> list[Record]:
-    """The actual records with every unexpected visible event put where it arrived."""
+    """The actual records with every unexpected visible event put where it arrived; one
+    that arrived during a command goes after its reply, as iotests logs it (between the two
+    it would turn the reply into a bare result)."""
     extras = run.unexpected_events()
     if not extras:
         return run.actual
     out: list[Record] = []
     pending = sorted(extras, key=lambda r: r.position)
     for index, record in enumerate(run.actual):
-        while pending and pending[0].position <= index:
+        while pending and pending[0].position <= index and not isinstance(record, Reply):
             out.append(Event.make(run.norm.json(pending.pop(0).message)))
         out.append(record)
     out += [Event.make(run.norm.json(r.message)) for r in pending]

@@ -26,6 +26,8 @@ class Job:
     manual_dismiss: bool = False
     device: str | None = None
     filter_node: str | None = None
+    pending_announced: bool = False   # BLOCK_JOB_PENDING seen (QEMU sends it after the
+                                      # JOB_STATUS_CHANGE to pending, never before)
 
     @property
     def resting(self) -> bool:
@@ -33,7 +35,7 @@ class Job:
         if self.status in ("paused", "ready", "standby", "null"):
             return True
         if self.status == "pending":
-            return self.manual_finalize
+            return self.manual_finalize and self.pending_announced
         if self.status == "concluded":
             return self.manual_dismiss
         return False
@@ -52,9 +54,11 @@ class JobTracker:
         return self.jobs.setdefault(job_id, Job(job_id))
 
     def on_event(self, event: Json) -> None:
+        data = event.get("data", {})
         if event.get("event") == "JOB_STATUS_CHANGE":
-            data = event.get("data", {})
             self.job(str(data.get("id"))).status = str(data.get("status"))
+        elif event.get("event") == "BLOCK_JOB_PENDING":
+            self.job(str(data.get("id"))).pending_announced = True
 
     def on_command(self, name: str, arguments: dict[str, Json], reply: Json) -> None:
         """Remember how a job was started (its finalize/dismiss mode, its filter node)."""

@@ -11,12 +11,15 @@ from harness.replay.engine import PartResult
 
 def write_junit(path: str | Path, results: list[PartResult]) -> None:
     suite = ET.Element("testsuite", name="qmpreplay", tests=str(len(results)),
-                       failures=str(sum(not r.passed for r in results)),
+                       failures=str(sum(r.failed for r in results)),
+                       skipped=str(sum(r.skipped is not None for r in results)),
                        time=f"{sum(r.seconds for r in results):.3f}")
     for r in results:
         case = ET.SubElement(suite, "testcase", classname=Path(r.golden_path).name,
                              name=r.title, time=f"{r.seconds:.3f}")
-        if not r.passed:
+        if r.skipped is not None:
+            ET.SubElement(case, "skipped", message=r.skipped)
+        elif not r.passed:
             failure = ET.SubElement(case, "failure", message=r.error or "transcript differs")
             failure.text = "\n".join(
                 [*(r.notes or []),

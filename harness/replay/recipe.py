@@ -29,7 +29,7 @@ from harness.errors import RecipeError
 
 Json = Any
 KNOWN_KEYS = {"title", "images", "vm", "qemu-io", "bitmaps", "targets", "hidden", "sequence",
-              "poll", "rebase", "steps", "probe", "settle", "timeout", "filters"}
+              "poll", "rebase", "steps", "probe", "settle", "timeout", "filters", "skip"}
 _JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
@@ -82,6 +82,7 @@ class Recipe:
     settle: bool = True
     timeout: float | None = None
     filters: tuple[str, ...] | None = None
+    skip: dict[str, str] = field(default_factory=dict)   # backend name -> why it cannot run
 
     def variables(self, section_title: str) -> dict[str, Json]:
         """Template variables for one section: the title pattern's named groups."""
@@ -159,6 +160,7 @@ def recipe_from_dict(data: dict[str, Json], path: str = "<recipe>") -> Recipe:
         r.settle = bool(data.get("settle", True))
         r.timeout = float(data["timeout"]) if "timeout" in data else None
         r.filters = tuple(data["filters"]) if "filters" in data else None
+        r.skip = {str(k): str(v) for k, v in data.get("skip", {}).items()}
     except KeyError as exc:
         raise fail(f"missing key '{exc.args[0]}'") from None
     except re.error as exc:

@@ -22,9 +22,15 @@ def ordered_qmp(value: Any, conv_keys: bool = True) -> Any:
     return value
 
 
-def log_json(value: Any, indent: int | None = None) -> str:
-    return json.dumps(value, sort_keys=True, indent=indent)
+def log_json(value: Any, indent: int | None = None, *, sort: bool = True) -> str:
+    return json.dumps(value, sort_keys=sort, indent=indent)
+
+
+def logged_command(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``qmp_log``'s ``{"execute": …, "arguments": ordered_qmp(…)}``, in that key order."""
+    return {"execute": name, "arguments": ordered_qmp(arguments)}
 
 
 def log_command(name: str, arguments: dict[str, Any], indent: int | None = None) -> str:
-    return json.dumps({"execute": name, "arguments": ordered_qmp(arguments)}, indent=indent)
+    """The text of ``qmp_log``'s command line."""
+    return log_json(logged_command(name, arguments), indent, sort=False)

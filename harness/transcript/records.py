@@ -108,8 +108,11 @@ class Command(JsonRecord):
 
     @classmethod
     def make(cls, value: Json, indent: int | None = None, **kw: Any) -> Command:
-        text = fmt.log_command(value["execute"], value.get("arguments", {}), indent)
-        return cls(tuple(text.split("\n")), value=value, indent=indent, **kw)
+        """As qmp_log prints it; the payload is what the text says (keys as iotests logs
+        them), so parsing the text gives the record back."""
+        args = value.get("arguments", {})
+        return cls(tuple(fmt.log_command(value["execute"], args, indent).split("\n")),
+                   value=fmt.logged_command(value["execute"], args), indent=indent, **kw)
 
     @property
     def name(self) -> str:
