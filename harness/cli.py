@@ -63,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-x", "--exitfirst", action="store_true", help="stop at the first failure")
     p.add_argument("--junit-xml", metavar="PATH", default=None, help="write a JUnit XML report")
     p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
-                   help="sections run at once (default: CPUs, up to 4, on QEMU; 1 on the "
-                        "emulator)")
+                   help="sections run at once (default: the CPUs; at most 4 on QEMU)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures and totals")
 
     p = sub.add_parser("conform", help="hold the emulator (and QEMU builds) against real QEMU")

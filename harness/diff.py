@@ -12,8 +12,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from deepdiff import DeepDiff
-
 from harness.transcript.records import JsonRecord, Record
 
 RED, GREEN, CYAN, YELLOW, BOLD, RESET = ("\033[31m", "\033[32m", "\033[36m", "\033[33m",
@@ -27,6 +25,7 @@ def _short(value: Any) -> str:
 
 def explain_json(golden: Any, actual: Any) -> list[str]:
     """One line per changed path: ``root[...]: golden → actual``."""
+    from deepdiff import DeepDiff  # only when something differs: it imports numpy (~0.2 s)
     diff = DeepDiff(golden, actual, verbose_level=2)
     out = []
     for kind in ("values_changed", "type_changes"):

@@ -133,17 +133,20 @@ class SectionItem(pytest.Item):
             self.result = asyncio.run(run_part(self.transcript, self.part, self.recipe,
                                                _factory(self.config)))
         finally:
-            if self.config.getoption("regen"):
-                self.user_properties.append((REGEN_PROPERTY, self.regen_payload()))
+            if self.config.getoption("regen") and (payload := self.regen_payload()):
+                self.user_properties.append((REGEN_PROPERTY, payload))
         if self.result.skipped is not None:
             pytest.skip(f"{self.result.backend}: {self.result.skipped}")
         if not self.result.passed:
             raise SectionFailed(self.result)
 
-    def regen_payload(self) -> dict[str, Any]:
-        """What ``--regen`` needs of this run, plain enough to cross from an xdist worker."""
+    def regen_payload(self) -> dict[str, Any] | None:
+        """What ``--regen`` needs of this run, plain enough to cross from an xdist worker;
+        nothing for a section the backend skips (its golden text stays as it is)."""
         from harness.regen import faults
         result = self.result
+        if result is not None and result.skipped is not None:
+            return None
         return {"path": str(self.path), "line": self.part.line, "title": self.part.title,
                 "text": result.actual_text if result is not None else "",
                 "faults": faults(result) if result is not None else ["the run raised"]}

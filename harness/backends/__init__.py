@@ -17,6 +17,7 @@ class BackendFactory:
 
     name: str
     make: Callable[[Path], Backend]
+    in_process: bool = False   # the VM runs in this interpreter (sections compete for it)
 
     def __call__(self, test_dir: Path) -> Backend:
         return self.make(test_dir)
@@ -35,5 +36,6 @@ def make_factory(backend: str, qemu_binary: str | None = None,
         return BackendFactory("qemu", lambda test_dir: QemuBackend(test_dir, binary, img))
     if backend == "emulator":
         from harness.backends.emulator import EmulatorBackend
-        return BackendFactory("emulator", lambda test_dir: EmulatorBackend(test_dir, transport))
+        return BackendFactory("emulator", lambda test_dir: EmulatorBackend(test_dir, transport),
+                              in_process=True)
     raise ValueError(f"unknown backend {backend!r}")

@@ -39,9 +39,10 @@ def format_result(result: PartResult, color: bool) -> str:
 
 
 def default_jobs(backend: str) -> int:
-    """QEMU sections run in separate processes and overlap well; the emulator shares this
-    process's one interpreter, where overlapping sections gains nothing."""
-    return min(4, os.cpu_count() or 1) if backend == "qemu" else 1
+    """Sections at once: QEMU's are separate processes and overlap well even beyond the
+    CPUs (they mostly wait); the emulator's run in forked workers, one per CPU."""
+    cpus = os.cpu_count() or 1
+    return min(4, cpus) if backend == "qemu" else cpus
 
 
 def run(args: argparse.Namespace) -> int:

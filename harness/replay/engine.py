@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from harness.backends.base import Backend, VmConfig
 from harness.errors import BackendError, RecipeError
+from harness.replay import templates
 from harness.replay.jobs import JobTracker
 from harness.replay.plan import GOLDEN_PREFIX, Plan, compile_part
 from harness.replay.recipe import Recipe
@@ -39,7 +38,6 @@ EVENT_TIMEOUT = 10.0      # for events no job explains (a job's events end when 
 SECTION_TIMEOUT = 300.0   # a whole section, whatever happens in it
 DEGRADED_WAIT = 0.1       # once something expected never came, later waits are cut short
 POLL_INTERVAL = 0.005     # between repetitions of a polled query
-_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
 @dataclass
@@ -246,16 +244,15 @@ class PartRun:
             await self.backend.shutdown()
 
     def render_template(self, template: str, value: Json) -> str:
-        return _JINJA.from_string(template).render(r=value, **self.plan.variables)
+        try:
+            return templates.render(template, r=value, **self.plan.variables)
+        except templates.TemplateError as exc:
+            raise StepFailure(f"probe template {template!r}: {exc}") from None
 
     def evaluate(self, expression: str, value: Json) -> Json:
         try:
-            found = _JINJA.compile_expression(expression, undefined_to_none=False)(
-                r=value, **self.plan.variables)
-            if isinstance(found, jinja2.Undefined):
-                found._fail_with_undefined_error()
-            return found
-        except jinja2.TemplateError as exc:
+            return templates.evaluate(expression, r=value, **self.plan.variables)
+        except templates.TemplateError as exc:
             raise StepFailure(f"probe expression {expression!r}: {exc}") from None
 
 
@@ -319,9 +316,21 @@ async def run_part(golden: Transcript, part: Part, recipe: Recipe, factory: Back
         if backend is not None:
             await backend.close()
         if not keep_dir:
-            shutil.rmtree(test_dir, ignore_errors=True)
+            remove_later(test_dir)
         result.seconds = time.monotonic() - started
     return result
+
+
+_removals: set[asyncio.Future[None]] = set()
+
+
+def remove_later(test_dir: Path) -> None:
+    """Delete a test directory in a worker thread, off the critical path (unlinking large
+    sparse images is slow). ``asyncio.run`` waits for its default executor before it
+    returns, so no directory outlives the run."""
+    future = asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, test_dir, True)
+    _removals.add(future)
+    future.add_done_callback(_removals.discard)
 
 
 async def prepare_images(run: PartRun, recipe: Recipe) -> None:

@@ -23,14 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from harness.errors import RecipeError
+from harness.replay import templates
 
 Json = Any
 KNOWN_KEYS = {"title", "images", "vm", "qemu-io", "bitmaps", "targets", "hidden", "sequence",
               "poll", "rebase", "steps", "probe", "settle", "timeout", "filters", "skip"}
-_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 
 
 @dataclass(frozen=True)
@@ -95,8 +93,8 @@ class Recipe:
         if "{{" not in value and "{%" not in value:
             return value
         try:
-            return _JINJA.from_string(value).render(**variables)
-        except jinja2.TemplateError as exc:
+            return templates.render(value, **variables)
+        except templates.TemplateError as exc:
             raise RecipeError(self.path or "<recipe>", 1,
                               f"template {value!r}: {exc} (variables: "
                               f"{', '.join(sorted(variables))})") from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import multiprocessing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,22 +53,27 @@ async def replay_transcript(transcript: Transcript, recipe: Recipe, factory: Bac
                             jobs: int = 1) -> FileResult:
     """Replay the selected sections, up to ``jobs`` at a time, reporting them in file order.
 
-    Sections are independent (each has its own VM and test directory), so with a backend
-    whose VMs are separate processes they overlap well. ``on_result`` returning False stops
-    the run: sections not yet started are skipped.
+    Sections are independent (each has its own VM and test directory). QEMU sections are
+    separate processes already, so they overlap as tasks of this event loop; an in-process
+    emulator competes for this one interpreter, so its sections go to forked workers.
+    ``on_result`` returning False stops the run: sections not yet started are skipped.
     """
     result = FileResult(transcript, recipe)
     parts = [p for p in transcript.sections() if not keyword or keyword in p.title]
     gate = asyncio.Semaphore(max(1, jobs))
     stop = asyncio.Event()
+    pool = _worker_pool(jobs, len(parts), factory, (transcript, recipe, factory, parts))
 
-    async def one(part: Part) -> PartResult | None:
+    async def one(index: int) -> PartResult | None:
         async with gate:
             if stop.is_set():
                 return None
-            return await run_part(transcript, part, recipe, factory)
+            if pool is not None:
+                return await asyncio.get_running_loop().run_in_executor(
+                    pool, _run_forked, index)
+            return await run_part(transcript, parts[index], recipe, factory)
 
-    tasks = [asyncio.ensure_future(one(p)) for p in parts]
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(parts))]
     try:
         for task in tasks:
             part_result = await task
@@ -79,7 +86,31 @@ async def replay_transcript(transcript: Transcript, recipe: Recipe, factory: Bac
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return result
+
+
+# What forked workers replay: set before the pool forks, inherited by the children.
+_FORKED: tuple[Transcript, Recipe, BackendFactory, list[Part]] | None = None
+
+
+def _worker_pool(jobs: int, sections: int, factory: BackendFactory,
+                 state: tuple[Transcript, Recipe, BackendFactory, list[Part]],
+                 ) -> concurrent.futures.ProcessPoolExecutor | None:
+    global _FORKED
+    if jobs <= 1 or sections <= 1 or not getattr(factory, "in_process", False) \
+            or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    _FORKED = state
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(jobs, sections), mp_context=multiprocessing.get_context("fork"))
+
+
+def _run_forked(index: int) -> PartResult:
+    assert _FORKED is not None
+    transcript, recipe, factory, parts = _FORKED
+    return asyncio.run(run_part(transcript, parts[index], recipe, factory))
 
 
 async def replay_file(path: str | Path, factory: BackendFactory, *,
