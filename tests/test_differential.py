@@ -5,8 +5,9 @@ A hypothesis state machine (bitmaps, transactions, guest writes, nodes, backup j
 verbs) drives both backends through the harness's Backend interface
 (qemu.qmp clients on both sides). Two inputs are left out because they crash QEMU 7.2.22
 with SIGSEGV (both found by this test; see docs/qemu-semantics.md §4): a merge with an empty
-source list, and a transaction that enables a bitmap that does not exist. Every divergence
-found this way became a regression test in tests/emulator and a fix in the emulator.
+source list, and a transaction that enables a bitmap that does not exist; what the emulator
+answers instead is pinned by tests/emulator/test_bitmap_qmp.py::test_qemu_crashes_are_not_copied.
+Any divergence this test finds becomes such a regression test and a fix in the emulator.
 """
 
 from __future__ import annotations

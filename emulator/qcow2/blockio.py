@@ -65,7 +65,8 @@ class FileIO:
         os.ftruncate(self._fd, length)
 
     def flush(self) -> None:
-        os.fdatasync(self._fd)
+        """Nothing to do: writes are visible to every process at once, and durability across
+        a host crash is not observable (see FileNode.drv_flush_to_disk)."""
 
     def debug_event(self, event: str) -> None:
         pass

@@ -67,6 +67,27 @@ def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int
             return blocks, table
 
 
+_ZERO_PAGE = bytes(4096)
+
+
+def _nonzero_length(raw: bytes) -> int:
+    """len(raw.rstrip(b"\0")), comparing whole pages (memcmp) before stripping bytes."""
+    end = len(raw)
+    while end >= len(_ZERO_PAGE) and raw[end - len(_ZERO_PAGE):end] == _ZERO_PAGE:
+        end -= len(_ZERO_PAGE)
+    start = max(0, end - len(_ZERO_PAGE))
+    return start + len(raw[start:end].rstrip(b"\0"))
+
+
+def _load_table(raw: bytes) -> list[int]:
+    """The refcount table's entries, masked; only the part up to the last non-zero entry is
+    unpacked (a table is mostly zeroes: one refcount block describes gigabytes)."""
+    total = len(raw) // 8
+    used = -(-_nonzero_length(raw[:total * 8]) // 8)
+    head = struct.unpack(f">{used}Q", raw[:used * 8])
+    return [e & REFT_OFFSET_MASK for e in head] + [0] * (total - used)
+
+
 class Refcounts:
     """The refcount structures of one open image."""
 
@@ -81,7 +102,7 @@ class Refcounts:
         self.max_refcount = (1 << (1 << self.order)) - 1
         raw = io.pread(header.refcount_table_offset,
                        header.refcount_table_clusters * self.cluster_size)
-        self.table = [e & REFT_OFFSET_MASK for e in struct.unpack(f">{len(raw) // 8}Q", raw)]
+        self.table = _load_table(raw)
         self._blocks: dict[int, bytearray] = {}
         self.free_cluster_index = 0
 

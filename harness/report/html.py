@@ -58,7 +58,9 @@ def _row_view(row: Row, matrix: Matrix, index: int) -> dict[str, Any]:
     return {
         "id": f"s{index}", "where": row.where, "title": row.title,
         "cells": [(WORDS[s], s) for _, s in states + agreements],
-        "agrees": all(a in ("same", "skip") for _, a in agreements),
+        "kind": ("disagree" if any(a in ("differs", "fault") for _, a in agreements)
+                 else "skipped" if all(a == "skip" for _, a in agreements) else "agree"),
+        "agreement_states": [WORDS[a].lower() for _, a in agreements],
         "faults": [f"{label}: {f}" for label, r in row.runs.items() for f in faults(r)][:4],
         "skips": [f"{label} skipped: {r.skipped}" for label, r in row.runs.items()
                   if r.skipped is not None],
