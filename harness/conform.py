@@ -21,8 +21,8 @@ from pathlib import Path
 from harness.backends import make_factory
 from harness.diff import section_diff
 from harness.errors import QmpReplayError
-from harness.regen import faults, run_section
-from harness.replay.engine import BackendFactory, PartResult
+from harness.regen import faults
+from harness.replay.engine import BackendFactory, PartResult, run_part
 from harness.replay.recipe import Recipe, find_recipe
 from harness.report.progress import Progress
 from harness.transcript import parse_file
@@ -208,7 +208,7 @@ async def _run_bounded(transcript: Transcript, part: Part, recipe: Recipe, colum
                        limit: float | None, referee: str) -> PartResult:
     started = time.monotonic()
     try:
-        return await asyncio.wait_for(run_section(transcript, part, recipe, column.factory),
+        return await asyncio.wait_for(run_part(transcript, part, recipe, column.factory),
                                       limit)
     except TimeoutError:
         return PartResult(transcript.path, part.title, part.line, list(part.records), [],

@@ -24,11 +24,12 @@ import jinja2
 
 from harness.backends import make_factory
 from harness.errors import QmpReplayError, RecipeError, TranscriptError
-from harness.regen import faults, run_file, write_if_changed
+from harness.regen import faults, write_if_changed
 from harness.replay.cli import default_jobs
 from harness.replay.engine import PartResult
 from harness.replay.plan import GOLDEN_PREFIX, compile_part
 from harness.replay.recipe import Recipe
+from harness.replay.runner import replay_transcript
 from harness.transcript import format as fmt
 from harness.transcript import parse
 from harness.transcript.normalize import FILTERED_TIMESTAMP
@@ -231,8 +232,8 @@ def run(args: argparse.Namespace) -> int:
         for f in faults(result):
             print(f"      {f}", file=sys.stderr)
 
-    result = asyncio.run(run_file(transcript, Recipe(), factory, on_result=progress,
-                                  jobs=default_jobs(args.backend)))
+    result = asyncio.run(replay_transcript(transcript, Recipe(), factory, on_result=progress,
+                                           jobs=default_jobs(args.backend)))
     bad = [r for r in result.results if faults(r)]
     if bad:
         raise QmpReplayError(f"record: not writing {output}: {len(bad)} section(s) had a "

@@ -20,62 +20,18 @@ import os
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 from harness.backends import make_factory
 from harness.diff import BOLD, CYAN, GREEN, RED, RESET, YELLOW, section_diff
 from harness.errors import QmpReplayError
 from harness.replay.cli import default_jobs
-from harness.replay.engine import BackendFactory, PartResult, run_part
-from harness.replay.recipe import Recipe, find_recipe
-from harness.replay.runner import FileResult
+from harness.replay.engine import PartResult
+from harness.replay.recipe import find_recipe
+from harness.replay.runner import FileResult, replay_transcript
 from harness.transcript import parse_file
-from harness.transcript.transcript import Part, Transcript
 
 MAX_DIFF_LINES = 5000
-
-
-async def run_section(transcript: Transcript, part: Part, recipe: Recipe,
-                      factory: BackendFactory) -> PartResult:
-    """``run_part``, but a backend that raises (an emulator bug) becomes the section's error
-    instead of a traceback that would end a whole conformance run."""
-    try:
-        return await run_part(transcript, part, recipe, factory)
-    except Exception as exc:  # reported as the section error
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        where = f"{Path(frame.filename).name}:{frame.lineno}"
-        return PartResult(transcript.path, part.title, part.line, list(part.records), [],
-                          0.0, error=f"backend raised {type(exc).__name__} at {where}: {exc}")
-
-
-async def run_file(transcript: Transcript, recipe: Recipe, factory: BackendFactory, *,
-                   keyword: str | None = None, jobs: int = 1,
-                   on_result: Callable[[PartResult], None] | None = None) -> FileResult:
-    """Every selected section, each on a fresh backend, up to ``jobs`` at a time (QEMU VMs
-    are separate processes), reported and kept in file order."""
-    result = FileResult(transcript, recipe)
-    if getattr(factory, "in_process", False):
-        jobs = 1                  # the emulator runs in this interpreter: no overlap to win
-    gate = asyncio.Semaphore(max(1, jobs))
-
-    async def one(part: Part) -> PartResult:
-        async with gate:
-            return await run_section(transcript, part, recipe, factory)
-
-    parts = [p for p in transcript.sections() if not keyword or keyword in p.title]
-    tasks = [asyncio.ensure_future(one(p)) for p in parts]
-    try:
-        for task in tasks:
-            result.results.append(await task)
-            if on_result is not None:
-                on_result(result.results[-1])
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return result
 
 
 def faults(result: PartResult) -> list[str]:
@@ -146,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
     def progress(result: PartResult) -> None:
         print(_status_line(result, sys.stderr.isatty()), file=sys.stderr, flush=True)
 
-    result = asyncio.run(run_file(transcript, recipe, factory, on_result=progress,
-                                  jobs=default_jobs(args.backend)))
+    result = asyncio.run(replay_transcript(transcript, recipe, factory, on_result=progress,
+                                           jobs=default_jobs(args.backend)))
     skipped = [r for r in result.results if r.skipped is not None]
     result.results = [r for r in result.results if r.skipped is None]   # keep golden text
     if not result.results:

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +313,10 @@ async def run_part(golden: Transcript, part: Part, recipe: Recipe, factory: Back
             result.notes = run.notes
     except (BackendError, RecipeError, StepFailure) as exc:
         result.error = str(exc)
+    except Exception as exc:  # a bug in a backend: this section's error, never the run's end
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        result.error = (f"backend raised {type(exc).__name__} at "
+                        f"{Path(frame.filename).name}:{frame.lineno}: {exc}")
     finally:
         if backend is not None:
             await backend.close()
