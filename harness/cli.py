@@ -24,7 +24,7 @@ HANDLERS: dict[str, str] = {
     "record": "harness.record:run",
     "proxy": "harness.proxy:run",
     "serve": "emulator.serve:run_serve",
-    "commands": "emulator.serve:run_commands",
+    "commands": "emulator.coverage:run",
 }
 
 

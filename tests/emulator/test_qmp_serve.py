@@ -157,13 +157,28 @@ def test_commands_table_and_markdown(tmp_path: Path) -> None:
 
 
 @pytest.mark.qemu
-def test_commands_against_qemu(qemu_binary: str) -> None:
-    res = subprocess.run([*CLI, "commands", "--against", qemu_binary], capture_output=True,
-                         timeout=120)
+def test_commands_against_qemu(qemu_binary: str, tmp_path: Path) -> None:
+    """Block-layer commands, events and transaction actions beside QEMU's, with coverage."""
+    md = tmp_path / "commands.md"
+    res = subprocess.run([*CLI, "commands", "--against", qemu_binary, "--markdown", str(md)],
+                         capture_output=True, timeout=120)
     out = res.stdout.decode()
-    assert re.search(r"^Coverage: \d+ of \d+ commands of .* \(\d+\.\d%\)", out, re.M), out
-    assert "Schema differences: none" in out, out
+    for what in ("block-layer commands", "block-layer events", "transaction actions"):
+        assert re.search(rf"^{what}: \d+ of \d+ \(\d+\.\d%\)", out, re.M), out
+    assert "schema differences: none" in out, out
     assert res.returncode == 0
+    text = md.read_text()
+    assert "| `blockdev-backup` | ✓ |" in text and "| `block-stream` | — |" in text
+    assert "| `JOB_STATUS_CHANGE` | ✓ |" in text and "| `blockdev-snapshot-sync` | ✓ |" in text
+
+
+def test_emitted_events_list_matches_the_code() -> None:
+    """emulator/qmp/events.py lists exactly the events the code emits."""
+    from emulator.qmp.events import EMITTED
+    root = Path(__file__).resolve().parents[2] / "emulator"
+    found = {m for f in root.rglob("*.py")
+             for m in re.findall(r'emit\(\s*"([A-Z_]+)"', f.read_text())}
+    assert found == EMITTED
 
 
 def test_query_commands_lists_qemus_order(tmp_path: Path) -> None:
