@@ -13,7 +13,6 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from emulator.block.node import BdrvChild, BlockDriverState, OpBlocker
-from emulator.block.perm import Role
 from emulator.jobs.job import Job, JobTxn, strerror
 from emulator.jobs.ratelimit import RateLimit
 from emulator.qmp.errors import GenericError
@@ -29,7 +28,7 @@ def device_name(bs: BlockDriverState) -> str:
     """bdrv_get_device_name: the name of a BlockBackend above the node, else ""."""
     for c in bs.parents:
         if getattr(c.parent, "is_block_backend", False) and getattr(c.parent, "name", None):
-            return str(c.parent.name)
+            return str(getattr(c.parent, "name", ""))
     return ""
 
 
@@ -77,7 +76,7 @@ class BlockJob(Job):
 
     def add_bdrv(self, name: str, bs: BlockDriverState, perm: int, shared: int) -> None:
         """block_job_add_bdrv: a root edge from the job; all operations on bs blocked."""
-        c = self.graph.root_attach_child(self, bs, name, Role(0), perm, shared)
+        c = self.graph.root_attach_child(self, bs, name, 0, perm, shared)
         self.nodes.insert(0, c)
         self.graph.op_block_all(bs, self.blocker)
         self.manager.on_attach(self, bs)

@@ -69,7 +69,8 @@ class Backend(abc.ABC):
         try:
             value = await self.qmp.execute_msg(msg)
         except ExecuteError as exc:
-            return {"error": dict(exc.received["error"])}
+            error: dict[str, Json] = exc.received["error"]  # type: ignore[assignment]
+            return {"error": dict(error)}
         except (QMPError, EOFError, OSError) as exc:
             self.running = False
             raise BackendError(f"{self.name}: connection lost during {name!r}: "

@@ -22,6 +22,7 @@ import io
 import json
 import shlex
 from pathlib import Path
+from typing import Any
 
 from qemu.qmp import QMPClient
 
@@ -42,7 +43,7 @@ class EmulatorBackend(Backend):
         self.session: object | None = None
         from emulator.sandbox import Sandbox
         self.sandbox = Sandbox(test_dir)
-        self.machine: object | None = None
+        self.machine: Any = None
         self.server: object | None = None
 
     async def start(self, vm: VmConfig) -> None:
@@ -99,7 +100,7 @@ class EmulatorBackend(Backend):
     async def wait_stopped(self) -> None:
         """QEMU closes every block device when it quits (bdrv_close_all): so does this."""
         if self.machine is not None:
-            self.machine.block.close_all()  # type: ignore[attr-defined]
+            self.machine.block.close_all()
             self.machine = None
 
     async def close(self) -> None:

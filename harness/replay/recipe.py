@@ -162,7 +162,7 @@ def recipe_from_dict(data: dict[str, Json], path: str = "<recipe>") -> Recipe:
     except KeyError as exc:
         raise fail(f"missing key '{exc.args[0]}'") from None
     except re.error as exc:
-        raise fail(f"bad regular expression '{exc.pattern}': {exc}") from None
+        raise fail(f"bad regular expression {exc.pattern!r}: {exc}") from None
     except (TypeError, AttributeError) as exc:
         raise fail(f"malformed recipe: {exc}") from None
     return r

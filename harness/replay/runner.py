@@ -49,7 +49,7 @@ class FileResult:
 
 async def replay_transcript(transcript: Transcript, recipe: Recipe, factory: BackendFactory, *,
                             keyword: str | None = None,
-                            on_result: Callable[[PartResult], bool] | None = None,
+                            on_result: Callable[[PartResult], bool | None] | None = None,
                             jobs: int = 1) -> FileResult:
     """Replay the selected sections, up to ``jobs`` at a time, reporting them in file order.
 
@@ -115,7 +115,7 @@ def _run_forked(index: int) -> PartResult:
 
 async def replay_file(path: str | Path, factory: BackendFactory, *,
                       recipe: str | Path | None = None, keyword: str | None = None,
-                      on_result: Callable[[PartResult], bool] | None = None,
+                      on_result: Callable[[PartResult], bool | None] | None = None,
                       jobs: int = 1) -> list[PartResult]:
     """Replay the selected sections of one golden file."""
     result = await replay_transcript(parse_file(path), find_recipe(path, recipe), factory,
