@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from emulator.block import perm as P
 from emulator.block.errors import GenericError
 from emulator.block.node import BdrvChild, BlockDriverState, Parent, node_name_is_valid
-from emulator.block.perm import Role
 
 if TYPE_CHECKING:
     from emulator.block.backend import BlockBackend
@@ -79,6 +78,8 @@ class BlockGraph:
         self.monitor_owned: list[BlockDriverState] = []   # monitor_bdrv_states
         self.backends: list[BlockBackend] = []            # monitor-named BlockBackends
         self._id_counter = 0
+        # bumped by every edge change: what cached bdrv_refresh_filename results depend on
+        self.generation = 0
         self._rng = random.Random(7)   # QEMU appends two random digits; ours are seeded
 
     # -- names --------------------------------------------------------------------------------
@@ -228,16 +229,16 @@ class BlockGraph:
         self.child_try_set_perm(c, nperm, nshared)
 
     # -- edges ------------------------------------------------------------------------------------
-    @staticmethod
-    def _replace_child_noperm(c: BdrvChild, new_bs: BlockDriverState | None) -> None:
+    def _replace_child_noperm(self, c: BdrvChild, new_bs: BlockDriverState | None) -> None:
         """bdrv_replace_child_noperm: move the edge; the new parent entry goes to the head."""
+        self.generation += 1
         if c.bs is not None:
             c.bs.parents.remove(c)
         c.bs = new_bs
         if new_bs is not None:
             new_bs.parents.insert(0, c)
 
-    def _attach_common(self, parent: Parent, child_bs: BlockDriverState, name: str, role: Role,
+    def _attach_common(self, parent: Parent, child_bs: BlockDriverState, name: str, role: int,
                        perm: int, shared: int, tran: Transaction) -> BdrvChild:
         """bdrv_attach_child_common: create the edge (and a reference) without checks."""
         c = BdrvChild(parent, None, name, role, perm, shared)
@@ -257,7 +258,7 @@ class BlockGraph:
         return c
 
     def attach_child_noperm(self, parent_bs: BlockDriverState, child_bs: BlockDriverState,
-                            name: str, role: Role, tran: Transaction) -> BdrvChild:
+                            name: str, role: int, tran: Transaction) -> BdrvChild:
         """bdrv_attach_child_noperm: the edge with the parent driver's child_perm."""
         if child_bs.subtree_contains(parent_bs):
             raise GenericError(f"Making '{child_bs.node_name}' a {name} child of "
@@ -269,7 +270,7 @@ class BlockGraph:
         return self._attach_common(parent_bs, child_bs, name, role, nperm, nshared, tran)
 
     def attach_child(self, parent_bs: BlockDriverState, child_bs: BlockDriverState, name: str,
-                     role: Role) -> BdrvChild:
+                     role: int) -> BdrvChild:
         """bdrv_attach_child: attach and refresh the parent's subtree, or undo and raise."""
         tran = Transaction()
         try:
@@ -282,7 +283,7 @@ class BlockGraph:
         return c
 
     def root_attach_child(self, parent: Parent, child_bs: BlockDriverState, name: str,
-                          role: Role, perm: int, shared: int) -> BdrvChild:
+                          role: int, perm: int, shared: int) -> BdrvChild:
         """bdrv_root_attach_child: an edge from a BlockBackend or job, checked below."""
         tran = Transaction()
         try:

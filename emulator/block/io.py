@@ -17,6 +17,19 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
+from emulator.block import perm as P
+from emulator.block.flags import (
+    BDRV_BLOCK_ALLOCATED,
+    BDRV_BLOCK_DATA,
+    BDRV_BLOCK_EOF,
+    BDRV_BLOCK_RAW,
+    BDRV_BLOCK_RECURSE,
+    BDRV_BLOCK_ZERO,
+    BDRV_REQ_MAY_UNMAP,
+    BDRV_REQ_NO_FALLBACK,
+    BDRV_REQ_ZERO_WRITE,
+)
+
 if TYPE_CHECKING:
     from emulator.block.node import BlockDriverState
 
@@ -42,18 +55,28 @@ def _chunks(offset: int, length: int, max_transfer: int, align: int) -> list[tup
     return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
 
 
-def _check(bs: BlockDriverState) -> None:
+def _check_writable(bs: BlockDriverState) -> None:
     if bs.closed:
         raise _eio(errno.ENOMEDIUM)
+    if not bs.is_writable():
+        raise _eio(errno.EPERM)
+
+
+def _is_zero(data: bytes) -> bool:
+    """buffer_is_zero (one memcmp instead of a Python loop over the bytes)."""
+    return not data or (not data[0] and data == bytes(len(data)))
 
 
 # -- reads ----------------------------------------------------------------------------------
 def preadv(bs: BlockDriverState, offset: int, length: int) -> bytes:
     """bdrv_co_preadv_part on ``bs``."""
-    _check(bs)
+    if bs.closed:
+        raise _eio(errno.ENOMEDIUM)
     if length == 0:
         return b""
     align = bs.request_alignment
+    if align == 1:
+        return _aligned_preadv(bs, offset, length, 1)
     start, end = _align_down(offset, align), _align_up(offset + length, align)
     data = _aligned_preadv(bs, start, end - start, align)
     return data[offset - start:offset - start + length]
@@ -64,8 +87,12 @@ def _aligned_preadv(bs: BlockDriverState, offset: int, length: int, align: int) 
     total = bs.drv_getlength()
     max_bytes = _align_up(max(0, total - offset), align)
     readable = min(length, max_bytes)
-    parts = [bs.drv_preadv(o, n) for o, n in _chunks(offset, readable, bs.max_transfer, align)]
-    out = b"".join(parts)
+    max_transfer = bs.max_transfer
+    if not max_transfer or readable <= max_transfer:
+        out = bytes(bs.drv_preadv(offset, readable))
+    else:
+        out = b"".join([bs.drv_preadv(o, n)
+                        for o, n in _chunks(offset, readable, max_transfer, align)])
     if len(out) < length:
         out += bytes(length - len(out))
     return out
@@ -76,24 +103,22 @@ def _write_req_finish(bs: BlockDriverState, offset: int, length: int, *,
                       discard: bool = False) -> None:
     """bdrv_co_write_req_finish: generation counter, growth, dirty bitmaps."""
     bs.write_gen += 1
-    if not discard:
-        bs.wr_highest_offset = max(bs.wr_highest_offset, offset + length)
-    if length:
+    if not discard and offset + length > bs.wr_highest_offset:
+        bs.wr_highest_offset = offset + length
+    if length and bs.dirty_bitmaps:
         bs.set_dirty(offset, length)
 
 
 def pwritev(bs: BlockDriverState, offset: int, data: bytes, flags: int = 0) -> None:
     """bdrv_co_pwritev_part on ``bs``: RMW padding, detect-zeroes, split, dirty marking."""
-    _check(bs)
-    if not bs.is_writable():
-        raise _eio(errno.EPERM)
+    _check_writable(bs)
     length = len(data)
     if length == 0:
         return
     align = bs.request_alignment
-    start, end = _align_down(offset, align), _align_up(offset + length, align)
-    if start != offset or end != offset + length:
+    if align != 1 and (offset % align or (offset + length) % align):
         # bdrv_pad_request: read the head and tail blocks (once if they are the same)
+        start, end = _align_down(offset, align), _align_up(offset + length, align)
         buf = bytearray(end - start)
         if offset != start:
             buf[0:align] = _aligned_preadv(bs, start, align, align)
@@ -106,17 +131,17 @@ def pwritev(bs: BlockDriverState, offset: int, data: bytes, flags: int = 0) -> N
 
 def _aligned_pwritev(bs: BlockDriverState, offset: int, data: bytes, flags: int,
                      align: int) -> None:
-    from emulator.block.node import BDRV_REQ_MAY_UNMAP, BDRV_REQ_ZERO_WRITE
-
     length = len(data)
     try:
-        if bs.detect_zeroes != "off" and not flags & BDRV_REQ_ZERO_WRITE and not any(data):
+        if flags & BDRV_REQ_ZERO_WRITE:
+            _do_pwrite_zeroes(bs, offset, length, flags)
+        elif bs.detect_zeroes != "off" and _is_zero(data):
             zflags = flags | BDRV_REQ_ZERO_WRITE
             if bs.detect_zeroes == "unmap" and bs.discard == "unmap":
                 zflags |= BDRV_REQ_MAY_UNMAP
             _do_pwrite_zeroes(bs, offset, length, zflags)
-        elif flags & BDRV_REQ_ZERO_WRITE:
-            _do_pwrite_zeroes(bs, offset, length, flags)
+        elif not bs.max_transfer or length <= bs.max_transfer:
+            bs.drv_pwritev(offset, data, flags)
         else:
             for o, n in _chunks(offset, length, bs.max_transfer, align):
                 bs.drv_pwritev(o, data[o - offset:o - offset + n], flags)
@@ -126,8 +151,6 @@ def _aligned_pwritev(bs: BlockDriverState, offset: int, data: bytes, flags: int,
 
 def _do_pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: int) -> None:
     """bdrv_co_do_pwrite_zeroes: the driver's efficient path, else a zero-buffer fallback."""
-    from emulator.block.node import BDRV_REQ_NO_FALLBACK
-
     try:
         bs.drv_pwrite_zeroes(offset, length, flags)
         return
@@ -142,18 +165,13 @@ def _do_pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: int
 
 def pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: int = 0) -> None:
     """bdrv_co_pwrite_zeroes: a write request with BDRV_REQ_ZERO_WRITE."""
-    from emulator.block.node import BDRV_REQ_MAY_UNMAP, BDRV_REQ_ZERO_WRITE
-
-    _check(bs)
-    if not bs.is_writable():
-        raise _eio(errno.EPERM)
+    _check_writable(bs)
     if length == 0:
         return
     if bs.discard != "unmap":
         flags &= ~BDRV_REQ_MAY_UNMAP
     align = bs.request_alignment
-    start, end = _align_down(offset, align), _align_up(offset + length, align)
-    if start != offset or end != offset + length:
+    if align != 1 and (offset % align or (offset + length) % align):
         # unaligned zero writes become RMW writes of a zero buffer, as in QEMU
         pwritev(bs, offset, bytes(length), flags & ~BDRV_REQ_ZERO_WRITE)
         return
@@ -165,9 +183,7 @@ def pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: int = 0
 
 def pdiscard(bs: BlockDriverState, offset: int, length: int) -> None:
     """bdrv_co_pdiscard: ignored unless discard=unmap; dirties bitmaps like a write."""
-    _check(bs)
-    if not bs.is_writable():
-        raise _eio(errno.EPERM)
+    _check_writable(bs)
     if length == 0:
         return
     try:
@@ -180,8 +196,6 @@ def pdiscard(bs: BlockDriverState, offset: int, length: int) -> None:
 # -- flush ------------------------------------------------------------------------------------
 def flush(bs: BlockDriverState) -> None:
     """bdrv_co_flush on ``bs`` (see the module docstring for the event order)."""
-    from emulator.block import perm as P
-
     if bs.closed or bs.read_only:
         return
     current_gen = bs.write_gen
@@ -213,15 +227,6 @@ def flush(bs: BlockDriverState) -> None:
 def block_status(bs: BlockDriverState, offset: int, length: int, *,
                  want_zero: bool = True) -> tuple[int, int]:
     """bdrv_co_block_status (without the mapping): flags and the extent length."""
-    from emulator.block.node import (
-        BDRV_BLOCK_ALLOCATED,
-        BDRV_BLOCK_DATA,
-        BDRV_BLOCK_EOF,
-        BDRV_BLOCK_RAW,
-        BDRV_BLOCK_RECURSE,
-        BDRV_BLOCK_ZERO,
-    )
-
     total = bs.getlength()
     if offset >= total:
         return BDRV_BLOCK_EOF, 0
@@ -260,8 +265,6 @@ def block_status_above(bs: BlockDriverState, base: BlockDriverState | None, offs
     """bdrv_common_block_status_above: the status of the first layer of the filter/COW chain
     from ``bs`` down to ``base`` that allocates the extent (for sync=top's skip-unallocated
     scan and for commit/stream-like users)."""
-    from emulator.block.node import BDRV_BLOCK_ALLOCATED, BDRV_BLOCK_EOF, BDRV_BLOCK_ZERO
-
     ret, pnum = block_status(bs, offset, length, want_zero=want_zero)
     if pnum == 0 or ret & BDRV_BLOCK_ALLOCATED or bs is base:
         return ret, pnum

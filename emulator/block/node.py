@@ -16,30 +16,26 @@ from emulator.block import io as blockio
 from emulator.block import perm as P
 from emulator.block.dirty_bitmap import BdrvDirtyBitmap, HBitmap, ctz
 from emulator.block.errors import GenericError
+
+# the flags are re-exported: drivers import them from here
+from emulator.block.flags import BDRV_BLOCK_ALLOCATED as BDRV_BLOCK_ALLOCATED
+from emulator.block.flags import BDRV_BLOCK_DATA as BDRV_BLOCK_DATA
+from emulator.block.flags import BDRV_BLOCK_EOF as BDRV_BLOCK_EOF
+from emulator.block.flags import BDRV_BLOCK_OFFSET_VALID as BDRV_BLOCK_OFFSET_VALID
+from emulator.block.flags import BDRV_BLOCK_RAW as BDRV_BLOCK_RAW
+from emulator.block.flags import BDRV_BLOCK_RECURSE as BDRV_BLOCK_RECURSE
+from emulator.block.flags import BDRV_BLOCK_ZERO as BDRV_BLOCK_ZERO
+from emulator.block.flags import BDRV_REQ_FUA as BDRV_REQ_FUA
+from emulator.block.flags import BDRV_REQ_MAY_UNMAP as BDRV_REQ_MAY_UNMAP
+from emulator.block.flags import BDRV_REQ_NO_FALLBACK as BDRV_REQ_NO_FALLBACK
+from emulator.block.flags import BDRV_REQ_WRITE_UNCHANGED as BDRV_REQ_WRITE_UNCHANGED
+from emulator.block.flags import BDRV_REQ_ZERO_WRITE as BDRV_REQ_ZERO_WRITE
+from emulator.block.flags import BDRV_SECTOR_SIZE as BDRV_SECTOR_SIZE
 from emulator.block.perm import Role
 from emulator.qmp.json_writer import to_json
 
 if TYPE_CHECKING:
     from emulator.block.graph import BlockGraph
-
-BDRV_SECTOR_SIZE = 512
-
-# block-status flags (include/block/block-io.h)
-BDRV_BLOCK_DATA = 0x01
-BDRV_BLOCK_ZERO = 0x02
-BDRV_BLOCK_OFFSET_VALID = 0x04
-BDRV_BLOCK_RAW = 0x08
-BDRV_BLOCK_ALLOCATED = 0x10
-BDRV_BLOCK_EOF = 0x20
-BDRV_BLOCK_RECURSE = 0x40
-
-# write flags
-BDRV_REQ_ZERO_WRITE = 0x2
-BDRV_REQ_MAY_UNMAP = 0x4
-BDRV_REQ_FUA = 0x10
-BDRV_REQ_WRITE_UNCHANGED = 0x40
-BDRV_REQ_NO_FALLBACK = 0x100
-
 
 # what .bdrv_co_block_status returns: (BDRV_BLOCK_* flags, bytes, mapped offset, file node)
 BlockStatus = tuple[int, int, int, "BlockDriverState | None"]
@@ -72,7 +68,7 @@ class OpBlocker(str):
 class BdrvChild:
     """An edge: ``parent`` uses ``bs`` as its child called ``name`` in ``role``."""
 
-    def __init__(self, parent: Parent, bs: BlockDriverState | None, name: str, role: Role,
+    def __init__(self, parent: Parent, bs: BlockDriverState | None, name: str, role: int,
                  perm: int, shared_perm: int) -> None:
         self.parent = parent
         self.bs = bs
@@ -172,6 +168,7 @@ class BlockDriverState:
         self.filename = ""
         self.exact_filename = ""
         self.full_open_options: dict[str, Any] = {}
+        self._filename_generation = -1   # graph.generation the three above were computed at
         self.write_threshold = 0
         self.closed = False
         self.opened = False          # drv_open completed (bs->drv set in QEMU)
@@ -213,6 +210,7 @@ class BlockDriverState:
 
     def child_cb_attach(self, c: BdrvChild) -> None:
         """bdrv_child_cb_attach: the new edge goes to the head; file/backing are noted."""
+        self.graph.generation += 1
         self.children.insert(0, c)
         if self.is_filter or c.role & Role.FILTERED:
             if c.role & Role.PRIMARY:
@@ -237,6 +235,7 @@ class BlockDriverState:
                 backing_bs.op_blockers.setdefault(op, []).insert(0, reason)
 
     def child_cb_detach(self, c: BdrvChild) -> None:
+        self.graph.generation += 1
         if c.role & Role.COW and c.bs is not None and self.backing_blocker is not None:
             for blockers in c.bs.op_blockers.values():
                 blockers[:] = [b for b in blockers if b is not self.backing_blocker]
@@ -301,7 +300,7 @@ class BlockDriverState:
     def is_writable(self) -> bool:
         return not self.read_only and not self.inactive
 
-    def child_perm(self, child: BdrvChild | None, role: Role, perm: int,
+    def child_perm(self, child: BdrvChild | None, role: int, perm: int,
                    shared: int) -> tuple[int, int]:
         """.bdrv_child_perm: what this node needs of a child given its own parents' needs.
 
@@ -524,7 +523,17 @@ class BlockDriverState:
 
     def refresh_filename(self) -> None:
         """bdrv_refresh_filename: exact_filename if the node can be reopened from a plain
-        filename, else ``json:{full_open_options}`` in QDict order."""
+        filename, else ``json:{full_open_options}`` in QDict order.
+
+        The result depends on the subtree's edges and on node state fixed when the nodes
+        were opened (options, header backing file), so it is kept until an edge anywhere in
+        the graph changes (``graph.generation``)."""
+        if self._filename_generation == self.graph.generation:
+            return
+        self._refresh_filename()
+        self._filename_generation = self.graph.generation
+
+    def _refresh_filename(self) -> None:
         for c in self.children:
             if c.bs is not None:
                 c.bs.refresh_filename()

@@ -27,21 +27,21 @@ COMMON_KEYS = ("driver", "node-name", "discard", "cache", "read-only", "auto-rea
                "force-share", "detect-zeroes")
 
 
-def backing_role(bs: BlockDriverState) -> Role:
+def backing_role(bs: BlockDriverState) -> int:
     """bdrv_backing_role."""
     if bs.is_filter:
         return Role.FILTERED | Role.PRIMARY
     return Role.COW
 
 
-def file_role(bs: BlockDriverState) -> Role:
+def file_role(bs: BlockDriverState) -> int:
     """bdrv_open_file_child's role."""
     if bs.is_filter:
         return Role.FILTERED | Role.PRIMARY
     return Role.DATA | Role.METADATA | Role.PRIMARY
 
 
-def _inherit(child: dict[str, Any], parent: dict[str, Any], role: Role) -> dict[str, Any]:
+def _inherit(child: dict[str, Any], parent: dict[str, Any], role: int) -> dict[str, Any]:
     """bdrv_inherited_options / bdrv_backing_options for a child given as a definition."""
     out = dict(child)
     pcache = parent.get("cache", {})
@@ -95,7 +95,7 @@ class Opener:
         self.graph = layer.graph
 
     def open(self, options: dict[str, Any] | str, *, parent_opts: dict[str, Any] | None = None,
-             role: Role | None = None, no_backing: bool = False) -> BlockDriverState:
+             role: int | None = None, no_backing: bool = False) -> BlockDriverState:
         """Open a node from a definition, or take a reference to an existing one.
 
         The caller owns one reference to the result."""
@@ -199,7 +199,7 @@ class ChildOpener:
         self.opts = opts
         self.layer = opener.layer
 
-    def __call__(self, ref: dict[str, Any] | str | None, name: str, role: Role, *,
+    def __call__(self, ref: dict[str, Any] | str | None, name: str, role: int, *,
                  allow_none: bool = False) -> BdrvChild | None:
         if ref is None:
             if allow_none:

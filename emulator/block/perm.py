@@ -9,8 +9,6 @@ must pairwise allow each other's ``perm``; otherwise :func:`conflict_message` gi
 
 from __future__ import annotations
 
-from enum import IntFlag
-
 CONSISTENT_READ = 0x01
 WRITE = 0x02
 WRITE_UNCHANGED = 0x04
@@ -37,8 +35,9 @@ def perm_names(perm: int) -> str:
     return ", ".join(name for bit, name in _NAMES if perm & bit)
 
 
-class Role(IntFlag):
-    """BdrvChildRole: what a child is to its parent."""
+class Role:
+    """BdrvChildRole: what a child is to its parent. The bits are plain ints (roles are an
+    ``int``), because edges test them on every request and permission update."""
 
     DATA = 1 << 0
     METADATA = 1 << 1
@@ -65,7 +64,7 @@ def default_perms_for_cow(perm: int, shared: int, *, inactive: bool = False) -> 
     return perm, shared
 
 
-def default_perms_for_storage(role: Role, perm: int, shared: int, *, writable: bool,
+def default_perms_for_storage(role: int, perm: int, shared: int, *, writable: bool,
                               no_io: bool = False, inactive: bool = False) -> tuple[int, int]:
     """bdrv_default_perms_for_storage: a format node's file (metadata and/or data) child."""
     perm, shared = filter_default_perms(perm, shared)
@@ -86,7 +85,7 @@ def default_perms_for_storage(role: Role, perm: int, shared: int, *, writable: b
     return perm, shared
 
 
-def default_perms(role: Role, perm: int, shared: int, *, writable: bool,
+def default_perms(role: int, perm: int, shared: int, *, writable: bool,
                   no_io: bool = False, inactive: bool = False) -> tuple[int, int]:
     """bdrv_default_perms: dispatch on the child's role."""
     if role & Role.FILTERED:

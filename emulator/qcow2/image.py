@@ -101,6 +101,7 @@ class Qcow2Image:
         self.io = io
         self.header = header
         self.read_only = read_only
+        self.cluster_size = header.cluster_size   # fixed for the life of the image
         self.refcounts = Refcounts(io, header)
         self.tables = ClusterTables(io, header, self.refcounts)
 
@@ -170,10 +171,6 @@ class Qcow2Image:
     @property
     def size(self) -> int:
         return self.header.size
-
-    @property
-    def cluster_size(self) -> int:
-        return self.header.cluster_size
 
     @property
     def backing_file(self) -> str | None:

@@ -49,6 +49,29 @@ def needs_new_alloc(entry: int) -> bool:
     return not in_place
 
 
+def _count_equal(table: array, start: int, limit: int, value: int) -> int:
+    """How many of table[start:start+limit] equal `value`, counted with memcmp over blocks
+    that double (then halve at the first difference) instead of a Python loop per entry."""
+    raw = memoryview(table)[start:start + limit].tobytes()
+    unit = array("Q", [value]).tobytes()
+    equal, size = 0, 1   # the first `equal` entries are known to be equal
+    while True:
+        end = min(equal + size, limit)
+        if raw[equal * 8:end * 8] != unit * (end - equal):
+            break
+        equal = end
+        if equal == limit:
+            return limit
+        size *= 4
+    while end - equal > 1:   # entries [equal, end) hold a difference
+        mid = (equal + end) // 2
+        if raw[equal * 8:mid * 8] == unit * (mid - equal):
+            equal = mid
+        else:
+            end = mid
+    return equal
+
+
 def _load_entries(raw: bytes) -> array:
     entries = array("Q", raw)
     if sys.byteorder == "little":
@@ -114,36 +137,32 @@ class ClusterTables:
         wanted = min(-(-(in_cluster + limit) >> self.cluster_bits), self.l2_entries - l2_index)
         first = table[l2_index]
         kind = cluster_type(first)
-        if first == 0:
-            count = self._count_zero_entries(table, l2_index, wanted)
-        elif kind is ClusterType.COMPRESSED:
+        if kind is ClusterType.COMPRESSED:
             count = 1
         else:
-            check_offset = kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
-            expected = first & OFFSET_MASK
-            count = 1
-            while count < wanted:
-                entry = table[l2_index + count]
-                if cluster_type(entry) is not kind:
-                    break
-                if check_offset:
-                    expected += self.cluster_size
-                    if entry & OFFSET_MASK != expected:
-                        break
-                count += 1
+            count = _count_equal(table, l2_index, wanted, first)
+            if count < wanted:
+                count = self._count_same_kind(table, l2_index, count, wanted, first, kind)
         nbytes = min((count << self.cluster_bits) - in_cluster, limit)
         host = None
-        if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+        if kind is ClusterType.NORMAL or kind is ClusterType.ZERO_ALLOC:
             host = (first & OFFSET_MASK) + in_cluster
         elif kind is ClusterType.COMPRESSED:
             host = first
         return kind, nbytes, host
 
-    @staticmethod
-    def _count_zero_entries(table: array, start: int, limit: int) -> int:
-        """How many of table[start:start+limit] are 0, without a Python loop per entry."""
-        raw = bytes(memoryview(table)[start:start + limit])
-        return (len(raw) - len(raw.lstrip(b"\0"))) // 8
+    def _count_same_kind(self, table: array, start: int, count: int, wanted: int, first: int,
+                         kind: ClusterType) -> int:
+        """Extend a run of `count` entries equal to `first`: entries of the same kind follow
+        (other flag bits may differ), host-contiguous for NORMAL and ZERO_ALLOC."""
+        step = self.cluster_size if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) else 0
+        # what decides kind and host offset; COPIED and reserved bits do not
+        mask = OFFSET_MASK | OFLAG_COMPRESSED | OFLAG_ZERO
+        expected = (first & mask) + count * step
+        while count < wanted and table[start + count] & mask == expected:
+            expected += step
+            count += 1
+        return count
 
     def table_for_write(self, l1_index: int) -> tuple[int, array]:
         """get_cluster_table: the L2 table to modify for `l1_index`, allocated (or copied,

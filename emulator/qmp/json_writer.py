@@ -7,13 +7,17 @@ What goes on the wire must match QEMU byte for byte:
   inserts them);
 - separators are ", " and ": ";
 - strings escape ``"`` ``\\`` and ``\\b \\f \\n \\r \\t``, every other code point below 0x20 or from
-  0x7F upward as ``\\uXXXX`` (upper-case hex, surrogate pairs beyond the BMP);
+  0x7F upward as ``\\uXXXX`` (upper-case hex, surrogate pairs beyond the BMP; surrogates and
+  noncharacters as ``\\uFFFD``);
 - floating-point numbers print with ``%.17g``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+from emulator.qmp.utf8 import is_valid_codepoint
 
 QDICT_BUCKET_MAX = 512
 _MASK32 = 0xFFFFFFFF
@@ -21,8 +25,9 @@ _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r
             "\t": "\\t"}
 
 
+@functools.lru_cache(maxsize=4096)
 def tdb_hash(key: str) -> int:
-    """qdict.c tdb_hash over the key's (modified) UTF-8 bytes."""
+    """qdict.c tdb_hash over the key's (modified) UTF-8 bytes (memoized: keys repeat)."""
     raw = key.encode("utf-8", "surrogatepass").replace(b"\0", b"\xc0\x80")
     value = (0x238F13AF * len(raw)) & _MASK32
     for i, byte in enumerate(raw):
@@ -33,12 +38,24 @@ def tdb_hash(key: str) -> int:
 def qdict_keys(d: dict[str, Any]) -> list[str]:
     """The keys of ``d`` in the order QEMU's qdict_first()/qdict_next() visit them, taking
     ``d``'s insertion order as the order of qdict_put() calls."""
-    order = {key: i for i, key in enumerate(d)}
-    return sorted(d, key=lambda k: (tdb_hash(k) % QDICT_BUCKET_MAX, -order[k]))
+    if len(d) < 2:
+        return list(d)
+    return list(_qdict_order(tuple(d)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _qdict_order(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """QDict order of keys inserted in this order (memoized: dicts of one schema type share
+    their keys)."""
+    order = {key: i for i, key in enumerate(keys)}
+    return tuple(sorted(keys, key=lambda k: (tdb_hash(k) % QDICT_BUCKET_MAX, -order[k])))
 
 
 def quote(s: str) -> str:
-    """json-writer.c quoted_str()."""
+    """json-writer.c quoted_str(): code points that are not valid Unicode scalar values or
+    are noncharacters print as U+FFFD, as mod_utf8_codepoint() rejects them."""
+    if s.isascii() and s.isprintable() and '"' not in s and "\\" not in s:
+        return f'"{s}"'   # printable ASCII needs no escapes (0x7F is not printable)
     out = ['"']
     for ch in s:
         esc = _ESCAPES.get(ch)
@@ -46,8 +63,8 @@ def quote(s: str) -> str:
             out.append(esc)
             continue
         cp = ord(ch)
-        if 0xD800 <= cp <= 0xDFFF:
-            cp = 0xFFFD  # cannot come from QEMU's parser; printed as invalid
+        if not is_valid_codepoint(cp):
+            cp = 0xFFFD
         if cp > 0xFFFF:
             cp -= 0x10000
             out.append(f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}")

@@ -53,7 +53,7 @@ class Backend(abc.ABC):
     def __init__(self, test_dir: Path) -> None:
         self.test_dir = test_dir
         self.qmp: QMPClient | None = None
-        self.events = EventListener()
+        self.events: Any = EventListener()   # anything with empty() and async get()
         self.running = False
 
     # -- the VM ------------------------------------------------------------------------------

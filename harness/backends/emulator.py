@@ -40,11 +40,11 @@ class EmulatorBackend(Backend):
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown emulator transport {transport!r}")
         self.transport = transport
-        self.session: object | None = None
         from emulator.sandbox import Sandbox
         self.sandbox = Sandbox(test_dir)
-        self.machine: Any = None
-        self.server: object | None = None
+        self.machine: Any = None   # emulator.machine.Machine, imported when the VM starts
+        self.session: Any = None   # the monitor session of the direct transport
+        self.server: Any = None    # the QMPServer of the socket transport
 
     async def start(self, vm: VmConfig) -> None:
         import emulator.commands  # noqa: F401  (registers every command family)
@@ -64,10 +64,10 @@ class EmulatorBackend(Backend):
         if self.transport == "direct":
             from emulator.qmp.protocol import QMPSession
             self.session = QMPSession(machine)
-            self.session.negotiate([])  # type: ignore[attr-defined]
+            self.session.negotiate([])
             # the engine only needs empty() and get(): an asyncio.Queue fed at emit time
-            self.events = asyncio.Queue()  # type: ignore[assignment]
-            machine.add_event_listener(self.events.put_nowait)  # type: ignore[attr-defined]
+            self.events = asyncio.Queue()
+            machine.add_event_listener(self.events.put_nowait)
             self.running = True
             return
         self.server = QMPServer(machine)
@@ -75,7 +75,7 @@ class EmulatorBackend(Backend):
         await qmp.connect(self.server.socketpair())
         await self.connect(qmp)
 
-    async def execute(self, name: str, arguments: dict | None = None) -> dict:  # type: ignore[type-arg]
+    async def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
         if self.transport == "socket":
             return await super().execute(name, arguments)
         from emulator.qmp.dispatch import dispatch
@@ -84,7 +84,7 @@ class EmulatorBackend(Backend):
         request = {"execute": name, **({"arguments": arguments} if arguments else {})}
         reply = await dispatch(self.machine, json.loads(json.dumps(request)), allow_oob=False,
                                negotiating=False, session=self.session)
-        if self.machine.shutdown_requested:  # type: ignore[attr-defined]
+        if self.machine.shutdown_requested:
             self.running = False
         return json.loads(json.dumps(reply if reply is not None else {"return": {}}))
 
@@ -106,13 +106,13 @@ class EmulatorBackend(Backend):
     async def close(self) -> None:
         self.running = False
         if self.machine is not None and self.session is not None:
-            self.machine.remove_event_listener(self.events.put_nowait)  # type: ignore
+            self.machine.remove_event_listener(self.events.put_nowait)
         if self.qmp is not None:
             with contextlib.suppress(Exception):
                 await self.qmp.disconnect()
             self.qmp = None
         if self.server is not None:
-            await self.server.close()  # type: ignore[attr-defined]
+            await self.server.close()
             self.server = None
         await self.wait_stopped()
 

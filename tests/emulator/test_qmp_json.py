@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from emulator.qmp.ghash import GStrSet, g_str_hash
 from emulator.qmp.json_streamer import JSONMessageParser
 from emulator.qmp.json_writer import encode_message, qdict_keys, tdb_hash, to_json
-from emulator.qmp.utf8 import c_string, mod_utf8_codepoint
+from emulator.qmp.utf8 import c_string, is_valid_codepoint, mod_utf8_codepoint
 
 
 def messages(data: bytes, flush: bool = False, **limits: int) -> list[Any]:
@@ -49,6 +49,11 @@ def test_writer_matches_qemu_formatting() -> None:
     assert to_json("\u00e9\U0001F600\x00\n\t/\b\f\r\"'\\\x1f\x7f") == \
         '"\\u00E9\\uD83D\\uDE00\\u0000\\n\\t/\\b\\f\\r\\"\'\\\\\\u001F\\u007F"'
     assert encode_message({"return": {}}) == b'{"return": {}}\r\n'
+
+
+def test_writer_prints_noncharacters_as_replacement() -> None:
+    """quoted_str: mod_utf8_codepoint() rejects noncharacters and surrogates -> U+FFFD."""
+    assert to_json("a\ufdd0\ufffe\U0001fffe\ud800") == '"a\\uFFFD\\uFFFD\\uFFFD\\uFFFD"'
 
 
 def test_writer_rejects_non_json() -> None:
@@ -142,10 +147,12 @@ def test_feed_can_stop_after_a_message() -> None:
     assert parser.feed(data[used:], stop=lambda: len(out) > 1) == 8
 
 
+# QEMU's parser rejects noncharacters and its writer prints them as U+FFFD: no round trip
+qmp_text = st.text().filter(lambda s: all(is_valid_codepoint(ord(c)) for c in s))
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    | st.floats(allow_nan=False, allow_infinity=False) | qmp_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(qmp_text, inner, max_size=4),
     max_leaves=12)
 
 

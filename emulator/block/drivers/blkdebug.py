@@ -164,7 +164,7 @@ class BlkdebugNode(BlockDriverState):
             self.max_pdiscard = self.max_discard_opt
 
     # -- permissions ----------------------------------------------------------------------
-    def child_perm(self, child: BdrvChild | None, role: Role, perm: int,
+    def child_perm(self, child: BdrvChild | None, role: int, perm: int,
                    shared: int) -> tuple[int, int]:
         """blkdebug_child_perm: default filter permissions, then take/unshare modifiers."""
         nperm, nshared = super().child_perm(child, role, perm, shared)

@@ -56,7 +56,7 @@ class CopyBeforeWriteNode(BlockDriverState):
         self.access_bitmap.merge_internal(self.bcs.copy_bitmap)
 
     # -- permissions ------------------------------------------------------------------------
-    def child_perm(self, child: BdrvChild | None, role: Role, perm: int,
+    def child_perm(self, child: BdrvChild | None, role: int, perm: int,
                    shared: int) -> tuple[int, int]:
         """cbw_child_perm: the target is written; the source is no longer written by
         anyone else once the filter has parents."""

@@ -44,7 +44,7 @@ class RawNode(BlockDriverState):
                                f"to be smaller or equal to the  actual size of the containing "
                                f"file ({real})")
 
-    def child_perm(self, child: BdrvChild | None, role: Role, perm: int,
+    def child_perm(self, child: BdrvChild | None, role: int, perm: int,
                    shared: int) -> tuple[int, int]:
         """raw_child_perm: WRITE and RESIZE only if the parents need them."""
         nperm, nshared = super().child_perm(child, role, perm, shared)
