@@ -275,8 +275,8 @@ def visible_events(golden: Transcript) -> frozenset[str]:
     A script logs the events it waits for; iotests' run_job logs every BLOCK_JOB_* event of
     its job, so one BLOCK_JOB_* in the file makes them all visible.
     """
-    names = {r.name for r in golden.records if isinstance(r, Event)}
-    return frozenset(names | (BLOCK_JOB_EVENTS if names & BLOCK_JOB_EVENTS else set()))
+    names = golden.event_names
+    return names | (BLOCK_JOB_EVENTS if names & BLOCK_JOB_EVENTS else frozenset())
 
 
 def vm_config(recipe: Recipe, norm: Normalizer, variables: dict[str, Json]) -> VmConfig:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.transcript.records import Blank, Heading, Record, Section, Text
+from harness.transcript.records import Blank, Event, Heading, Record, Section, Text
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,8 @@ class Transcript:
 
     def kinds(self) -> Counter[str]:
         return Counter(r.kind for r in self.records)
+
+    @functools.cached_property
+    def event_names(self) -> frozenset[str]:
+        """The names of the events this golden logs anywhere."""
+        return frozenset(r.name for r in self.records if isinstance(r, Event))
