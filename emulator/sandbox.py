@@ -8,6 +8,7 @@ Every open, create and delete goes through `Sandbox.resolve`.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from emulator.qmp.errors import GenericError
@@ -43,10 +44,38 @@ class Sandbox:
         raw = os.fspath(path)
         if not raw:
             raise SandboxError(raw)
+        below = self._below_root(raw)
+        if below is not None:
+            return below
         real = Path(os.path.realpath(self.root / raw))
         if real != self.root and self.root not in real.parents:
             raise SandboxError(raw)
         return real
+
+    def _below_root(self, raw: str) -> Path | None:
+        """os.path.realpath for the common case, a plain name below the root (which is a
+        real path already): only the components below the root need checking, and when
+        none is a symlink the path is its own real path. None: take the general way."""
+        root = str(self.root)
+        if raw.startswith(root + "/"):
+            rest = raw[len(root) + 1:]
+        elif raw.startswith("/"):
+            return None
+        else:
+            rest = raw
+        parts = rest.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            return None
+        current = root
+        for part in parts:
+            current += "/" + part
+            try:
+                mode = os.lstat(current).st_mode
+            except OSError:
+                continue   # realpath keeps what does not exist (yet) as written
+            if stat.S_ISLNK(mode):
+                return None
+        return Path(current)
 
     def resolve_backing(self, image: str | os.PathLike[str], backing_file: str) -> Path:
         """Where the backing file named in `image`'s header lives: like QEMU's

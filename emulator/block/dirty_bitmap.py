@@ -13,7 +13,6 @@ merge with backup/restore, checks with QEMU's texts). Bitmaps live on a node, ne
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -163,6 +162,8 @@ class HBitmap:
 
     def sha256(self) -> str:
         """hbitmap_sha256: SHA-256 of the bottom level, lower-case hex."""
+        import hashlib  # only x-debug-block-dirty-bitmap-sha256 needs it
+
         return hashlib.sha256(self.serialize()).hexdigest()
 
     def dirty_ranges(self) -> list[tuple[int, int]]:

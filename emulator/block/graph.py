@@ -59,14 +59,23 @@ class Transaction:
 
 def topological_dfs(found: set[int], bs: BlockDriverState,
                     out: list[BlockDriverState]) -> list[BlockDriverState]:
-    """bdrv_topological_dfs: prepend the subtree of ``bs`` (parents before children)."""
-    if id(bs) in found:
-        return out
-    found.add(id(bs))
-    for c in bs.children:
-        if c.bs is not None:
-            out = topological_dfs(found, c.bs, out)
-    return [bs, *out]
+    """bdrv_topological_dfs: prepend the subtree of ``bs`` (parents before children): each
+    child's subtree is prepended in child-list order, then ``bs`` — the reverse of a
+    post-order walk."""
+    post: list[BlockDriverState] = []
+
+    def visit(node: BlockDriverState) -> None:
+        if id(node) in found:
+            return
+        found.add(id(node))
+        for c in node.children:
+            if c.bs is not None:
+                visit(c.bs)
+        post.append(node)
+
+    visit(bs)
+    post.reverse()
+    return post + out
 
 
 class BlockGraph:
@@ -154,21 +163,24 @@ class BlockGraph:
         tran.add(abort=undo)
 
     def node_refresh_perm(self, bs: BlockDriverState, tran: Transaction) -> None:
-        """bdrv_node_refresh_perm: check this node, then recompute its children's edges."""
+        """bdrv_node_refresh_perm: check this node, then recompute its children's edges
+        (an edge whose permissions do not change needs no undo)."""
         perm, shared = bs.cumulative_perm()
-        if perm & (P.WRITE | P.WRITE_UNCHANGED) and not bs.is_writable():
-            if bs.read_only:
-                raise GenericError("Block node is read-only")
-            raise GenericError(f"Read-only block node '{bs.node_name}' cannot support "
-                               "read-write users")
-        if (perm & (P.WRITE | P.WRITE_UNCHANGED) and not perm & P.RESIZE
-                and bs.getlength() % bs.request_alignment):
-            raise GenericError("Cannot get 'write' permission without 'resize': "
-                               "Image size is not a multiple of request alignment")
+        if perm & (P.WRITE | P.WRITE_UNCHANGED):
+            if not bs.is_writable():
+                if bs.read_only:
+                    raise GenericError("Block node is read-only")
+                raise GenericError(f"Read-only block node '{bs.node_name}' cannot support "
+                                   "read-write users")
+            if (not perm & P.RESIZE and bs.request_alignment != 1
+                    and bs.getlength() % bs.request_alignment):
+                raise GenericError("Cannot get 'write' permission without 'resize': "
+                                   "Image size is not a multiple of request alignment")
         bs.check_perm(perm, shared)
         for c in bs.children:
             nperm, nshared = bs.child_perm(c, c.role, perm, shared)
-            self._set_child_perm(c, nperm, nshared, tran)
+            if nperm != c.perm or nshared != c.shared_perm:
+                self._set_child_perm(c, nperm, nshared, tran)
 
     def list_refresh_perms(self, nodes: Iterable[BlockDriverState], tran: Transaction) -> None:
         """bdrv_list_refresh_perms."""

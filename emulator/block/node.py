@@ -128,6 +128,9 @@ class BlockDriverState:
     # default request_alignment (bdrv_refresh_limits: byte-based drivers 1, else 512)
     default_request_alignment: ClassVar[int] = 1
     has_refresh_filename_hook: ClassVar[bool] = False
+    # requests have no effect beyond the node's own data and dirty bitmaps (no debug-event
+    # rules, no copies, no side channels): nothing can tell one big request from several
+    plain_io: ClassVar[bool] = False
     filtered_child_is_backing: ClassVar[bool] = False
 
     def __init__(self, graph: BlockGraph) -> None:
@@ -467,6 +470,11 @@ class BlockDriverState:
     def drv_block_status(self, want_zero: bool, offset: int, length: int) -> BlockStatus:
         """(flags, pnum, map, file) for the extent at offset (.bdrv_co_block_status)."""
         return BDRV_BLOCK_DATA | BDRV_BLOCK_ALLOCATED, length, offset, None
+
+    def pure_block_status(self) -> bool:
+        """Does asking this node's block status have no effects (so asking once for a long
+        extent tells the status of any request inside it)? True for plain drivers."""
+        return self.plain_io
 
     def drv_debug_event(self, event: str) -> None:
         """bdrv_debug_event: only blkdebug acts on debug events."""

@@ -18,6 +18,7 @@ rate-limit delays can sleep in the job coroutine.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ from emulator.block.node import (
     BdrvChild,
     BlockDriverState,
 )
+from emulator.block.subtree import subtree
 from emulator.jobs.progress import ProgressMeter
 from emulator.jobs.ratelimit import RateLimit
+from emulator.jobs.zero_run import ZeroRun
 
 if TYPE_CHECKING:
     pass
@@ -318,6 +321,53 @@ class BlockCopyState:
             return ret, _align_up(num, self.cluster_size)
         return ret, _align_down(num, self.cluster_size)
 
+    def zero_extent_end(self, offset: int) -> int:
+        """Where the source's zero extent at ``offset`` ends (0: not zero there), from one
+        block-status query to the end of the disk. Only for a source whose status queries
+        have no effects (``pure_block_status``): block status reports uniform runs, so the
+        status of any request inside the extent is this one, cut at the extent's end."""
+        if not all(bs.pure_block_status() for bs in subtree(self.source_bs)):
+            return 0
+        try:
+            ret, num = block_status_above(self.source_bs, None, offset, self.len - offset)
+        except OSError:
+            return 0
+        if not ret & BDRV_BLOCK_ZERO or ret & BDRV_BLOCK_DATA:
+            return 0
+        return offset + num
+
+    def fast_forward_zeroes(self, cs: BlockCopyCallState, offset: int, end: int, stop: int,
+                            zeroes: ZeroRun) -> int:
+        """The tasks from ``offset`` that lie inside the source's zero extent ending at
+        ``stop``, taken at once: each would read that extent's status, need no shrinking and
+        have its write deferred, so only the copy bitmap, the deferred run and progress
+        change. The caller makes sure nothing else could happen between them (no pause
+        point would yield, no rate limit). Returns where the next task starts."""
+        # the tasks of a dirty run [a, b) are [a, a + step), [a + step, a + 2 step), ... up
+        # to b rounded up to a cluster: a task's length is the run's rest, at most max_chunk,
+        # rounded up to a cluster
+        step = _align_up(_min_non_zero(self.chunk_size(), cs.max_chunk), self.cluster_size)
+        done = 0
+        while True:
+            run = self.copy_bitmap.next_dirty_area(offset, end, 1 << 62)
+            if run is None:
+                break
+            start, nbytes = run
+            run_end = _align_up(start + nbytes, self.cluster_size)
+            fits = run_end if run_end <= stop else start + (stop - start) // step * step
+            if fits > start:
+                self.copy_bitmap.reset_dirty(start, fits - start)
+                zeroes.add(start, fits)
+                done += fits - start
+                offset = fits
+            if fits < run_end:
+                break   # the next task reaches past the zero extent
+        if done:
+            if self.progress is not None:
+                self.progress.work_done(done)
+            self._update_remaining()
+        return offset
+
     @property
     def source_bs(self) -> BlockDriverState:
         assert self.source.bs is not None
@@ -360,28 +410,53 @@ class BlockCopyState:
         ret, is_read, method = self.do_copy(task.offset, task.bytes, task.method)
         if self.method == task.method:
             self.method = method
-        if ret < 0:
-            if not cs.ret:
-                cs.ret = ret
-                cs.error_is_read = is_read
-        elif self.progress is not None:
+        if ret < 0 and not cs.ret:
+            cs.ret = ret
+            cs.error_is_read = is_read
+        self.task_done(task, ret)
+        return ret
+
+    def task_done(self, task: BlockCopyTask, ret: int) -> None:
+        """The end of block_copy_task_entry: progress for a success, then the task ends."""
+        if ret >= 0 and self.progress is not None:
             self.progress.work_done(task.bytes)
         self.task_end(task, ret)
-        return ret
+
+    def undo_done(self, offset: int, nbytes: int) -> None:
+        """Tasks counted as done whose (deferred) write failed: dirty again, no progress."""
+        if self.progress is not None:
+            self.progress.current -= nbytes
+        self.copy_bitmap.set_dirty(offset, nbytes)
+        self._update_remaining()
 
     # -- calls ----------------------------------------------------------------------------
     def dirty_clusters(self, cs: BlockCopyCallState, sleep: Sleep,
                        cancelled: Callable[[], bool], before_task: Hook = _nothing) -> Co:
-        """block_copy_dirty_clusters: < 0 error, 1 something was dirty, 0 nothing."""
+        """block_copy_dirty_clusters: < 0 error, 1 something was dirty, 0 nothing.
+
+        Write-zeroes tasks may have their writes deferred and merged (see zero_run); the
+        hooks must not do I/O before they yield."""
         offset, nbytes = cs.offset, cs.bytes
         end = offset + nbytes
         found_dirty = False
         status = 0
         in_flight = 0   # tasks QEMU's pool had started before the failure was known
+        zeroes = ZeroRun(self)
+
+        def failed(ret: int) -> None:
+            """A deferred run failed: as if its task had (the first error is kept)."""
+            nonlocal status, in_flight
+            if not cs.ret:
+                cs.ret = ret
+                cs.error_is_read = False
+            if status == 0:
+                status = ret
+                in_flight = cs.max_workers - 1
+
         while nbytes and (status == 0 or in_flight > 0) and not cs.cancelled \
                 and not cancelled():
             in_flight -= 1
-            yield from before_task()
+            yield from zeroes.before_yield(before_task, failed)
             if cs.cancelled or cancelled():
                 break
             task = self.task_create(cs, offset, nbytes)
@@ -402,15 +477,34 @@ class BlockCopyState:
                 ns = self.rate_limit.calculate_delay(0)
                 if ns > 0:
                     self.task_end(task, -errno.EAGAIN)
-                    yield from sleep(ns)
+                    yield from zeroes.before_yield(functools.partial(sleep, ns), failed)
                     continue
             self.rate_limit.calculate_delay(task.bytes)
             offset = task.end
             nbytes = end - offset
+            if task.method == COPY_WRITE_ZEROES and zeroes.defer(task):
+                if (not zeroes.hook_yielded and not self.rate_limit.slice_quota
+                        and not self.skip_unallocated):
+                    stop = self.zero_extent_end(task.offset)
+                    if stop > offset:
+                        offset = self.fast_forward_zeroes(cs, offset, end, stop, zeroes)
+                        nbytes = end - offset
+                continue
+            if zeroes.ranges:
+                ret = zeroes.issue()
+                if ret < 0:
+                    failed(ret)
+                    if in_flight <= 0:
+                        self.task_end(task, -errno.ECANCELED)   # never started
+                        break
             ret = self.task_entry(task, cs)
             if ret < 0 and status == 0:
                 status = ret
                 in_flight = cs.max_workers - 1
+        if zeroes.ranges:
+            ret = zeroes.issue()
+            if ret < 0:
+                failed(ret)
         if status < 0:
             return status
         return 1 if found_dirty else 0

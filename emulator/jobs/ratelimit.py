@@ -36,7 +36,8 @@ class RateLimit:
         self.dispatched += n
         if self.dispatched < self.slice_quota:
             return 0
-        delay_ns = int((self.slice_end_time - self.slice_start_time)
-                       * self.dispatched / self.slice_quota)
-        self.slice_end_time = self.slice_start_time + delay_ns
+        # the slice is extended from its start by dispatched/quota slices (QEMU multiplies
+        # slice_ns, not the already extended slice, so repeated calls do not compound)
+        delay_slices = self.dispatched / self.slice_quota
+        self.slice_end_time = self.slice_start_time + int(delay_slices * self.slice_ns)
         return self.slice_end_time - now

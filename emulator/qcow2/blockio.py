@@ -34,6 +34,12 @@ class FileIO:
     Debug events go nowhere; blkdebug (the block layer's) wraps a FileIO to act on them.
     """
 
+    @property
+    def unobserved(self) -> bool:
+        """Nothing sees the requests one by one (see Refcounts.table); a subclass may
+        watch them, so only a plain FileIO says so."""
+        return type(self) is FileIO
+
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only

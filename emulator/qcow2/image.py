@@ -54,6 +54,8 @@ class Status(Enum):
     ZERO = "zero"  # zero clusters: read as zeroes without going to the backing file
     UNALLOCATED = "unallocated"  # reads through to the backing file (zeroes without one)
 
+    __hash__ = object.__hash__   # members are singletons; Enum's own hash is Python code
+
 
 _STATUS = {
     ClusterType.NORMAL: Status.DATA,
@@ -201,9 +203,10 @@ class Qcow2Image:
     def map_extent(self, offset: int, length: int) -> tuple[Status, int, int | None]:
         """Like `block_status`, plus the host offset for DATA and preallocated ZERO extents
         (the "offset" of ``qemu-img map``). `length` is clipped at the end of the image."""
-        self._check_range(offset, 0)
-        length = min(length, self.size - offset)
-        kind, nbytes, host = self.tables.run(offset, length)
+        size = self.header.size
+        if offset < 0 or offset > size:
+            self._check_range(offset, 0)
+        kind, nbytes, host = self.tables.run(offset, min(length, size - offset))
         if kind is ClusterType.COMPRESSED:
             host = None
         return _STATUS[kind], nbytes, host

@@ -100,11 +100,29 @@ class Refcounts:
         self.block_bits = self.cluster_bits - (self.order - 3)  # log2(entries per block)
         self.block_entries = 1 << self.block_bits
         self.max_refcount = (1 << (1 << self.order)) - 1
-        raw = io.pread(header.refcount_table_offset,
-                       header.refcount_table_clusters * self.cluster_size)
-        self.table = _load_table(raw)
+        self._table: list[int] | None = None
+        if not getattr(io, "unobserved", False):
+            self._table = self._read_table()   # qcow2_refcount_init: read at open
         self._blocks: dict[int, bytearray] = {}
         self.free_cluster_index = 0
+
+    def _read_table(self) -> list[int]:
+        raw = self.io.pread(self.header.refcount_table_offset,
+                            self.header.refcount_table_clusters * self.cluster_size)
+        return _load_table(raw)
+
+    @property
+    def table(self) -> list[int]:
+        """The refcount table. QEMU reads it at open; when nothing can observe the file's
+        requests (``io.unobserved``) it is read on first use instead, which many opens
+        (qemu-img compare, queries of read-only nodes) never come to."""
+        if self._table is None:
+            self._table = self._read_table()
+        return self._table
+
+    @table.setter
+    def table(self, value: list[int]) -> None:
+        self._table = value
 
     # -- lookups ---------------------------------------------------------------------------
     def block(self, offset: int) -> bytearray:
@@ -156,14 +174,41 @@ class Refcounts:
         self.update(offset, size, -1)
 
     def _alloc_noref(self, size: int) -> int:
-        """alloc_clusters_noref: first fit from free_cluster_index, refcounts untouched."""
+        """alloc_clusters_noref: first fit from free_cluster_index, refcounts untouched
+        (free_cluster_index ends after the run found, as the cluster-by-cluster scan does)."""
         nb_clusters = -(-size >> self.cluster_bits)
-        found = 0
+        start = self._next_free(self.free_cluster_index)
+        found = 1
         while found < nb_clusters:
-            index = self.free_cluster_index
-            self.free_cluster_index += 1
-            found = found + 1 if self.get(index) == 0 else 0
-        return (self.free_cluster_index - nb_clusters) << self.cluster_bits
+            if self.get(start + found) == 0:
+                found += 1
+            else:
+                start = self._next_free(start + found + 1)
+                found = 1
+        self.free_cluster_index = start + nb_clusters
+        return start << self.cluster_bits
+
+    def _next_free(self, index: int) -> int:
+        """The first cluster from ``index`` on whose refcount is 0, found with bytes.find
+        in the refcount blocks rather than one cluster at a time."""
+        width = (1 << self.order) // 8   # bytes per entry; 0 for sub-byte refcounts
+        while True:
+            table_index = index >> self.block_bits
+            if table_index >= len(self.table) or not self.table[table_index]:
+                return index
+            if not width:
+                if self.get(index) == 0:
+                    return index
+                index += 1
+                continue
+            block = self.block(self.table[table_index])
+            zero = bytes(width)
+            pos = block.find(zero, (index & (self.block_entries - 1)) * width)
+            while pos >= 0 and pos % width:
+                pos = block.find(zero, pos + 1)
+            if pos >= 0:
+                return (table_index << self.block_bits) + pos // width
+            index = (table_index + 1) << self.block_bits
 
     def update(self, offset: int, length: int, addend: int) -> None:
         """update_refcount: add `addend` to every cluster touched by [offset, offset+length).
@@ -175,38 +220,40 @@ class Refcounts:
             return
         start = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
+        order, entries_mask = self.order, self.block_entries - 1
         done = start
         block_offset = -1
-        dirty: tuple[int, int] | None = None
+        block = bytearray()
+        lo = hi = -1   # the bytes of the block changed so far (indices only grow)
         try:
             for cluster in range(start, last + 1):
-                table_index = cluster >> self.block_bits
-                if block_offset < 0 or (cluster & (self.block_entries - 1)) == 0:
-                    self._write_back(block_offset, dirty)
-                    dirty = None
-                    block_offset = self._refblock_for(cluster, table_index)
-                block = self.block(block_offset)
-                index = cluster & (self.block_entries - 1)
-                refcount = get_refcount(block, index, self.order) + addend
+                index = cluster & entries_mask
+                if block_offset < 0 or index == 0:
+                    self._write_back(block_offset, lo, hi)
+                    lo = -1
+                    block_offset = self._refblock_for(cluster, cluster >> self.block_bits)
+                    block = self.block(block_offset)
+                refcount = get_refcount(block, index, order) + addend
                 if not 0 <= refcount <= self.max_refcount:
                     raise Qcow2Error(f"Refcount of cluster {cluster} out of range")
                 if refcount == 0 and cluster < self.free_cluster_index:
                     self.free_cluster_index = cluster
-                lo, hi = set_refcount(block, index, self.order, refcount)
-                dirty = (min(lo, dirty[0]), max(hi, dirty[1])) if dirty else (lo, hi)
+                first, hi = set_refcount(block, index, order, refcount)
+                if lo < 0:
+                    lo = first
                 done = cluster + 1
         except Again:
-            self._write_back(block_offset, dirty)
+            self._write_back(block_offset, lo, hi)
             self.free_cluster_index = min(self.free_cluster_index, start)
             if done > start:
                 self.update(offset, (done - start) << self.cluster_bits, -addend)
             raise
-        self._write_back(block_offset, dirty)
+        self._write_back(block_offset, lo, hi)
 
-    def _write_back(self, block_offset: int, dirty: tuple[int, int] | None) -> None:
-        if dirty is None:
+    def _write_back(self, block_offset: int, lo: int, hi: int) -> None:
+        """Write bytes [lo, hi) of the refcount block (nothing if lo < 0)."""
+        if lo < 0:
             return
-        lo, hi = dirty
         self.io.debug_event("refblock_update_part")
         self.io.pwrite(block_offset + lo, bytes(self.block(block_offset)[lo:hi]))
 

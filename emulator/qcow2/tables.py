@@ -32,6 +32,8 @@ class ClusterType(Enum):
     NORMAL = "normal"
     COMPRESSED = "compressed"
 
+    __hash__ = object.__hash__   # members are singletons; Enum's own hash is Python code
+
 
 def cluster_type(entry: int) -> ClusterType:
     """qcow2_get_cluster_type for an image without subclusters or an external data file."""
@@ -43,21 +45,24 @@ def cluster_type(entry: int) -> ClusterType:
 
 
 def needs_new_alloc(entry: int) -> bool:
-    """cluster_needs_new_alloc: writing here cannot reuse the host cluster in place."""
-    kind = cluster_type(entry)
-    in_place = kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and entry & OFLAG_COPIED
-    return not in_place
+    """cluster_needs_new_alloc: writing here cannot reuse the host cluster in place (only
+    NORMAL and ZERO_ALLOC clusters — not compressed, with a host offset — that we own alone,
+    QCOW_OFLAG_COPIED, can be)."""
+    return not (entry & OFLAG_COPIED and entry & OFFSET_MASK and not entry & OFLAG_COMPRESSED)
 
 
 def _count_equal(table: array, start: int, limit: int, value: int) -> int:
-    """How many of table[start:start+limit] equal `value`, counted with memcmp over blocks
-    that double (then halve at the first difference) instead of a Python loop per entry."""
-    raw = memoryview(table)[start:start + limit].tobytes()
-    unit = array("Q", [value]).tobytes()
-    equal, size = 0, 1   # the first `equal` entries are known to be equal
+    """How many of table[start:start+limit] equal `value` (table[start] does), counted with
+    memcmp over blocks that double (then halve at the first difference) instead of a Python
+    loop per entry; only the entries compared are copied."""
+    if limit < 2 or table[start + 1] != value:
+        return min(limit, 1)
+    view = memoryview(table)
+    unit = value.to_bytes(8, sys.byteorder)
+    equal, size = 2, 2   # the first `equal` entries are known to be equal
     while True:
         end = min(equal + size, limit)
-        if raw[equal * 8:end * 8] != unit * (end - equal):
+        if view[start + equal:start + end].tobytes() != unit * (end - equal):
             break
         equal = end
         if equal == limit:
@@ -65,7 +70,7 @@ def _count_equal(table: array, start: int, limit: int, value: int) -> int:
         size *= 4
     while end - equal > 1:   # entries [equal, end) hold a difference
         mid = (equal + end) // 2
-        if raw[equal * 8:mid * 8] == unit * (mid - equal):
+        if view[start + equal:start + mid].tobytes() == unit * (mid - equal):
             equal = mid
         else:
             end = mid

@@ -18,6 +18,7 @@ by a handler prints "Error: <desc>", as hmp_handle_error() does.  Lookup, sub-co
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ from emulator.qmp.errors import QMPError
 
 HMPHandler = Callable[..., Any]
 _SPACE = " \t\n\v\f\r"
+_SPACES = re.compile(r"[ \t\n\v\f\r]*")
+_WORD = re.compile(r"[^ \t\n\v\f\r]*")
 
 
 @dataclass
@@ -77,9 +80,7 @@ class HMPArgError(Exception):
 
 
 def _skip_space(line: str, p: int) -> int:
-    while p < len(line) and line[p] in _SPACE:
-        p += 1
-    return p
+    return _SPACES.match(line, p).end()  # type: ignore[union-attr]
 
 
 def get_str(line: str, p: int) -> tuple[str | None, int]:
@@ -88,28 +89,30 @@ def get_str(line: str, p: int) -> tuple[str | None, int]:
     p = _skip_space(line, p)
     if p >= len(line):
         return None, p
+    if line[p] != '"':
+        word = _WORD.match(line, p)
+        assert word is not None
+        return word.group(), word.end()
+    close = line.find('"', p + 1)
+    if close >= 0 and "\\" not in line[p + 1:close]:
+        return line[p + 1:close], close + 1   # no escapes: the text between the quotes
     out = []
-    if line[p] == '"':
-        p += 1
-        while p < len(line) and line[p] != '"':
-            if line[p] == "\\":
-                p += 1
-                c = line[p] if p < len(line) else ""
-                p += 1
-                mapped = {"n": "\n", "r": "\r", "\\": "\\", "'": "'", '"': '"'}.get(c)
-                if mapped is None:  # QEMU prints "unsupported escape code" on its stdout
-                    return None, p
-                out.append(mapped)
-            else:
-                out.append(line[p])
-                p += 1
-        if p >= len(line):  # "unterminated string", on QEMU's stdout
-            return None, p
-        return "".join(out), p + 1
-    while p < len(line) and line[p] not in _SPACE:
-        out.append(line[p])
-        p += 1
-    return "".join(out), p
+    p += 1
+    while p < len(line) and line[p] != '"':
+        if line[p] == "\\":
+            p += 1
+            c = line[p] if p < len(line) else ""
+            p += 1
+            mapped = {"n": "\n", "r": "\r", "\\": "\\", "'": "'", '"': '"'}.get(c)
+            if mapped is None:  # QEMU prints "unsupported escape code" on its stdout
+                return None, p
+            out.append(mapped)
+        else:
+            out.append(line[p])
+            p += 1
+    if p >= len(line):  # "unterminated string", on QEMU's stdout
+        return None, p
+    return "".join(out), p + 1
 
 
 def _parse_int(line: str, p: int) -> tuple[int | None, int]:

@@ -10,16 +10,19 @@ without parsing.  Each message yields exactly one ``emit(value, None)`` or
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 from emulator.qmp import json_lexer as L
+from emulator.qmp.json_fast import parse_object
 from emulator.qmp.json_parser import JSONParseError, Token, parse_tokens
 from emulator.qmp.utf8 import c_string
 
 MAX_TOKEN_SIZE = 64 << 20
 MAX_TOKEN_COUNT = 2 << 20
 MAX_NESTING = 1 << 10
+_WHITESPACE = re.compile(rb"[ \t\r\n]*")   # what the lexer skips between tokens
 
 Emit = Callable[[Any, "str | None"], None]
 
@@ -34,6 +37,7 @@ class JSONMessageParser:
         self.max_token_count = max_token_count
         self.max_nesting = max_nesting
         self.lexer = L.JSONLexer(self._process_token, max_token_size=max_token_size)
+        self._emitted = 0   # messages emitted so far
         self._reset()
 
     def _reset(self) -> None:
@@ -45,8 +49,39 @@ class JSONMessageParser:
     def feed(self, data: bytes, stop: Callable[[], bool] | None = None, start: int = 0) -> int:
         """Feed ``data[start:]``; with ``stop``, stop after the first byte at whose end
         ``stop()`` is true (QEMU's monitor reads one byte at a time and may stop reading
-        after any message).  Returns the position after the last byte consumed."""
-        return self.lexer.feed(data, stop, start)
+        after any message).  Returns the position after the last byte consumed.
+
+        Between messages, a plain JSON object is taken by the fast path (json_fast); the
+        faithful lexer takes everything else, up to the end of the message it completes."""
+        i, n = start, len(data)
+        while i < n:
+            if self._between_messages():
+                j = _WHITESPACE.match(data, i).end()  # type: ignore[union-attr]
+                if j < n and data[j] == 0x7B:   # "{"
+                    parsed = parse_object(data, j, max_token_size=self.max_token_size,
+                                          max_token_count=self.max_token_count,
+                                          max_nesting=self.max_nesting)
+                    if parsed is not None:
+                        value, i = parsed
+                        self._emit(value, None)
+                        if stop is not None and stop():
+                            return i
+                        continue
+            count = self._emitted
+
+            def message_done(count: int = count) -> bool:
+                return self._emitted != count or (stop is not None and stop())
+
+            i = self.lexer.feed(data, message_done, i)
+            if stop is not None and stop():
+                return i
+        return n
+
+    def _between_messages(self) -> bool:
+        """Nothing of a message lexed yet (QMP's lexer has no interpolation)."""
+        lexer = self.lexer
+        return (lexer.state == L.IN_START and lexer.start_state == L.IN_START
+                and not lexer.token and not self.tokens)
 
     def flush(self) -> None:
         """End of input (not used by QMP, whose monitor never flushes)."""
@@ -94,4 +129,5 @@ class JSONMessageParser:
 
     def _emit(self, value: Any, err: str | None) -> None:
         self._reset()
+        self._emitted += 1
         self.emit(value, err)

@@ -40,22 +40,32 @@ def qdict_keys(d: dict[str, Any]) -> list[str]:
     ``d``'s insertion order as the order of qdict_put() calls."""
     if len(d) < 2:
         return list(d)
-    return list(_qdict_order(tuple(d)))
+    return [key for key, _ in _dict_layout(tuple(d))]
 
 
 @functools.lru_cache(maxsize=4096)
-def _qdict_order(keys: tuple[str, ...]) -> tuple[str, ...]:
-    """QDict order of keys inserted in this order (memoized: dicts of one schema type share
-    their keys)."""
+def _dict_layout(keys: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """The keys of a dict inserted in this order, in QDict order, each with the text written
+    before its value (memoized: dicts of one schema type share their keys)."""
     order = {key: i for i, key in enumerate(keys)}
-    return tuple(sorted(keys, key=lambda k: (tdb_hash(k) % QDICT_BUCKET_MAX, -order[k])))
+    ordered = sorted(keys, key=lambda k: (tdb_hash(k) % QDICT_BUCKET_MAX, -order[k]))
+    return tuple((key, ("" if i == 0 else ", ") + quote(key) + ": ")
+                 for i, key in enumerate(ordered))
+
+
+# printable ASCII but '"' and '\\' stands for itself; the rest of ASCII has a short escape
+# or \\u00XX (0x7F included)
+_ASCII_ESCAPES = {i: f"\\u{i:04X}" for i in (*range(0x20), 0x7F)}
+_ASCII_ESCAPES.update({ord(ch): esc for ch, esc in _ESCAPES.items()})
 
 
 def quote(s: str) -> str:
     """json-writer.c quoted_str(): code points that are not valid Unicode scalar values or
     are noncharacters print as U+FFFD, as mod_utf8_codepoint() rejects them."""
-    if s.isascii() and s.isprintable() and '"' not in s and "\\" not in s:
-        return f'"{s}"'   # printable ASCII needs no escapes (0x7F is not printable)
+    if s.isascii():
+        if s.isprintable() and '"' not in s and "\\" not in s:
+            return f'"{s}"'   # printable ASCII needs no escapes (0x7F is not printable)
+        return '"' + s.translate(_ASCII_ESCAPES) + '"'
     out = ['"']
     for ch in s:
         esc = _ESCAPES.get(ch)
@@ -82,9 +92,53 @@ def format_double(value: float) -> str:
 
 
 def to_json(obj: Any) -> str:
-    """Serialize like qobject_to_json(): dict, list/tuple, str, bool, int, float, None.
+    """Serialize like qobject_to_json(): dict, list/tuple, str, bool, int, float, None."""
+    parts: list[str] = []
+    try:
+        _write(obj, parts)
+    except RecursionError:   # an echoed "id" may nest 1024 levels deep
+        return _to_json_iterative(obj)
+    return "".join(parts)
 
-    Iterative, because an echoed "id" may nest 1024 levels deep."""
+
+def _write(obj: Any, parts: list[str]) -> None:
+    """The recursive writer (the common case: shallow values)."""
+    kind = type(obj)
+    if kind is str:
+        parts.append(quote(obj))
+    elif kind is dict:
+        if len(obj) < 2:
+            for key in obj:
+                parts.append("{" + quote(key) + ": ")
+                _write(obj[key], parts)
+                parts.append("}")
+                return
+            parts.append("{}")
+            return
+        parts.append("{")
+        for key, prefix in _dict_layout(tuple(obj)):
+            parts.append(prefix)
+            _write(obj[key], parts)
+        parts.append("}")
+    elif kind is int:
+        parts.append(str(obj))
+    elif kind is list or kind is tuple:
+        parts.append("[")
+        first = True
+        for item in obj:
+            if not first:
+                parts.append(", ")
+            first = False
+            _write(item, parts)
+        parts.append("]")
+    elif isinstance(obj, dict | list | tuple) and not isinstance(obj, str):
+        parts.append(_to_json_iterative(obj))
+    else:
+        parts.append(_scalar(obj))
+
+
+def _to_json_iterative(obj: Any) -> str:
+    """to_json without recursion, for values nested deeper than Python's stack allows."""
     parts: list[str] = []
     todo: list[Any] = [obj]  # values to write, or literal text (_Text) to emit
     while todo:

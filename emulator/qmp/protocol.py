@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emulator.qmp.dispatch import dispatch, is_oob, parse_error_response
 from emulator.qmp.errors import CommandNotFound, GenericError, error_object
-from emulator.qmp.json_streamer import JSONMessageParser
 from emulator.qmp.json_writer import encode_message
 
 # VersionTriple in QAPI member order: the order QEMU inserts the keys, which decides the
@@ -36,6 +35,9 @@ from emulator.qmp.json_writer import encode_message
 QEMU_VERSION = {"major": 7, "minor": 2, "micro": 22}
 QEMU_PACKAGE = "Debian 1:7.2+dfsg-7+deb12u18+b3"
 CAPABILITIES = ("oob",)
+
+if TYPE_CHECKING:
+    from emulator.qmp.json_streamer import JSONMessageParser
 
 log = logging.getLogger("emulator.qmp")
 
@@ -60,7 +62,16 @@ class QMPSession:
         self._parsed: list[Request] = []
         self._input = b""
         self._pos = 0
-        self.parser = JSONMessageParser(self._on_message)
+        self._parser: JSONMessageParser | None = None
+
+    @property
+    def parser(self) -> JSONMessageParser:
+        """The JSON stream, made (and its modules imported) when bytes first arrive: a
+        session driven with request dicts (the direct transport) never needs it."""
+        if self._parser is None:
+            from emulator.qmp.json_streamer import JSONMessageParser
+            self._parser = JSONMessageParser(self._on_message)
+        return self._parser
 
     @property
     def oob_enabled(self) -> bool:

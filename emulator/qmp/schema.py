@@ -176,9 +176,11 @@ class ObjectType(QAPIType):
 
 
 def visit_members(members: Iterable[Member], v: InputVisitor, out: dict[str, Any]) -> None:
-    """visit_type_<T>_members() for plain members, in declaration order."""
+    """visit_type_<T>_members() for plain members, in declaration order (members are
+    visited with their struct's object on top of the visitor's stack)."""
+    obj = v.current_object()
     for m in members:
-        if m.optional and not v.optional(m.name):
+        if m.optional and m.name not in obj:   # visit_optional: null counts as present
             continue
         out[m.name] = resolve(m.type).visit(v, m.name)
 
@@ -308,6 +310,10 @@ def alternate(name: str, branches: Mapping[str, TypeRef], *, features: Any = Non
 
 def resolve(ref: TypeRef) -> QAPIType:
     """A type reference to its type: a name, ``[T]`` or an anonymous struct dict."""
+    if type(ref) is str:
+        found = TYPES.get(ref)
+        if found is not None:
+            return found
     if isinstance(ref, QAPIType):
         return ref
     if isinstance(ref, str):
@@ -315,13 +321,28 @@ def resolve(ref: TypeRef) -> QAPIType:
             return TYPES[ref]
         except KeyError:
             raise KeyError(f"QAPI type '{ref}' is not declared") from None
+    if isinstance(ref, list | dict):
+        # the same declaration always makes the same wrapper (its member and element
+        # references resolve by name when visited, so re-declared names still take effect)
+        cached = _ANONYMOUS.get(id(ref))
+        if cached is not None and cached[0] is ref:
+            return cached[1]
+        wrapper = _anonymous(ref)
+        _ANONYMOUS[id(ref)] = (ref, wrapper)
+        return wrapper
+    raise TypeError(f"not a QAPI type reference: {ref!r}")
+
+
+# id(declaration) -> (declaration, its type); the declaration is kept so its id stays unique
+_ANONYMOUS: dict[int, tuple[Any, QAPIType]] = {}
+
+
+def _anonymous(ref: list[Any] | dict[str, Any]) -> QAPIType:
     if isinstance(ref, list):
         if len(ref) != 1:
             raise TypeError(f"an array type is a one-element list, not {ref!r}")
         return Array(ref[0])
-    if isinstance(ref, dict):
-        return Struct("<anonymous>", _members(ref))
-    raise TypeError(f"not a QAPI type reference: {ref!r}")
+    return Struct("<anonymous>", _members(ref))
 
 
 def describe(ref: TypeRef | None) -> str:
@@ -361,8 +382,11 @@ def check_arguments(ref: TypeRef | None, arguments: dict[str, Any]) -> dict[str,
     """What a command's marshaller does before calling it: visit ``arguments`` against the
     command's ``data`` (a struct or union, named or anonymous; None for no arguments) and
     reject leftovers.  Returns the checked arguments or raises GenericError."""
-    with _deep_enough():
+    try:
         return _check_arguments(ref, arguments)
+    except RecursionError:   # deeply nested input: visiting has no effects, so start over
+        with _deep_enough():
+            return _check_arguments(ref, arguments)
 
 
 def _check_arguments(ref: TypeRef | None, arguments: dict[str, Any]) -> dict[str, Any]:

@@ -11,11 +11,9 @@ exactly as QEMU does; this class reproduces which is which.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from emulator.qmp.errors import GenericError
-from emulator.qmp.ghash import GStrSet
 from emulator.qmp.json_writer import qdict_keys
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -44,14 +42,34 @@ def qnum_get_try_uint(value: Any) -> int | None:
     return None
 
 
-@dataclass
 class _Frame:
-    name: str | None
-    obj: dict[str, Any] | list[Any]
-    unvisited: GStrSet | None = None      # dict: keys not yet taken
-    index: int = 0xFFFFFFFF                # list: index of the last element taken (unsigned)
-    pos: int = 0                           # list: next element
-    keys: dict[bytes, str] = field(default_factory=dict)
+    """One container being visited."""
+
+    __slots__ = ("index", "name", "obj", "pos", "taken", "unvisited")
+
+    def __init__(self, name: str | None, obj: dict[str, Any] | list[Any]) -> None:
+        self.name = name
+        self.obj = obj
+        # dict: the keys not yet taken, and those taken in order (GLib's table is only
+        # rebuilt from them when its iteration order decides which leftover is reported)
+        self.unvisited: set[str] | None = set(obj) if isinstance(obj, dict) else None
+        self.taken: list[str] = []
+        self.index = 0xFFFFFFFF                # list: index of the last element taken
+        self.pos = 0                           # list: next element
+
+    def first_unvisited(self) -> str:
+        """The leftover key QEMU names: the first its GHashTableIter yields, after the
+        table got every key in QDict order and lost the taken ones in the order taken."""
+        assert self.unvisited and isinstance(self.obj, dict)
+        if len(self.unvisited) == 1:
+            return next(iter(self.unvisited))
+        from emulator.qmp.ghash import GStrSet  # only for two or more leftovers
+
+        names = {c_key(k): k for k in qdict_keys(self.obj)}
+        table = GStrSet(names)
+        for key in self.taken:
+            table.remove(c_key(key))
+        return names[next(iter(table))]
 
 
 class InputVisitor:
@@ -85,15 +103,16 @@ class InputVisitor:
         if not self.stack:
             return self.root
         tos = self.stack[-1]
-        if isinstance(tos.obj, dict):
-            assert name is not None
-            ret = tos.obj.get(name, _MISSING)
-            if tos.unvisited is not None and consume and ret is not _MISSING:
-                removed = tos.unvisited.remove(c_key(name))
-                assert removed
+        obj = tos.obj
+        if isinstance(obj, dict):
+            assert name is not None and tos.unvisited is not None
+            ret = obj.get(name, _MISSING)
+            if consume and ret is not _MISSING:
+                tos.unvisited.remove(name)
+                tos.taken.append(name)
             return ret
-        if tos.pos < len(tos.obj):
-            ret = tos.obj[tos.pos]
+        if tos.pos < len(obj):
+            ret = obj[tos.pos]
             if consume:
                 tos.pos += 1
         else:
@@ -108,6 +127,12 @@ class InputVisitor:
             raise GenericError(f"Parameter '{self.full_name(name)}' is missing")
         return value
 
+    def current_object(self) -> dict[str, Any]:
+        """The JSON object being visited (the struct on top of the stack)."""
+        obj = self.stack[-1].obj
+        assert isinstance(obj, dict)
+        return obj
+
     def optional(self, name: str) -> bool:
         """visit_optional(): is the member present (null counts as present)?"""
         return self.try_get(name, False) is not _MISSING
@@ -121,15 +146,14 @@ class InputVisitor:
         obj = self.get(name)
         if not isinstance(obj, dict):
             raise self.type_error(name, "object")
-        keys = {c_key(k): k for k in qdict_keys(obj)}
-        self.stack.append(_Frame(name, obj, GStrSet(keys), keys=keys))
+        self.stack.append(_Frame(name, obj))
         return obj
 
     def check_struct(self) -> None:
         tos = self.stack[-1]
-        assert tos.unvisited is not None
-        for key in tos.unvisited:
-            raise GenericError(f"Parameter '{self.full_name(tos.keys[key])}' is unexpected")
+        if tos.unvisited:
+            raise GenericError(f"Parameter '{self.full_name(tos.first_unvisited())}' is "
+                               "unexpected")
 
     def end_struct(self) -> None:
         self.stack.pop()

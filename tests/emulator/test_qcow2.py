@@ -354,3 +354,47 @@ def test_random_io_matches_a_model_and_real_qemu(tmp_path: Path, operations: lis
     assert img.compare(box, "mine", "real").exit_code == 0
     check = qemu_img("check", mine)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("order", range(7))
+def test_first_fit_search_matches_the_cluster_by_cluster_scan(order: int) -> None:
+    """Refcounts._alloc_noref finds free runs with bytes.find; QEMU's alloc_clusters_noref
+    looks at one cluster at a time. Same offset, same free_cluster_index afterwards."""
+    import random
+
+    from emulator.qcow2.header import Header
+    from emulator.qcow2.refcounts import Refcounts, set_refcount
+
+    class NullIO:
+        unobserved = True
+
+        def pread(self, offset: int, length: int) -> bytes:
+            return bytes(length)
+
+    def scan(rc: Refcounts, size: int) -> int:
+        nb, found = -(-size >> rc.cluster_bits), 0
+        while found < nb:
+            index = rc.free_cluster_index
+            rc.free_cluster_index += 1
+            found = found + 1 if rc.get(index) == 0 else 0
+        return (rc.free_cluster_index - nb) << rc.cluster_bits
+
+    rnd = random.Random(order)
+    header = Header(cluster_bits=9, size=0, refcount_table_offset=512,
+                    refcount_table_clusters=1, refcount_order=order)
+    for _ in range(200):
+        fast, slow = Refcounts(NullIO(), header), Refcounts(NullIO(), header)  # type: ignore
+        fast.table, slow.table = [0] * 64, [0] * 64
+        for t in range(rnd.randint(1, 3)):
+            if rnd.random() < 0.8:
+                block = bytearray(512)
+                for _ in range(rnd.randint(0, 200)):
+                    set_refcount(block, rnd.randrange(fast.block_entries), order,
+                                 rnd.randint(0, min(3, fast.max_refcount)))
+                for rc in (fast, slow):
+                    rc.table[t] = (t + 1) * 512
+                    rc._blocks[(t + 1) * 512] = bytearray(block)
+        fast.free_cluster_index = slow.free_cluster_index = rnd.randrange(4 * fast.block_entries)
+        size = rnd.randint(1, 5) * 512
+        assert fast._alloc_noref(size) == scan(slow, size)
+        assert fast.free_cluster_index == slow.free_cluster_index

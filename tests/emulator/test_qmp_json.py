@@ -232,3 +232,69 @@ def test_ghash_iteration_order_matches_glib() -> None:
         for op, key in ops:
             (mine.add if op == "add" else mine.remove)(key)
         assert list(mine) == _real_order(lib, ops)
+
+
+# -- the fast path for plain objects (json_fast) ---------------------------------------------------
+def _feed_all(data: bytes, chunks: int, **limits: int) -> list[Any]:
+    """Messages (and the positions the parser stopped at, one message at a time as the
+    monitor reads) for ``data`` fed in ``chunks`` pieces."""
+    out: list[Any] = []
+    parser = JSONMessageParser(lambda v, e: out.append(("error", e) if e else v), **limits)
+    step = max(1, -(-len(data) // chunks))
+    for start in range(0, len(data), step):
+        piece = data[start:start + step]
+        used = 0
+        while used < len(piece):
+            seen = len(out)
+            used = parser.feed(piece, lambda seen=seen: len(out) > seen, used)
+            out.append(("stop", used))
+    return out
+
+
+def _both(data: bytes, chunks: int, **limits: int) -> tuple[list[Any], list[Any]]:
+    """``_feed_all`` with the fast path, and with the faithful lexer alone."""
+    import emulator.qmp.json_streamer as streamer
+
+    fast = _feed_all(data, chunks, **limits)
+    original = streamer.parse_object
+    streamer.parse_object = lambda *a, **k: None  # type: ignore[assignment]
+    try:
+        slow = _feed_all(data, chunks, **limits)
+    finally:
+        streamer.parse_object = original
+    return fast, slow
+
+
+FAST_CORPUS = [
+    b'{"execute": "query-status"}\n',
+    b'  {"execute": "x", "arguments": {"a": [1, -2, 3.5, 1e5, 0.5E-3, true, false, null]}}',
+    b'{"a": 0e5}', b'{"a": -0E1}', b'{"a": 01}', b'{"a": 1.}', b'{"a": NaN}', b'{"a": Infinity}',
+    b'{"a": 1, "a": 2}', b'{"a": "\\u0041"}', b"{'a': 1}", b'{"a": "\xc3\xa9"}', b'{"a": "\x01"}',
+    b'{"a": 18446744073709551616}', b'{"a": -9223372036854775809}', b'{"a": [}', b'{"a" 1}',
+    b'{"a": 1,}', b'{}{}[]1}', b'{"a": truex}', b'{"a":\x0c1}', b'{"a": "\x7f"}',
+    b'{"a": {"b": {"c": [[[]]]}}}' * 3, b'{"x": 1}{"y": "}"} {"z": [1, {"w": 2}]}\r\n',
+    b'{"a": 1', b'{"a": "' + b"x" * 70000 + b'"}', b'{"a": "\\"\\\\\\/\\b\\f\\n\\r\\t"}',
+    b'{"a": "\\\'"}', b'{"a": "\\x"}', b'{"a": "\\ud800"}', b'{"a": "\\\\u0041"}',
+]
+
+
+@pytest.mark.parametrize("data", FAST_CORPUS)
+def test_fast_path_matches_the_faithful_lexer(data: bytes) -> None:
+    for chunks in (1, 3):
+        fast, slow = _both(data, chunks)
+        assert fast == slow
+    fast, slow = _both(b'{"a": [[1]]}', 1, max_nesting=2)
+    assert fast == slow
+    fast, slow = _both(b'{"aaaaaaaa": 1}', 1, max_token_size=8)
+    assert fast == slow
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"{", b"}", b"[", b"]", b":", b",", b" ", b'"a"', b'"b\\n"',
+                                 b"1", b"-0", b"0e1", b"2.5", b"true", b"null", b"'c'", b"\x01",
+                                 b'"\\""', b'"\\u00e9"', b'"\\/"',
+                                 b"\xff", b"\n"]), max_size=30), st.integers(1, 4))
+def test_fast_path_matches_on_any_input(parts: list[bytes], chunks: int) -> None:
+    data = b"".join(parts)
+    fast, slow = _both(data, chunks)
+    assert fast == slow

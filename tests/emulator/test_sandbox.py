@@ -59,3 +59,30 @@ def test_backing_names_are_relative_to_the_image_and_checked(tmp_path: Path) -> 
         with pytest.raises(SandboxError) as info:
             box.resolve_backing(image, name)
         assert info.value.desc.startswith(f"Could not open '{name}': path is outside")
+
+
+def test_the_fast_path_resolves_as_realpath_does(tmp_path: Path) -> None:
+    """resolve() skips os.path.realpath for plain names below the root; the answers (and
+    the refusals) are the same as realpath's."""
+    root = tmp_path / "root"
+    (root / "sub" / "deep").mkdir(parents=True)
+    (root / "f").write_bytes(b"")
+    os.symlink(root / "f", root / "lnk")
+    os.symlink("/etc", root / "out")
+    os.symlink("sub", root / "sublink")
+    box = Sandbox(root)
+    real_root = Path(os.path.realpath(root))
+
+    def reference(raw: str) -> Path | None:
+        real = Path(os.path.realpath(real_root / raw))
+        return real if real == real_root or real_root in real.parents else None
+
+    names = ["f", "lnk", "out", "out/passwd", "sub/deep/x", "sublink/deep", "missing/x/y",
+             "sub/../f", "./f", "f/x", "sub/deep/", f"{real_root}/f", f"{real_root}//f",
+             f"{real_root}/sub/deep", str(real_root), f"{real_root}/", "/etc/passwd"]
+    for raw in names:
+        try:
+            got: Path | None = box.resolve(raw)
+        except SandboxError:
+            got = None
+        assert got == reference(raw), raw

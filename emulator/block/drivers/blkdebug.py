@@ -244,6 +244,12 @@ class BlkdebugNode(BlockDriverState):
         assert self.file is not None
         return BDRV_BLOCK_RAW | BDRV_BLOCK_OFFSET_VALID, length, offset, self.file.bs
 
+    def pure_block_status(self) -> bool:
+        """Only rules for the "block-status" I/O type act on block-status requests (events
+        come from other requests)."""
+        return not any("block-status" in rule.iotypes
+                       for rules in self.rules.values() for rule in rules)
+
     def drv_refresh_filename(self) -> None:
         """blkdebug_refresh_filename: "blkdebug:CONFIG:IMAGE" when nothing else was set."""
         assert self.file is not None and self.file.bs is not None

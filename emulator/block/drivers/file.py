@@ -26,6 +26,7 @@ from emulator.block.node import (
 class FileNode(BlockDriverState):
     format_name: ClassVar[str] = "file"
     protocol_name: ClassVar[str | None] = "file"
+    plain_io: ClassVar[bool] = True
 
     fd: int = -1
 

@@ -23,7 +23,6 @@ from emulator.block.errors import GenericError
 from emulator.block.node import (
     BDRV_BLOCK_DATA,
     BDRV_BLOCK_OFFSET_VALID,
-    BDRV_BLOCK_RECURSE,
     BDRV_BLOCK_ZERO,
     BDRV_REQ_MAY_UNMAP,
     BdrvChild,
@@ -31,6 +30,8 @@ from emulator.block.node import (
     BlockStatus,
 )
 from emulator.block.perm import Role
+from emulator.block.subtree import subtree
+from emulator.qcow2.image import Status
 
 QCOW2_MAX_BITMAPS = 65535
 QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
@@ -51,6 +52,8 @@ class ChildIO:
 
     def __init__(self, child: BdrvChild) -> None:
         self.child = child
+        # no blkdebug below (plain drivers only): nothing sees the requests one by one
+        self.unobserved = child.bs is not None and all(bs.plain_io for bs in subtree(child.bs))
 
     def pread(self, offset: int, length: int) -> bytes:
         return self.child.pread(offset, length)
@@ -77,6 +80,7 @@ class ChildIO:
 class Qcow2Node(BlockDriverState):
     format_name: ClassVar[str] = "qcow2"
     supports_backing: ClassVar[bool] = True
+    plain_io: ClassVar[bool] = True
     strong_runtime_opts: ClassVar[tuple[str, ...]] = ("encrypt.key-secret",)
 
     image: Any = None
@@ -136,13 +140,14 @@ class Qcow2Node(BlockDriverState):
         self.image.flush()
 
     def drv_block_status(self, want_zero: bool, offset: int, length: int) -> BlockStatus:
-        from emulator.qcow2 import Status
-
-        status, pnum = self.image.block_status(offset, length)
+        status, pnum, host = self.image.map_extent(offset, length)
         file_bs = self.file.bs if self.file is not None else None
         if status == Status.DATA:
-            flags = BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID | BDRV_BLOCK_RECURSE
-            return flags, pnum, offset, file_bs
+            # --- mirror part: the host offset, and no BDRV_BLOCK_RECURSE (7.2 sets it only
+            # for metadata-preallocated images); the guest offset used to send the file's
+            # SEEK_DATA/SEEK_HOLE to the wrong place and split data runs (mirror chunks) ---
+            flags = BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID
+            return flags, pnum, host if host is not None else offset, file_bs
         if status == Status.ZERO:
             return BDRV_BLOCK_ZERO, pnum, offset, None
         return 0, pnum, offset, None

@@ -23,6 +23,7 @@ from emulator.block.perm import Role
 @register
 class RawNode(BlockDriverState):
     format_name: ClassVar[str] = "raw"
+    plain_io: ClassVar[bool] = True
     strong_runtime_opts: ClassVar[tuple[str, ...]] = ("offset", "size")
 
     offset: int = 0

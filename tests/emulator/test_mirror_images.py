@@ -1,0 +1,178 @@
+"""What mirror writes: sync modes, target creation, guest writes, checked with qemu-img.
+
+Each script mirrors a few drives (qcow2 over a qcow2 base) in one VM; afterwards QEMU's
+``qemu-img compare`` must find every target identical to its source (what the guest saw) and
+``qemu-img check`` must find no errors; the transcript must be QEMU's (recorded, and live where
+QEMU is installed). Facts they pin down (qmp_drive_mirror, mirror_dirty_init,
+mirror_exit_common):
+
+* sync=top with mode=absolute-paths creates the target with the source's backing file as
+  backing and copies only what the top image allocates (len is that, not the disk size);
+  after the pivot the device has the target over that backing file;
+* sync=none creates the target with the source itself as backing and copies only new
+  writes; block-job-cancel in READY leaves the device on the source;
+* mode=existing zeroes the target first (its old data must go): all of it is marked dirty,
+  so len is the whole disk; format=raw creates a raw target; granularity and buf-size change
+  the chunking, not the result;
+* copy-mode=write-blocking copies guest writes to the target before they complete, so
+  query-block-jobs shows them copied at once;
+* blockdev-mirror sync=full onto an existing node (discard=unmap) first zeroes the target
+  with unmap (initial zeroing, not counted as progress), then copies what is allocated;
+* guest writes during a rate-limited mirror are copied too (they mark the job's bitmap
+  through the mirror_top filter).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.emulator.test_job_helpers import Step, requires_qemu, requires_qemu_img
+from tests.emulator.test_mirror_helpers import (
+    compact,
+    img_tool,
+    qcow2,
+    qemu_io,
+    recorded,
+    rerecord,
+    run,
+    without_host_details,
+)
+
+
+def done(job: str) -> Step:
+    return ("wait", "JOB_STATUS_CHANGE", {"id": job, "status": "null"})
+
+
+def drive(name: str) -> dict[str, Any]:
+    return {"id": f"d{name}", "file": f"@DIR@/{name}.img", "format": "qcow2",
+            "node-name": f"n{name}"}
+
+
+def setup(d: Path) -> None:
+    qcow2(d / "base.img", "4M")
+    qemu_io(d / "base.img", "write -P 0x11 0 2M")
+    for name in "abcefg":
+        qcow2(d / f"{name}.img", "4M", backing=d / "base.img")
+        qemu_io(d / f"{name}.img", "write -P 0x22 1M 1M")
+    qcow2(d / "ex.img", "4M")
+    qemu_io(d / "ex.img", "write -P 0x77 3M 1M")
+    qcow2(d / "h.img", "4M")
+    qemu_io(d / "h.img", "write -P 0x33 0 1M")
+    qcow2(d / "h-target.img", "4M")
+    qemu_io(d / "h-target.img", "write -P 0x99 0 4M")
+
+
+QBJ: Step = ("cmd", "query-block-jobs", None)
+
+SCRIPTS: dict[str, tuple[list[dict[str, Any]], list[Step]]] = {
+    "sync-modes": ([drive(n) for n in "abce"], [
+        ("cmd", "drive-mirror", {"device": "da", "target": "@DIR@/a-top.img", "sync": "top"}),
+        ("rest", "da"), QBJ, ("cmd", "job-complete", {"id": "da"}), done("da"),
+        ("cmd", "drive-mirror", {"device": "db", "target": "@DIR@/b-none.img",
+                                 "sync": "none", "speed": 1000000}),
+        ("rest", "db"), ("hmp", 'qemu-io db "write -P 0x44 128k 64k"'), ("sleep", 0.2), QBJ,
+        ("cmd", "block-job-cancel", {"device": "db"}), done("db"),
+        ("cmd", "drive-mirror", {"device": "dc", "target": "@DIR@/ex.img", "sync": "full",
+                                 "mode": "existing"}),
+        ("rest", "dc"), QBJ, ("cmd", "job-complete", {"id": "dc"}), done("dc"),
+        ("cmd", "drive-mirror", {"device": "de", "target": "@DIR@/e.raw", "sync": "full",
+                                 "format": "raw", "granularity": 4096, "buf-size": 100000}),
+        ("rest", "de"), QBJ, ("cmd", "job-complete", {"id": "de"}), done("de"),
+        ("cmd", "query-block", None),
+    ]),
+    "guest-writes": ([drive(n) for n in "fg"], [
+        ("cmd", "drive-mirror", {"device": "df", "target": "@DIR@/f-wb.img", "sync": "full",
+                                 "copy-mode": "write-blocking"}),
+        ("rest", "df"), ("hmp", 'qemu-io df "write -P 0x55 100k 10k"'), QBJ,
+        ("hmp", 'qemu-io df "write -z 2M 64k"'), QBJ,
+        ("cmd", "job-complete", {"id": "df"}), done("df"),
+        ("cmd", "drive-mirror", {"device": "dg", "target": "@DIR@/g-copy.img", "sync": "full",
+                                 "speed": 262144, "buf-size": 65536, "job-id": "g"}),
+        ("sleep", 0.05), ("hmp", 'qemu-io dg "write -P 0x66 1536k 64k"'),
+        ("hmp", 'qemu-io dg "write -P 0x67 3M 4k"'), QBJ,
+        ("cmd", "block-job-set-speed", {"device": "g", "speed": 0}), ("rest", "g"), QBJ,
+        ("cmd", "job-complete", {"id": "g"}), done("g"), ("cmd", "query-block", None),
+    ]),
+    "blockdev-mirror-zeroes-target": ([], [
+        ("cmd", "blockdev-add", {"driver": "qcow2", "node-name": "src", "file": {
+            "driver": "file", "filename": "@DIR@/h.img"}}),
+        ("cmd", "blockdev-add", {"driver": "qcow2", "node-name": "dst", "discard": "unmap",
+                                 "file": {"driver": "file", "filename": "@DIR@/h-target.img"}}),
+        ("cmd", "blockdev-mirror", {"job-id": "h", "device": "src", "target": "dst",
+                                    "sync": "full", "filter-node-name": "mtop"}),
+        ("rest", "h"), QBJ, ("cmd", "query-named-block-nodes", {"flat": True}),
+        ("cmd", "job-complete", {"id": "h"}), done("h"),
+        ("cmd", "query-named-block-nodes", {"flat": True}),
+    ]),
+}
+
+# (source, target) pairs that must compare identical afterwards
+PAIRS: dict[str, list[tuple[str, str]]] = {
+    "sync-modes": [("a.img", "a-top.img"), ("b.img", "b-none.img"), ("c.img", "ex.img"),
+                   ("e.img", "e.raw")],
+    "guest-writes": [("f.img", "f-wb.img"), ("g.img", "g-copy.img")],
+    "blockdev-mirror-zeroes-target": [("h.img", "h-target.img")],
+}
+
+
+def record(name: str, d: Path, *, qemu: bool) -> list[Any]:
+    setup(d)
+    drives, steps = SCRIPTS[name]
+    return run(steps, d, qemu=qemu, drives=drives)
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_mirror_writes_give_qemus_recorded_transcript(tmp_path: Path, name: str) -> None:
+    assert compact(record(name, tmp_path, qemu=False)) == recorded(f"images:{name}")
+
+
+@requires_qemu_img
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_mirrored_images_compare_identical_and_check_clean(tmp_path: Path,
+                                                          name: str) -> None:
+    record(name, tmp_path, qemu=False)
+    for source, target in PAIRS[name]:
+        proc = img_tool("compare", str(tmp_path / source), str(tmp_path / target))
+        assert (proc.returncode, proc.stdout) == (0, "Images are identical.\n"), proc.stderr
+        if target.endswith(".img"):
+            check = img_tool("check", str(tmp_path / target))
+            assert check.returncode == 0, check.stdout + check.stderr
+            assert "No errors were found on the image." in check.stdout
+
+
+def test_sync_top_and_none_targets_name_their_backing_files(tmp_path: Path) -> None:
+    """The headers drive-mirror wrote: top → the source's backing file, none → the source."""
+    from emulator import img
+    from emulator.sandbox import Sandbox
+    record("sync-modes", tmp_path, qemu=False)
+    box = Sandbox(tmp_path)
+    assert img.info(box, "a-top.img").get("backing-filename") == str(tmp_path / "base.img")
+    assert img.info(box, "b-none.img").get("backing-filename") == str(tmp_path / "b.img")
+    assert img.info(box, "ex.img").get("backing-filename") is None
+
+
+@requires_qemu
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_mirror_writes_match_qemu(tmp_path: Path, name: str) -> None:
+    (tmp_path / "qemu").mkdir()
+    (tmp_path / "emu").mkdir()
+    qemu = record(name, tmp_path / "qemu", qemu=True)
+    emu = record(name, tmp_path / "emu", qemu=False)
+    assert without_host_details(emu) == without_host_details(qemu)
+
+
+def main() -> None:   # pragma: no cover - regenerates the recording from real QEMU
+    import tempfile
+    keys = {}
+    for name in sys.argv[1:] or sorted(SCRIPTS):
+        with tempfile.TemporaryDirectory(prefix="mirror-rec") as d:
+            keys[f"images:{name}"] = compact(record(name, Path(d), qemu=True))
+    rerecord(keys)
+
+
+if __name__ == "__main__":   # pragma: no cover
+    main()
