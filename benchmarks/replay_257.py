@@ -80,6 +80,10 @@ def main() -> int:
     parser.add_argument("--no-qemu", action="store_true", help="measure the emulator only")
     args = parser.parse_args()
 
+    # Installed packages carry bytecode (pip compiles on install); give the source tree the
+    # same, even where PYTHONDONTWRITEBYTECODE keeps imports from writing it.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "harness", "emulator"],
+                   cwd=ROOT, check=True)
     print(f"replaying {GOLDEN.relative_to(ROOT)} (22 sections), best of {args.repeat}")
     emu = best_of(args.repeat, GOLDEN, "emulator")
     print(f"emulator   {emu.seconds:7.3f} s   peak RSS {emu.peak_rss_mb:6.1f} MB   {emu.summary}")

@@ -18,6 +18,7 @@ class BackendFactory:
     name: str
     make: Callable[[Path], Backend]
     in_process: bool = False   # the VM runs in this interpreter (sections compete for it)
+    preload: Callable[[], None] | None = None   # imports to do once, before workers fork
 
     def __call__(self, test_dir: Path) -> Backend:
         return self.make(test_dir)
@@ -37,5 +38,5 @@ def make_factory(backend: str, qemu_binary: str | None = None,
     if backend == "emulator":
         from harness.backends.emulator import EmulatorBackend
         return BackendFactory("emulator", lambda test_dir: EmulatorBackend(test_dir, transport),
-                              in_process=True)
+                              in_process=True, preload=EmulatorBackend.preload)
     raise ValueError(f"unknown backend {backend!r}")

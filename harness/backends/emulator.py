@@ -46,6 +46,13 @@ class EmulatorBackend(Backend):
         self.session: Any = None   # the monitor session of the direct transport
         self.server: Any = None    # the QMPServer of the socket transport
 
+    @staticmethod
+    def preload() -> None:
+        """Import the emulator once in a parent, so forked workers start warm."""
+        import emulator.commands
+        import emulator.machine
+        import emulator.qmp.dispatch  # noqa: F401
+
     async def start(self, vm: VmConfig) -> None:
         import emulator.commands  # noqa: F401  (registers every command family)
         from emulator.machine import Machine

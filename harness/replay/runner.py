@@ -103,6 +103,9 @@ def _worker_pool(jobs: int, sections: int, factory: BackendFactory,
             or "fork" not in multiprocessing.get_all_start_methods():
         return None
     _FORKED = state
+    preload = getattr(factory, "preload", None)
+    if preload is not None:
+        preload()
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=min(jobs, sections), mp_context=multiprocessing.get_context("fork"))
 
