@@ -14,16 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from emulator.block.errors import GenericError
 from emulator.jobs.manager import flushing
-from emulator.jobs.mirror import (
-    LEAVE_BACKING_CHAIN,
-    OPEN_BACKING_CHAIN,
-    SOURCE_BACKING_CHAIN,
+from emulator.jobs.mirror import LEAVE_BACKING_CHAIN, OPEN_BACKING_CHAIN, SOURCE_BACKING_CHAIN
+from emulator.jobs.mirror_graph import (
     backing_chain_next,
     has_zero_init,
-    mirror_start,
     recurse_can_replace,
     skip_filters,
 )
+from emulator.jobs.mirror_start import mirror_start
 from emulator.qmp import schema
 from emulator.qmp.registry import command
 
