@@ -107,10 +107,17 @@ class Machine:
 
     # -- shutdown ---------------------------------------------------------------------------
     def request_shutdown(self, reason: str = "host-qmp-quit", guest: bool = False) -> None:
-        """qemu_system_shutdown_request(): SHUTDOWN now; servers close once the reply is out."""
+        """qemu_system_shutdown_request(), and the main loop's exit at once: SHUTDOWN, then
+        qemu_cleanup's block-layer part — bdrv_drain_all_begin (jobs pause),
+        job_cancel_sync_all, bdrv_close_all — whose events, as in QEMU, all go out before
+        quit's reply; servers close once the reply is out."""
         if self.shutdown_reason is None:
             self.shutdown_reason = reason
             self.emit("SHUTDOWN", {"guest": guest, "reason": reason})
+            if self.jobs is not None:
+                self.jobs.drain_all_begin()
+            if self.block is not None:
+                self.block.close_all()      # job_cancel_sync_all first (JobManager's hook)
             if self._shutdown is not None:
                 self._shutdown.set()
 

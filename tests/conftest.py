@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# the shared helpers assert too (compare_replies): with pytest's explanations
+pytest.register_assert_rewrite("tests.emulator.qemu_runner")
+
 ROOT = Path(__file__).resolve().parent.parent
 GOLDENS = ROOT / "goldens"
 

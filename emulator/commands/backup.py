@@ -150,7 +150,7 @@ class DriveBackupAction(_BackupAction):
         source = None
         no_backing = False
         if d["sync"] == "top":
-            from emulator.jobs.block_copy import skip_filters
+            from emulator.jobs.mirror_graph import skip_filters
             top = skip_filters(bs)
             cow = top.cow_child() if top is not None else None
             source = cow.bs if cow is not None else None

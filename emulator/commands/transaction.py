@@ -180,8 +180,19 @@ class BitmapAddAction(_BitmapAction):
                                       release=True)
 
 
+class _BitmapRestoreAction(_BitmapAction):
+    """An action that changes the bits: abort restores the old ones (hbitmap backup)."""
+
+    def abort(self) -> None:
+        if self.backup is not None and self.bitmap is not None:
+            self.bitmap.restore(self.backup)
+
+    def commit(self) -> None:
+        self.backup = None
+
+
 @action
-class BitmapClearAction(_BitmapAction):
+class BitmapClearAction(_BitmapRestoreAction):
     kind = "block-dirty-bitmap-clear"
     data_type = "BlockDirtyBitmap"
 
@@ -192,18 +203,14 @@ class BitmapClearAction(_BitmapAction):
         self.bitmap.check(BDRV_BITMAP_DEFAULT)
         self.backup = self.bitmap.clear(keep_backup=True)
 
-    def abort(self) -> None:
-        if self.backup is not None and self.bitmap is not None:
-            self.bitmap.restore(self.backup)
-
-    def commit(self) -> None:
-        self.backup = None
-
 
 @action
 class BitmapEnableAction(_BitmapAction):
+    """block-dirty-bitmap-enable; abort restores the old state (its -disable twin is below)."""
+
     kind = "block-dirty-bitmap-enable"
     data_type = "BlockDirtyBitmap"
+    disable: ClassVar[bool] = False
 
     def prepare(self) -> None:
         self.check_completion_mode()
@@ -211,35 +218,23 @@ class BitmapEnableAction(_BitmapAction):
                                                    self.data["name"])
         self.bitmap.check(BDRV_BITMAP_ALLOW_RO)
         self.was_enabled = self.bitmap.enabled()
-        self.bitmap.disabled = False
+        self.bitmap.disabled = self.disable
 
     def abort(self) -> None:
         # QEMU 7.2 dereferences the bitmap even when prepare failed before finding it
         # (a crash); the emulator skips that case.
-        if self.bitmap is not None and not self.was_enabled:
-            self.bitmap.disabled = True
+        if self.bitmap is not None and self.was_enabled == self.disable:
+            self.bitmap.disabled = not self.disable
 
 
 @action
-class BitmapDisableAction(_BitmapAction):
+class BitmapDisableAction(BitmapEnableAction):
     kind = "block-dirty-bitmap-disable"
-    data_type = "BlockDirtyBitmap"
-
-    def prepare(self) -> None:
-        self.check_completion_mode()
-        self.bitmap, _ = bitmap_cmds.bitmap_lookup(self.vm.block, self.data["node"],
-                                                   self.data["name"])
-        self.bitmap.check(BDRV_BITMAP_ALLOW_RO)
-        self.was_enabled = self.bitmap.enabled()
-        self.bitmap.disabled = True
-
-    def abort(self) -> None:
-        if self.bitmap is not None and self.was_enabled:
-            self.bitmap.disabled = False
+    disable = True
 
 
 @action
-class BitmapMergeAction(_BitmapAction):
+class BitmapMergeAction(_BitmapRestoreAction):
     kind = "block-dirty-bitmap-merge"
     data_type = "BlockDirtyBitmapMerge"
 
@@ -248,13 +243,6 @@ class BitmapMergeAction(_BitmapAction):
         d = self.data
         self.bitmap, self.backup = bitmap_cmds.bitmap_merge(
             self.vm.block, d["node"], d["target"], d["bitmaps"], keep_backup=True)
-
-    def abort(self) -> None:
-        if self.backup is not None and self.bitmap is not None:
-            self.bitmap.restore(self.backup)
-
-    def commit(self) -> None:
-        self.backup = None
 
 
 @action

@@ -47,12 +47,8 @@ class BackupJob(BlockJob):
 
     job_type = "backup"
 
-    def __init__(self, manager: JobManager, job_id: str | None, graph: Any, *,
-                 manual_finalize: bool = False, manual_dismiss: bool = False,
-                 layer: Any = None) -> None:
-        super().__init__(manager, job_id, graph, manual_finalize=manual_finalize,
-                         manual_dismiss=manual_dismiss)
-        self.layer = layer
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.cbw: CopyBeforeWriteNode | None = None
         self.source_bs: BlockDriverState | None = None
         self.target_bs: BlockDriverState | None = None

@@ -24,17 +24,24 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from emulator.block import io as blockio
 from emulator.block.dirty_bitmap import BdrvDirtyBitmap
 from emulator.block.errors import GenericError
 from emulator.block.node import (
     BDRV_BLOCK_ALLOCATED,
     BDRV_BLOCK_DATA,
-    BDRV_BLOCK_EOF,
     BDRV_BLOCK_ZERO,
     BdrvChild,
     BlockDriverState,
 )
 from emulator.block.subtree import subtree
+from emulator.jobs.mirror_graph import (
+    backing_chain_next,
+    chain_contains,
+    leaf,
+    skip_filters,
+)
+from emulator.jobs.mirror_graph import io_yields as node_io_yields
 from emulator.jobs.progress import ProgressMeter
 from emulator.jobs.ratelimit import RateLimit
 from emulator.jobs.zero_run import ZeroRun
@@ -90,81 +97,19 @@ def _nothing() -> Generator[None, None, None]:
     yield  # pragma: no cover
 
 
-def skip_filters(bs: BlockDriverState | None) -> BlockDriverState | None:
-    """bdrv_skip_filters."""
-    while bs is not None and bs.is_filter:
-        c = bs.filter_child()
-        bs = c.bs if c is not None else None
-    return bs
-
-
-def backing_chain_next(bs: BlockDriverState) -> BlockDriverState | None:
-    """bdrv_backing_chain_next: the next non-filter node below bs's COW child."""
-    top = skip_filters(bs)
-    if top is None:
-        return None
-    cow = top.cow_child()
-    return skip_filters(cow.bs if cow is not None else None)
-
-
-def block_status_above(bs: BlockDriverState, base: BlockDriverState | None, offset: int,
-                       length: int) -> tuple[int, int]:
-    """bdrv_block_status_above (want_zero, base excluded): the status of the first layer
-    in bs's chain down to base that allocates the extent."""
-    ret, pnum = bs.block_status(offset, length)
-    if pnum == 0 or ret & BDRV_BLOCK_ALLOCATED or bs is base:
-        return ret, pnum
-    eof = offset + pnum if ret & BDRV_BLOCK_EOF else None
-    length = pnum
-    p = bs.filter_or_cow_bs()
-    while p is not None and p is not base:
-        ret, pnum = p.block_status(offset, length)
-        if pnum == 0:
-            pnum = length
-            ret = BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED
-            break
-        if ret & BDRV_BLOCK_ALLOCATED:
-            ret &= ~BDRV_BLOCK_EOF
-            break
-        length = pnum
-        p = p.filter_or_cow_bs()
-    if eof is not None and offset + pnum == eof:
-        ret |= BDRV_BLOCK_EOF
-    return ret, pnum
-
-
 def supports_compressed_writes(bs: BlockDriverState) -> bool:
     """bdrv_supports_compressed_writes: below filters, a qcow2 node."""
     top = skip_filters(bs)
     return top is not None and top.format_name == "qcow2"
 
 
-def _leaf(bs: BlockDriverState | None) -> BlockDriverState | None:
-    """The node at the bottom of bs's primary-child chain (the protocol node)."""
-    while bs is not None:
-        c = bs.primary_child()
-        if c is None or c.bs is None:
-            return bs
-        bs = c.bs
-    return None
-
-
 def _leaf_is_file(bs: BlockDriverState | None) -> bool:
-    leaf = _leaf(bs)
-    return leaf is not None and leaf.format_name == "file"
-
-
-def _leaf_yields(bs: BlockDriverState | None) -> bool:
-    """Does I/O on bs leave the coroutine in QEMU? file-posix hands it to a thread (or
-    Linux AIO); null-co completes at once unless it has a latency."""
-    leaf = _leaf(bs)
-    if leaf is None:
-        return False
-    return leaf.format_name == "file" or bool(getattr(leaf, "latency_ns", 0))
+    bottom = leaf(bs)
+    return bottom is not None and bottom.format_name == "file"
 
 
 def io_yields(bcs: BlockCopyState) -> bool:
-    return _leaf_yields(bcs.source.bs) or _leaf_yields(bcs.target.bs)
+    return node_io_yields(bcs.source.bs) or node_io_yields(bcs.target.bs)
 
 
 @dataclass(eq=False)
@@ -221,7 +166,7 @@ class BlockCopyState:
         else:
             self.copy_bitmap.set_dirty(0, self.copy_bitmap.size)
         self.len = self.copy_bitmap.size
-        fleecing = _chain_contains(target.bs, src)
+        fleecing = chain_contains(target.bs, src)
         self.write_flags = 0x80 if fleecing else 0   # BDRV_REQ_SERIALISING
         mt = _min_non_zero(INT_MAX, _min_non_zero(src.max_transfer, target.bs.max_transfer))
         self.max_transfer = _align_down(mt, self.cluster_size)
@@ -312,7 +257,7 @@ class BlockCopyState:
         cluster of data."""
         base = backing_chain_next(self.source_bs) if self.skip_unallocated else None
         try:
-            ret, num = block_status_above(self.source_bs, base, offset, nbytes)
+            ret, num = blockio.block_status_above(self.source_bs, base, offset, nbytes)
         except OSError:
             ret, num = -1, 0
         if ret < 0 or num < self.cluster_size:
@@ -329,7 +274,7 @@ class BlockCopyState:
         if not all(bs.pure_block_status() for bs in subtree(self.source_bs)):
             return 0
         try:
-            ret, num = block_status_above(self.source_bs, None, offset, self.len - offset)
+            ret, num = blockio.block_status_above(self.source_bs, None, offset, self.len - offset)
         except OSError:
             return 0
         if not ret & BDRV_BLOCK_ZERO or ret & BDRV_BLOCK_DATA:
@@ -562,13 +507,3 @@ class BlockCopyState:
         if not ret:
             self.reset(offset, nbytes)
         return ret, nbytes
-
-
-def _chain_contains(top: BlockDriverState, bs: BlockDriverState) -> bool:
-    """bdrv_chain_contains: bs is top or in its filter/COW chain."""
-    p: BlockDriverState | None = top
-    while p is not None:
-        if p is bs:
-            return True
-        p = p.filter_or_cow_bs()
-    return False

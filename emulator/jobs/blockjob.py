@@ -38,10 +38,12 @@ class BlockJob(Job):
     stay_at_node = True   # child_job.stay_at_node: bdrv_replace_node leaves job edges
 
     def __init__(self, manager: JobManager, job_id: str | None, graph: BlockGraph, *,
-                 manual_finalize: bool = False, manual_dismiss: bool = False) -> None:
+                 manual_finalize: bool = False, manual_dismiss: bool = False,
+                 layer: Any = None) -> None:
         super().__init__(manager, job_id, manual_finalize=manual_finalize,
                          manual_dismiss=manual_dismiss)
         self.graph = graph
+        self.layer = layer                   # the BlockLayer (graph changes at the end)
         self.nodes: list[BdrvChild] = []     # newest first (g_slist_prepend)
         self.speed = 0
         self.limit = RateLimit()

@@ -161,6 +161,18 @@ class JobManager:
                         job.resume()
                 return
 
+    def drain_all_begin(self) -> None:
+        """bdrv_drain_all_begin as jobs see it: node by node in creation order, each job's
+        edge to the node pauses the job (job_pause per edge). At quit, QEMU 7.2 never ends
+        this section: job_cancel_sync_all re-enters the paused jobs to cancel them."""
+        block = getattr(self.vm, "block", None)
+        if block is None:
+            return
+        for bs in block.graph.all_nodes:
+            for c in bs.parents:
+                if isinstance(c.parent, Job):
+                    c.parent.pause()
+
     def on_attach(self, job: Job, bs: BlockDriverState) -> None:
         """A job took a node: a node above a drained one is quiesced, so the job pauses."""
         for drained, jobs in self._drained:

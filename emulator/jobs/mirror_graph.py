@@ -1,4 +1,5 @@
-"""Block-layer questions mirror asks (block.c / block/io.c functions of the same names).
+"""Block-layer questions the jobs ask (block.c / block/io.c functions of the same names):
+mirror, and block-copy for backup.
 
 They follow QEMU's definitions for the drivers the emulator has: which node a filter chain
 ends in, what a backing chain contains, whether a target unmaps zeroes or starts out zeroed,
@@ -59,7 +60,8 @@ def recurse_can_replace(bs: BlockDriverState, to_replace: BlockDriverState) -> b
     return False
 
 
-def _leaf(bs: BlockDriverState | None) -> BlockDriverState | None:
+def leaf(bs: BlockDriverState | None) -> BlockDriverState | None:
+    """The node at the bottom of bs's primary-child chain (the protocol node)."""
     while bs is not None:
         c = bs.primary_child() or bs.filter_child()
         if c is None or c.bs is None:
@@ -71,10 +73,10 @@ def _leaf(bs: BlockDriverState | None) -> BlockDriverState | None:
 def io_yields(bs: BlockDriverState | None) -> bool:
     """Does I/O on bs leave the coroutine in QEMU? file-posix completes it in a thread;
     null-co only with a latency."""
-    leaf = _leaf(bs)
-    if leaf is None:
+    bottom = leaf(bs)
+    if bottom is None:
         return False
-    return leaf.format_name == "file" or bool(getattr(leaf, "latency_ns", 0))
+    return bottom.format_name == "file" or bool(getattr(bottom, "latency_ns", 0))
 
 
 def supports_unmap_zeroes(bs: BlockDriverState) -> bool:

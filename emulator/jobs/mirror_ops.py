@@ -28,7 +28,7 @@ from emulator.jobs.job import Co, Job
 from emulator.jobs.mirror_graph import io_yields, round_to_clusters
 
 if TYPE_CHECKING:
-    from emulator.jobs.manager import JobManager, Scheduled
+    from emulator.jobs.manager import Scheduled
 
 MAX_IN_FLIGHT = 16
 MAX_IO_BYTES = 1 << 20
@@ -69,12 +69,8 @@ def neg_errno(e: OSError) -> int:
 class MirrorOps(BlockJob):
     """struct MirrorBlockJob: its fields, its operations and their coroutines."""
 
-    def __init__(self, manager: JobManager, job_id: str | None, graph: Any, *,
-                 manual_finalize: bool = False, manual_dismiss: bool = False,
-                 layer: Any = None) -> None:
-        super().__init__(manager, job_id, graph, manual_finalize=manual_finalize,
-                         manual_dismiss=manual_dismiss)
-        self.layer = layer
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.target_blk: BlockBackend | None = None
         self.mirror_top_bs: MirrorTopNode | None = None
         self.base: BlockDriverState | None = None

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 QEMU_ARGS = ["-machine", "none", "-nodefaults", "-display", "none", "-S"]
 
@@ -83,25 +83,27 @@ class RawQMP:
         self.sock.close()
 
 
-class QemuMonitor:
-    """``qemu-system-x86_64 -machine none -nodefaults -display none -S -qmp unix:...``."""
+class ServerProcess:
+    """A process serving QMP on ``self.path``, a socket in a private directory (``self.dir``,
+    removed on close) that the process creates; :meth:`command_line` says how to start it."""
 
-    def __init__(self, binary: str | None = None) -> None:
-        found = binary or shutil.which("qemu-system-x86_64")
-        if found is None:
-            raise OSError("qemu-system-x86_64 not found")
-        self.binary = found
-        self.dir = tempfile.mkdtemp(prefix="qmpreplay-qemu-")
+    name = "server"
+    start_timeout = 10.0
+
+    def command_line(self) -> list[str]:
+        raise NotImplementedError
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="qmpreplay-qmp-")
         self.path = os.path.join(self.dir, "qmp.sock")
-        self.proc = subprocess.Popen(
-            [self.binary, *QEMU_ARGS, "-qmp", f"unix:{self.path},server=on,wait=off"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
+        self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + self.start_timeout
         while not os.path.exists(self.path):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 self.close()
-                raise RuntimeError(f"{self.binary} did not start: {err.strip()}")
+                raise RuntimeError(f"{self.name} did not start: {err.strip()}")
             time.sleep(0.02)
 
     def connect(self) -> RawQMP:
@@ -111,7 +113,7 @@ class QemuMonitor:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(5)
+                self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -119,12 +121,26 @@ class QemuMonitor:
             self.proc.stderr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> QemuMonitor:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class QemuMonitor(ServerProcess):
+    """``qemu-system-x86_64 -machine none -nodefaults -display none -S -qmp unix:...``."""
+
+    def __init__(self, binary: str | None = None) -> None:
+        found = binary or shutil.which("qemu-system-x86_64")
+        if found is None:
+            raise OSError("qemu-system-x86_64 not found")
+        self.binary = self.name = found
+        super().__init__()
+
+    def command_line(self) -> list[str]:
+        return [self.binary, *QEMU_ARGS, "-qmp", f"unix:{self.path},server=on,wait=off"]
 
 
 def query_qmp_schema(binary: str | None = None) -> list[dict[str, Any]]:

@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from tests.emulator.test_job_helpers import (
+from tests.conftest import requires_qemu
+from tests.emulator.qemu_runner import (
     Record,
     Step,
     create_qcow2,
-    requires_qemu,
+    qemu_io,
     run_both,
     run_script,
 )
@@ -30,37 +31,15 @@ def images(d: Path) -> None:
     create_qcow2(d / "src", "4M")
     create_qcow2(d / "dst", "4M")
     for cmd in ("write -P0x11 0 64k", "write -P0x22 1M 64k"):
-        _qemu_io(d / "src", cmd)
+        qemu_io(d / "src", cmd)
 
 
-def _qemu_io(path: Path, cmd: str) -> None:
-    import shutil
-    import subprocess
-    exe = shutil.which("qemu-io")
-    if exe is not None:
-        subprocess.run([exe, "-f", "qcow2", "-c", cmd, str(path)], check=True,
-                       capture_output=True)
-        return
-    from emulator import img, qemu_io
-    from emulator.sandbox import Sandbox
-    with img.opened(Sandbox(path.parent), str(path), "qcow2", writable=True) as image:
-        qemu_io.run(image, cmd)
-
-
-def source(**rule: Any) -> Step:
-    return ("cmd", "blockdev-add", {
-        "driver": "qcow2", "node-name": "src",
-        "file": {"driver": "blkdebug", "image": {"driver": "file", "filename": "@DIR@/src"},
-                 "inject-error": [rule]} if rule else {"driver": "file",
-                                                       "filename": "@DIR@/src"}})
-
-
-def target(**rule: Any) -> Step:
-    return ("cmd", "blockdev-add", {
-        "driver": "qcow2", "node-name": "dst",
-        "file": {"driver": "blkdebug", "image": {"driver": "file", "filename": "@DIR@/dst"},
-                 "inject-error": [rule]} if rule else {"driver": "file",
-                                                       "filename": "@DIR@/dst"}})
+def node(name: str, **rule: Any) -> Step:
+    """qcow2 node ``name`` over @DIR@/name, under blkdebug with ``rule`` if one is given."""
+    file: dict[str, Any] = {"driver": "file", "filename": f"@DIR@/{name}"}
+    if rule:
+        file = {"driver": "blkdebug", "image": file, "inject-error": [rule]}
+    return ("cmd", "blockdev-add", {"driver": "qcow2", "node-name": name, "file": file})
 
 
 def backup(**kw: Any) -> Step:
@@ -80,7 +59,7 @@ def interesting(records: list[Record]) -> list[Any]:
 
 SCRIPTS: dict[str, tuple[list[Step], list[Any]]] = {
     "read-error-report": (
-        [source(event="read_aio", errno=5, once=True), target(), backup(),
+        [node("src", event="read_aio", errno=5, once=True), node("dst"), backup(),
          ("rest", "j")],
         ["created", "running", "paused", "running",
          ("BLOCK_JOB_ERROR", {"action": "report", "device": "j", "operation": "read"}),
@@ -90,7 +69,7 @@ SCRIPTS: dict[str, tuple[list[Step], list[Any]]] = {
          "concluded", "null"]),
     "read-error-at-sector-ignore": (
         # host sector 768 = 0x60000: the second data cluster of the source file
-        [source(event="read_aio", errno=5, sector=768, once=True), target(),
+        [node("src", event="read_aio", errno=5, sector=768, once=True), node("dst"),
          backup(**{"on-source-error": "ignore"}), ("rest", "j")],
         ["created", "running", "paused", "running",
          ("BLOCK_JOB_ERROR", {"action": "ignore", "device": "j", "operation": "read"}),
@@ -99,7 +78,7 @@ SCRIPTS: dict[str, tuple[list[Step], list[Any]]] = {
                                   "type": "backup"}),
          "concluded", "null"]),
     "write-error-stop-resume": (
-        [source(), target(event="write_aio", iotype="write", errno=5, once=True),
+        [node("src"), node("dst", event="write_aio", iotype="write", errno=5, once=True),
          backup(**{"on-target-error": "stop"}), ("rest", "j"),
          ("cmd", "query-block-jobs", None),
          ("cmd", "job-resume", {"id": "j"}), ("rest", "j")],
@@ -115,7 +94,7 @@ SCRIPTS: dict[str, tuple[list[Step], list[Any]]] = {
                                   "type": "backup"}),
          "concluded", "null"]),
     "enospc-stops-on-enospc": (
-        [source(event="read_aio", errno=28, once=True), target(),
+        [node("src", event="read_aio", errno=28, once=True), node("dst"),
          backup(**{"on-source-error": "enospc"}), ("rest", "j"),
          ("cmd", "query-block-jobs", None), ("cmd", "job-resume", {"id": "j"}),
          ("rest", "j")],
@@ -131,7 +110,7 @@ SCRIPTS: dict[str, tuple[list[Step], list[Any]]] = {
                                   "type": "backup"}),
          "concluded", "null"]),
     "enospc-reports-eio": (
-        [source(event="read_aio", errno=5, once=True), target(),
+        [node("src", event="read_aio", errno=5, once=True), node("dst"),
          backup(**{"on-source-error": "enospc"}), ("rest", "j")],
         ["created", "running", "paused", "running",
          ("BLOCK_JOB_ERROR", {"action": "report", "device": "j", "operation": "read"}),

@@ -12,17 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
 
-from tests.emulator.test_job_helpers import QEMU_IMG, create_qcow2, requires_qemu_img
+from tests.conftest import requires_qemu_img
+from tests.emulator.qemu_runner import create_qcow2, emulator_vm, qemu_img
 
 GRANULARITY = 65536
 SIZE = 64 << 20
@@ -153,16 +151,7 @@ class Section:
 
 
 async def _drive(d: Path, msync: str, bsync: str, failure: str | None) -> list[Any]:
-    from emulator.machine import Machine
-    from emulator.qmp.server import QMPServer
-
-    machine = Machine(d)
-    server = QMPServer(machine)
-    with tempfile.TemporaryDirectory(prefix="b257") as sd:
-        sock = os.path.join(sd, "qmp.sock")
-        await server.start_unix(sock)
-        client = QMPClient("b257")
-        await client.connect(sock)
+    async with emulator_vm(d) as client:
         section = Section(client, d, msync, bsync, failure)
 
         async def listen() -> None:
@@ -178,10 +167,6 @@ async def _drive(d: Path, msync: str, bsync: str, failure: str | None) -> list[A
             listener.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await listener
-            with contextlib.suppress(Exception):
-                await client.disconnect()
-            await server.close()
-            machine.block.close_all()
     return section.log
 
 
@@ -222,11 +207,6 @@ def title(msync: str, bsync: str, failure: str | None) -> str:
     return f"Mode {msync}; Bitmap Sync {bsync} {cond}"
 
 
-def img(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([QEMU_IMG or "qemu-img", *map(str, args)], capture_output=True,
-                          text=True, check=False)
-
-
 @pytest.mark.parametrize(("msync", "bsync", "failure"), SECTIONS)
 def test_events_and_bitmaps_as_golden(tmp_path: Path, goldens: Path, msync: str, bsync: str,
                                       failure: str | None) -> None:
@@ -245,16 +225,16 @@ def test_images_check_and_compare_as_golden(tmp_path: Path, goldens: Path, msync
     create_qcow2(tmp_path / "img", "64M")
     asyncio.run(_drive(tmp_path, msync, bsync, failure))
     for name in ("img", "fbackup0", "fbackup1", "fbackup2", "bsync1", "bsync2"):
-        res = img("check", tmp_path / name)
+        res = qemu_img("check", tmp_path / name)
         assert res.returncode == 0 and "No errors were found" in res.stdout, (name, res)
     base2 = "bsync1" if not failure or bsync == "always" else "fbackup0"
-    assert img("rebase", "-u", "-b", tmp_path / "fbackup0", "-F", "qcow2",
-               tmp_path / "bsync1").returncode == 0
-    assert img("rebase", "-u", "-b", tmp_path / base2, "-F", "qcow2",
-               tmp_path / "bsync2").returncode == 0
+    assert qemu_img("rebase", "-u", "-b", tmp_path / "fbackup0", "-F", "qcow2",
+                    tmp_path / "bsync1").returncode == 0
+    assert qemu_img("rebase", "-u", "-b", tmp_path / base2, "-F", "qcow2",
+                    tmp_path / "bsync2").returncode == 0
     got = []
     for a, b in (("bsync1", "fbackup1"), ("bsync2", "fbackup2"), ("img", "fbackup2")):
-        rc = img("compare", tmp_path / a, tmp_path / b).returncode
+        rc = qemu_img("compare", tmp_path / a, tmp_path / b).returncode
         got.append((a, b, "Identical" if rc == 0 else "Mismatch"))
     _, verdicts = golden_section(goldens, title(msync, bsync, failure))
     expected = [(m[1], m[2], m[3]) for m in (

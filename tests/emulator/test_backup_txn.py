@@ -14,14 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.emulator.test_job_helpers import (
-    Record,
-    Step,
-    create_qcow2,
-    requires_qemu,
-    run_both,
-    run_script,
-)
+from tests.conftest import requires_qemu
+from tests.emulator.qemu_runner import Record, Step, create_qcow2, run_both, run_script
 
 
 def images(d: Path) -> None:

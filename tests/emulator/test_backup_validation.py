@@ -13,13 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.emulator.test_job_helpers import (
-    create_qcow2,
-    replies,
-    requires_qemu,
-    run_both,
-    run_script,
-)
+from tests.conftest import requires_qemu
+from tests.emulator.qemu_runner import create_qcow2, replies, run_both, run_script
 
 DRIVE0 = {"driver": "qcow2", "node-name": "drive0",
           "file": {"driver": "file", "filename": "@DIR@/img"}}

@@ -7,26 +7,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from tests.emulator.test_block_helpers import (
-    create_qcow2,
-    qemu_img,
-    requires_qemu,
-    requires_qemu_img,
-    run_both,
-    run_emulator,
-)
+from tests.conftest import requires_qemu, requires_qemu_img
+from tests.emulator.qemu_runner import c, compare_replies, create_qcow2, io, qemu_img, run_commands
 
 pytestmark = [requires_qemu, requires_qemu_img]
-
-
-def c(_cmd: str, **args: Any) -> tuple[str, dict[str, Any]]:
-    return (_cmd, args)
-
-
-def io(node: str, cmd: str) -> tuple[str, dict[str, Any]]:
-    return ("human-monitor-command", {"command-line": f'qemu-io {node} "{cmd}"'})
 
 
 QCOW2 = {"driver": "qcow2", "node-name": "d",
@@ -66,9 +51,7 @@ def test_store_on_del_and_load_on_add(tmp_path: Path) -> None:
         c("block-dirty-bitmap-add", node="d", name="on", persistent=True),
         c("block-dirty-bitmap-disable", node="d", name="on"),
     ]
-    qemu, emu = run_both(tmp_path, cmds, setup=lambda d: create_qcow2(d / "img.qcow2", "64M"))
-    for i, (a, b) in enumerate(zip(qemu, emu, strict=True)):
-        assert b == a, f"command {i}: {cmds[i]}"
+    compare_replies(tmp_path, cmds, setup=lambda d: create_qcow2(d / "img.qcow2", "64M"))
     for kind in ("qemu", "emu"):
         assert qemu_img("check", tmp_path / kind / "img.qcow2").returncode == 0
     assert stored(tmp_path / "emu" / "img.qcow2") == stored(tmp_path / "qemu" / "img.qcow2")
@@ -81,7 +64,7 @@ def test_in_use_while_open_and_inconsistent_after_crash(tmp_path: Path) -> None:
     left that way (QEMU killed) loads them as inconsistent: only remove works."""
     img = tmp_path / "img.qcow2"
     create_qcow2(img, "1M")
-    run_emulator(tmp_path, [
+    run_commands(tmp_path, [
         c("blockdev-add", **{**QCOW2, "file": {"driver": "file", "filename": str(img)}}),
         c("block-dirty-bitmap-add", node="d", name="b", persistent=True),
     ])
@@ -92,8 +75,7 @@ def test_in_use_while_open_and_inconsistent_after_crash(tmp_path: Path) -> None:
 
     open_cmds = [c("blockdev-add", **QCOW2), c("query-named-block-nodes", flat=True)]
     (tmp_path / "a").mkdir()
-    qemu, emu = run_both(tmp_path / "a", open_cmds, setup=crash_copy)
-    assert emu == qemu
+    compare_replies(tmp_path / "a", open_cmds, setup=crash_copy)
     # leave an IN_USE flag behind: mark it as a running QEMU would, then copy the bytes
     from emulator.block.layer import BlockLayer
     layer = BlockLayer()
@@ -116,6 +98,4 @@ def test_in_use_while_open_and_inconsistent_after_crash(tmp_path: Path) -> None:
             c("block-dirty-bitmap-remove", node="d", name="b"),
             c("query-named-block-nodes", flat=True)]
     (tmp_path / "b").mkdir()
-    qemu, emu = run_both(tmp_path / "b", cmds, setup=dirty_copy)
-    for i, (a, b) in enumerate(zip(qemu, emu, strict=True)):
-        assert b == a, f"command {i}: {cmds[i]}"
+    compare_replies(tmp_path / "b", cmds, setup=dirty_copy)

@@ -11,32 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.emulator.test_block_helpers import (
-    create_qcow2,
-    requires_qemu,
-    requires_qemu_img,
-    run_both,
-)
+from tests.conftest import requires_qemu, requires_qemu_img
+from tests.emulator.qemu_runner import c, compare_replies, create_qcow2, io, run_commands
 
 pytestmark = [requires_qemu, requires_qemu_img]
 
 
-def c(_cmd: str, **args: Any) -> tuple[str, dict[str, Any]]:
-    return (_cmd, args)
-
-
-def io(node: str, cmd: str) -> tuple[str, dict[str, Any]]:
-    return ("human-monitor-command", {"command-line": f'qemu-io {node} "{cmd}"'})
-
-
 def sha(node: str, name: str) -> tuple[str, dict[str, Any]]:
     return c("x-debug-block-dirty-bitmap-sha256", node=node, name=name)
-
-
-def compare(tmp_path: Path, cmds: list[tuple[str, Any]], **kw: Any) -> None:
-    qemu, emu = run_both(tmp_path, cmds, **kw)
-    for i, (a, b) in enumerate(zip(qemu, emu, strict=True)):
-        assert b == a, f"command {i}: {cmds[i]}"
 
 
 def test_add_checks_and_counts(tmp_path: Path) -> None:
@@ -60,7 +42,7 @@ def test_add_checks_and_counts(tmp_path: Path) -> None:
         sha("n", "a"), sha("n", "b"), sha("n", "c"), sha("n", "y" * 1023),
         sha("n", "zz"), sha("zz", "a"),
     ]
-    compare(tmp_path, cmds)
+    compare_replies(tmp_path, cmds)
 
 
 def test_remove_clear_enable_disable_merge(tmp_path: Path) -> None:
@@ -95,7 +77,7 @@ def test_remove_clear_enable_disable_merge(tmp_path: Path) -> None:
         c("block-dirty-bitmap-remove", node="x", name="b"),
         c("query-named-block-nodes", flat=True),
     ]
-    compare(tmp_path, cmds)
+    compare_replies(tmp_path, cmds)
 
 
 def test_default_granularity_follows_cluster_size(tmp_path: Path) -> None:
@@ -112,7 +94,7 @@ def test_default_granularity_follows_cluster_size(tmp_path: Path) -> None:
                  c("block-dirty-bitmap-add", node=f"q{cs}", name="p", persistent=True,
                    granularity=256 * 1024)]
     cmds.append(c("query-named-block-nodes", flat=True))
-    compare(tmp_path, cmds, setup=setup)
+    compare_replies(tmp_path, cmds, setup=setup)
 
 
 def test_writes_through_filter_and_raw(tmp_path: Path) -> None:
@@ -128,7 +110,7 @@ def test_writes_through_filter_and_raw(tmp_path: Path) -> None:
         io("dbg", "write 70000 10"),
         c("query-named-block-nodes", flat=True),
     ]
-    compare(tmp_path, cmds)
+    compare_replies(tmp_path, cmds)
 
 
 def test_qemu_crashes_are_not_copied(tmp_path: Path) -> None:
@@ -136,9 +118,7 @@ def test_qemu_crashes_are_not_copied(tmp_path: Path) -> None:
     with an empty ``bitmaps`` list (hbitmap_free(NULL) in block_dirty_bitmap_merge) and a
     transaction whose block-dirty-bitmap-enable/-disable fails its lookup (the abort
     dereferences the missing bitmap). The emulator answers instead of dying."""
-    from tests.emulator.test_block_helpers import run_emulator
-
-    replies = run_emulator(tmp_path, [
+    replies = run_commands(tmp_path, [
         c("blockdev-add", driver="null-co", **{"node-name": "n"}),
         c("block-dirty-bitmap-add", node="n", name="b"),
         c("block-dirty-bitmap-merge", node="n", target="b", bitmaps=[]),

@@ -20,7 +20,7 @@ from emulator.block.drivers.blkdebug import BlkdebugNode
 from emulator.block.layer import BlockLayer
 from emulator.block.perm import ALL, CONSISTENT_READ, WRITE
 from emulator.sandbox import Sandbox
-from tests.emulator.test_job_helpers import create_qcow2
+from tests.emulator.qemu_runner import create_qcow2
 
 
 def open_drive(d: Path, **blkdebug: Any) -> tuple[BlockLayer, BlockBackend, BlkdebugNode]:

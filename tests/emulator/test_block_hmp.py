@@ -10,13 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.emulator.test_block_helpers import (
-    create_qcow2,
-    requires_qemu,
-    requires_qemu_img,
-    run_both,
-    run_emulator,
-)
+from tests.conftest import requires_qemu, requires_qemu_img
+from tests.emulator.qemu_runner import compare_replies, create_qcow2, run_commands
 
 pytestmark = [requires_qemu, requires_qemu_img]
 
@@ -52,16 +47,13 @@ def test_qemu_io_replies_match_qemu(tmp_path: Path) -> None:
         ("query-named-block-nodes", {"flat": True}),
         ("query-block", None),
     ]
-    qemu, emu = run_both(tmp_path, cmds, drives=drives,
-                         setup=lambda d: create_qcow2(d / "img", "4M"))
-    for i, (a, b) in enumerate(zip(qemu, emu, strict=True)):
-        assert b == a, f"command {i}: {cmds[i]}"
+    compare_replies(tmp_path, cmds, drives=drives, setup=lambda d: create_qcow2(d / "img", "4M"))
 
 
 def test_qemu_io_output_is_logged_not_replied(tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="emulator.qemu_io"):
-        replies = run_emulator(tmp_path, [
+        replies = run_commands(tmp_path, [
             ("blockdev-add", {"driver": "null-co", "node-name": "n", "read-only": True}),
             hmp('qemu-io n "write 0 512"'), hmp('qemu-io n "read 0 512"')])
     assert replies[1:] == [{"return": "Block node is read-only\r\n"}, {"return": ""}]

@@ -16,7 +16,7 @@ import pytest
 from emulator.block import perm as P
 from emulator.block.drivers.blkdebug import BlkdebugNode
 from emulator.block.layer import BlockLayer
-from tests.emulator.test_block_helpers import requires_qemu_img
+from tests.conftest import requires_qemu_img
 
 
 class EventLog:

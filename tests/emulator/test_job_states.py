@@ -9,7 +9,11 @@ installed. Facts beyond §5 they pin down (job.c, blockdev.c, block/create.c):
   come before the reply;
 * a job that finishes without leaving its coroutine (null-co never yields; blockdev-create
   failing its checks) is completed by a bottom half that runs before the reply;
-* file I/O yields (thread pool): qcow2 backups and successful creates end after the reply.
+* file I/O yields (thread pool): qcow2 backups and successful creates end after the reply;
+* quit (qemu_cleanup) drains every node without ending the drain, so each job still running
+  pauses, in the order of its first node; job_cancel_sync_all then cancels the jobs newest
+  first (a paused job runs again to see the cancel, a concluded one is dismissed) — all
+  before quit's reply.
 """
 
 from __future__ import annotations
@@ -19,29 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.emulator.test_job_helpers import (
-    Record,
-    Step,
-    create_qcow2,
-    requires_qemu,
-    run_both,
-    run_script,
-)
-
-
-def compact(records: list[Record]) -> list[Any]:
-    """JOB_STATUS_CHANGE as "id:status", other events as (name, data), replies as
-    (command, reply)."""
-    out: list[Any] = []
-    for kind, name, data in records:
-        if kind == "event" and name == "JOB_STATUS_CHANGE":
-            out.append(f"{data['id']}:{data['status']}")
-        elif kind == "event":
-            out.append((name, data))
-        else:
-            out.append((name, data))
-    return out
-
+from tests.conftest import requires_qemu
+from tests.emulator.qemu_runner import Step, compact, create_qcow2, run_both, run_script
 
 OK = {"return": {}}
 
@@ -274,6 +257,55 @@ SCRIPTS: dict[str, tuple[list[Step], list[Any]]] = {
         ("BLOCK_JOB_CANCELLED", {"device": "s", "len": 67108864, "offset": 1048576,
                                  "speed": 1048576, "type": "backup"}),
         "s:concluded", "s:null", ("job-cancel", OK),
+    ]),
+    "quit-cancels-running-jobs": ([
+        *[("cmd", "blockdev-add", {"driver": "null-co", "node-name": n, "size": 67108864})
+          for n in ("a", "b", "c", "d")],
+        ("cmd", "transaction", {"actions": [
+            {"type": "blockdev-backup", "data": {"device": "c", "target": "d", "sync": "none",
+                                                 "job-id": "n"}},
+            {"type": "blockdev-backup", "data": {"device": "a", "target": "b", "sync": "full",
+                                                 "job-id": "s", "speed": 1048576}}]}),
+        ("sleep", 0.3),
+        ("cmd", "quit", None),
+    ], [
+        ("blockdev-add", OK), ("blockdev-add", OK), ("blockdev-add", OK), ("blockdev-add", OK),
+        "n:created", "s:created", "n:running", "n:paused", "s:running", "s:paused",
+        "n:running", "s:running", ("transaction", OK),
+        ("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}),
+        "s:paused", "n:paused",
+        "s:running", "s:aborting",
+        ("BLOCK_JOB_CANCELLED", {"device": "s", "len": 67108864, "offset": 1048576,
+                                 "speed": 1048576, "type": "backup"}),
+        "s:concluded", "s:null",
+        "n:running", "n:aborting",
+        ("BLOCK_JOB_CANCELLED", {"device": "n", "len": 67108864, "offset": 0, "speed": 0,
+                                 "type": "backup"}),
+        "n:concluded", "n:null", ("quit", OK),
+    ]),
+    "quit-dismisses-concluded-and-cancels-paused": ([
+        *[("cmd", "blockdev-add", {"driver": "null-co", "node-name": n, "size": 67108864})
+          for n in ("a", "b", "c", "d")],
+        ("cmd", "blockdev-backup", {"device": "a", "target": "b", "sync": "none",
+                                    "job-id": "p"}),
+        ("cmd", "job-pause", {"id": "p"}),
+        ("cmd", "blockdev-backup", {"device": "c", "target": "d", "sync": "full",
+                                    "job-id": "k", "auto-dismiss": False}),
+        ("rest", "k"),
+        ("cmd", "quit", None),
+    ], [
+        ("blockdev-add", OK), ("blockdev-add", OK), ("blockdev-add", OK), ("blockdev-add", OK),
+        "p:created", "p:running", "p:paused", "p:running", ("blockdev-backup", OK),
+        "p:paused", ("job-pause", OK),
+        "k:created", "k:running", "k:paused", "k:running", "k:waiting", "k:pending",
+        ("BLOCK_JOB_COMPLETED", {"device": "k", "len": 67108864, "offset": 67108864,
+                                 "speed": 0, "type": "backup"}),
+        "k:concluded", ("blockdev-backup", OK),
+        ("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}),
+        "k:null", "p:running", "p:aborting",
+        ("BLOCK_JOB_CANCELLED", {"device": "p", "len": 67108864, "offset": 0, "speed": 0,
+                                 "type": "backup"}),
+        "p:concluded", "p:null", ("quit", OK),
     ]),
 }
 

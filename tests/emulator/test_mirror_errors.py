@@ -25,21 +25,23 @@ from typing import Any
 
 import pytest
 
-from tests.emulator.test_job_helpers import Step, requires_qemu
-from tests.emulator.test_mirror_helpers import (
-    compact,
-    qcow2,
+from tests.conftest import requires_qemu
+from tests.emulator.qemu_runner import (
+    Step,
+    as_recorded,
+    create_qcow2,
+    on_both,
     recorded,
     rerecord,
-    run,
+    run_script,
     without_host_details,
 )
 
 
 def setup(d: Path) -> None:
-    qcow2(d / "disk.img", "4M")
-    qcow2(d / "small.img", "2M")
-    qcow2(d / "tgt.img", "4M")
+    create_qcow2(d / "disk.img", "4M")
+    create_qcow2(d / "small.img", "2M")
+    create_qcow2(d / "tgt.img", "4M")
 
 
 def dm(**kw: Any) -> Step:
@@ -125,31 +127,24 @@ SCRIPTS: dict[str, list[Step]] = {
 
 def record(name: str, d: Path, *, qemu: bool) -> list[Any]:
     setup(d)
-    return run(SCRIPTS[name], d, qemu=qemu)
+    return run_script(SCRIPTS[name], d, qemu=qemu)
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_mirror_errors_give_qemus_recorded_transcript(tmp_path: Path, name: str) -> None:
-    assert compact(record(name, tmp_path, qemu=False)) == recorded(f"errors:{name}")
+    assert as_recorded(record(name, tmp_path, qemu=False)) == recorded(f"errors:{name}")
 
 
 @requires_qemu
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_mirror_errors_match_qemu(tmp_path: Path, name: str) -> None:
-    (tmp_path / "qemu").mkdir()
-    (tmp_path / "emu").mkdir()
-    qemu = record(name, tmp_path / "qemu", qemu=True)
-    emu = record(name, tmp_path / "emu", qemu=False)
+    qemu, emu = on_both(tmp_path, lambda d, q: record(name, d, qemu=q))
     assert without_host_details(emu) == without_host_details(qemu)
 
 
 def main() -> None:   # pragma: no cover - regenerates the recording from real QEMU
-    import tempfile
-    keys = {}
-    for name in sys.argv[1:] or sorted(SCRIPTS):
-        with tempfile.TemporaryDirectory(prefix="mirror-rec") as d:
-            keys[f"errors:{name}"] = compact(record(name, Path(d), qemu=True))
-    rerecord(keys)
+    rerecord("errors", lambda name, d: record(name, d, qemu=True),
+             sys.argv[1:] or sorted(SCRIPTS))
 
 
 if __name__ == "__main__":   # pragma: no cover

@@ -30,15 +30,17 @@ from typing import Any
 
 import pytest
 
-from tests.emulator.test_job_helpers import Step, requires_qemu, requires_qemu_img
-from tests.emulator.test_mirror_helpers import (
-    compact,
-    img_tool,
-    qcow2,
+from tests.conftest import requires_qemu, requires_qemu_img
+from tests.emulator.qemu_runner import (
+    Step,
+    as_recorded,
+    create_qcow2,
+    on_both,
+    qemu_img,
     qemu_io,
     recorded,
     rerecord,
-    run,
+    run_script,
     without_host_details,
 )
 
@@ -53,16 +55,16 @@ def drive(name: str) -> dict[str, Any]:
 
 
 def setup(d: Path) -> None:
-    qcow2(d / "base.img", "4M")
+    create_qcow2(d / "base.img", "4M")
     qemu_io(d / "base.img", "write -P 0x11 0 2M")
     for name in "abcefg":
-        qcow2(d / f"{name}.img", "4M", backing=d / "base.img")
+        create_qcow2(d / f"{name}.img", "4M", backing=d / "base.img")
         qemu_io(d / f"{name}.img", "write -P 0x22 1M 1M")
-    qcow2(d / "ex.img", "4M")
+    create_qcow2(d / "ex.img", "4M")
     qemu_io(d / "ex.img", "write -P 0x77 3M 1M")
-    qcow2(d / "h.img", "4M")
+    create_qcow2(d / "h.img", "4M")
     qemu_io(d / "h.img", "write -P 0x33 0 1M")
-    qcow2(d / "h-target.img", "4M")
+    create_qcow2(d / "h-target.img", "4M")
     qemu_io(d / "h-target.img", "write -P 0x99 0 4M")
 
 
@@ -122,12 +124,12 @@ PAIRS: dict[str, list[tuple[str, str]]] = {
 def record(name: str, d: Path, *, qemu: bool) -> list[Any]:
     setup(d)
     drives, steps = SCRIPTS[name]
-    return run(steps, d, qemu=qemu, drives=drives)
+    return run_script(steps, d, qemu=qemu, drives=drives)
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_mirror_writes_give_qemus_recorded_transcript(tmp_path: Path, name: str) -> None:
-    assert compact(record(name, tmp_path, qemu=False)) == recorded(f"images:{name}")
+    assert as_recorded(record(name, tmp_path, qemu=False)) == recorded(f"images:{name}")
 
 
 @requires_qemu_img
@@ -136,10 +138,10 @@ def test_mirrored_images_compare_identical_and_check_clean(tmp_path: Path,
                                                           name: str) -> None:
     record(name, tmp_path, qemu=False)
     for source, target in PAIRS[name]:
-        proc = img_tool("compare", str(tmp_path / source), str(tmp_path / target))
+        proc = qemu_img("compare", str(tmp_path / source), str(tmp_path / target))
         assert (proc.returncode, proc.stdout) == (0, "Images are identical.\n"), proc.stderr
         if target.endswith(".img"):
-            check = img_tool("check", str(tmp_path / target))
+            check = qemu_img("check", str(tmp_path / target))
             assert check.returncode == 0, check.stdout + check.stderr
             assert "No errors were found on the image." in check.stdout
 
@@ -158,20 +160,13 @@ def test_sync_top_and_none_targets_name_their_backing_files(tmp_path: Path) -> N
 @requires_qemu
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_mirror_writes_match_qemu(tmp_path: Path, name: str) -> None:
-    (tmp_path / "qemu").mkdir()
-    (tmp_path / "emu").mkdir()
-    qemu = record(name, tmp_path / "qemu", qemu=True)
-    emu = record(name, tmp_path / "emu", qemu=False)
+    qemu, emu = on_both(tmp_path, lambda d, q: record(name, d, qemu=q))
     assert without_host_details(emu) == without_host_details(qemu)
 
 
 def main() -> None:   # pragma: no cover - regenerates the recording from real QEMU
-    import tempfile
-    keys = {}
-    for name in sys.argv[1:] or sorted(SCRIPTS):
-        with tempfile.TemporaryDirectory(prefix="mirror-rec") as d:
-            keys[f"images:{name}"] = compact(record(name, Path(d), qemu=True))
-    rerecord(keys)
+    rerecord("images", lambda name, d: record(name, d, qemu=True),
+             sys.argv[1:] or sorted(SCRIPTS))
 
 
 if __name__ == "__main__":   # pragma: no cover

@@ -20,7 +20,9 @@ Facts they pin down:
 * with auto-finalize false the job stays drained in pending (query-block-jobs "paused":
   true), its graph changes wait for job-finalize;
 * with speed 256 KiB/s and buf-size 64 KiB each resume lets exactly one 64 KiB chunk through
-  before the next rate-limit sleep (golden 219's numbers).
+  before the next rate-limit sleep (golden 219's numbers);
+* quit in READY: the shutdown drain puts the job in standby, the cancel brings it back to
+  ready and cancels it (BLOCK_JOB_CANCELLED, no pivot), before quit's reply.
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ from harness.backends import make_factory
 from harness.replay.recipe import find_recipe
 from harness.replay.runner import replay_transcript
 from harness.transcript import parse_file
-from tests.conftest import GOLDENS
-from tests.emulator.test_job_helpers import Step, requires_qemu
-from tests.emulator.test_mirror_helpers import (
-    compact,
-    qcow2,
+from tests.conftest import GOLDENS, requires_qemu
+from tests.emulator.qemu_runner import (
+    Step,
+    as_recorded,
+    create_qcow2,
+    on_both,
     recorded,
     rerecord,
-    run,
+    run_script,
     without_host_details,
 )
 
@@ -115,6 +118,9 @@ SCRIPTS: dict[str, list[Step]] = {
         ("hmp", 'qemu-io drive0 "write -P 0x44 128k 64k"'), ("sleep", 0.3), QBJ,
         ("cmd", "block-job-cancel", {"device": "j"}), done("j"), QB,
     ],
+    "quit-in-ready-cancels": [
+        FILL, mirror("j"), ("rest", "j"), ("cmd", "quit", None),
+    ],
 }
 
 
@@ -125,27 +131,25 @@ RACY_IN_QEMU = {"unallocated-source"}
 
 
 def setup(d: Path) -> None:
-    qcow2(d / "disk.img", "4M")
+    create_qcow2(d / "disk.img", "4M")
 
 
 def record(name: str, d: Path, *, qemu: bool) -> list[Any]:
     setup(d)
-    return run(SCRIPTS[name], d, qemu=qemu, drives=DRIVE0)
+    return run_script(SCRIPTS[name], d, qemu=qemu, drives=DRIVE0)
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_mirror_script_gives_qemus_recorded_transcript(tmp_path: Path, name: str) -> None:
     expected = recorded(f"jobs:{name}")
-    assert compact(record(name, tmp_path, qemu=False)) == expected
+    assert as_recorded(record(name, tmp_path, qemu=False)) == expected
 
 
 @requires_qemu
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_mirror_script_matches_qemu(tmp_path: Path, name: str) -> None:
-    (tmp_path / "qemu").mkdir()
-    (tmp_path / "emu").mkdir()
-    qemu = without_host_details(record(name, tmp_path / "qemu", qemu=True))
-    emu = without_host_details(record(name, tmp_path / "emu", qemu=False))
+    qemu, emu = on_both(tmp_path,
+                        lambda d, q: without_host_details(record(name, d, qemu=q)))
     if name in RACY_IN_QEMU:
         for kind in ("event", "reply"):
             assert [r for r in emu if r[0] == kind] == [r for r in qemu if r[0] == kind]
@@ -180,12 +184,8 @@ def test_rate_limit_extends_the_slice_from_its_start(monkeypatch: pytest.MonkeyP
 
 
 def main() -> None:   # pragma: no cover - regenerates the recording from real QEMU
-    import tempfile
-    keys = {}
-    for name in sys.argv[1:] or sorted(SCRIPTS):
-        with tempfile.TemporaryDirectory(prefix="mirror-rec") as d:
-            keys[f"jobs:{name}"] = compact(record(name, Path(d), qemu=True))
-    rerecord(keys)
+    rerecord("jobs", lambda name, d: record(name, d, qemu=True),
+             sys.argv[1:] or sorted(SCRIPTS))
 
 
 if __name__ == "__main__":   # pragma: no cover

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from emulator.qmp.qemu_probe import QemuMonitor, exchange
+from emulator.qmp.qemu_probe import QemuMonitor, ServerProcess, exchange
 
 RECORDING = Path(__file__).with_name("test_qmp_wire_corpus.json")
 
@@ -396,34 +393,15 @@ case("args-deep-nesting", b'{"execute": "blockdev-add", "arguments": '
 
 
 # -- servers ---------------------------------------------------------------------------------------
-class EmulatorServer:
+class EmulatorServer(ServerProcess):
     """``qmpreplay serve`` in a subprocess, on a socket in a private directory."""
 
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="qmpreplay-wire-")
-        self.path = os.path.join(self.dir, "qmp.sock")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.cli", "serve", "--socket", self.path,
-             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 15
-        while not os.path.exists(self.path):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                self.close()
-                raise RuntimeError(f"qmpreplay serve did not start: {err}")
-            time.sleep(0.02)
+    name = "qmpreplay serve"
+    start_timeout = 15.0
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def command_line(self) -> list[str]:
+        return [sys.executable, "-m", "harness.cli", "serve", "--socket", self.path,
+                "--dir", self.dir]
 
 
 @pytest.fixture(scope="module")

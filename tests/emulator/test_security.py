@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.emulator.test_block_helpers import run_emulator
+from tests.emulator.qemu_runner import run_commands
 
 REFUSED = "path is outside the emulator's test directory"
 
@@ -26,7 +26,7 @@ def world(tmp_path: Path) -> tuple[Path, Path]:
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
-    run_emulator(outside, [("blockdev-create", {"job-id": "c", "options": {
+    run_commands(outside, [("blockdev-create", {"job-id": "c", "options": {
         "driver": "file", "filename": str(outside / "victim.img"), "size": 0}})])
     return root, outside
 
@@ -55,14 +55,14 @@ def test_blockdev_add_outside_is_refused(world: tuple[Path, Path], how: str) -> 
     else:
         (root / "sub").symlink_to(outside)
         name = str(root / "sub" / "victim.img")
-    (reply,) = run_emulator(root, [file_node(name)])
+    (reply,) = run_commands(root, [file_node(name)])
     assert refused(reply, name), reply
 
 
 def test_blockdev_create_and_snapshot_outside_create_nothing(world: tuple[Path, Path]) -> None:
     root, outside = world
     target = str(outside / "new.img")
-    replies = run_emulator(root, [
+    replies = run_commands(root, [
         ("blockdev-create", {"job-id": "c", "options": {"driver": "file",
                                                         "filename": target, "size": 0}}),
         ("blockdev-create", {"job-id": "d", "options": {"driver": "file",
@@ -97,7 +97,7 @@ def test_backing_file_named_in_an_image_is_checked(world: tuple[Path, Path]) -> 
     # rebase -u writes the outside name into the header (the rebase itself opens nothing)
     img.rebase_unsafe(Sandbox(root), str(root / "top.qcow2"), str(outside / "base.qcow2"),
                       "qcow2")
-    (reply,) = run_emulator(root, [("blockdev-add", {
+    (reply,) = run_commands(root, [("blockdev-add", {
         "driver": "qcow2", "node-name": "top",
         "file": {"driver": "file", "filename": str(root / "top.qcow2")}})])
     assert "error" in reply and REFUSED in reply["error"]["desc"], reply

@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.emulator.test_block_helpers import create_qcow2, qemu_img, requires_qemu_img
-
-GOLDENS = Path(__file__).resolve().parents[2] / "goldens"
+from tests.conftest import GOLDENS, requires_qemu_img
+from tests.emulator.qemu_runner import create_qcow2, emulator_vm, execute, qemu_img
 
 
 def ordered(obj: Any) -> Any:
@@ -49,35 +47,12 @@ class Log:
 
 async def with_vm(root: Path, drives: list[dict[str, Any]],
                   body: Callable[[Any], Awaitable[None]]) -> None:
-    from qemu.qmp import QMPClient
-
-    from emulator.machine import Machine
-    from emulator.qmp.server import QMPServer
-
-    machine = Machine(root)
-    for d in drives:
-        machine.block.add_drive(d)
-    server = QMPServer(machine)
-    with tempfile.TemporaryDirectory(prefix="emu") as sockdir:
-        sock = os.path.join(sockdir, "qmp.sock")
-        await server.start_unix(sock)
-        client = QMPClient("iotest")
-        await client.connect(sock)
-        try:
-            await body(client)
-        finally:
-            await client.disconnect()
-            await server.close()
-            machine.block.close_all()
+    async with emulator_vm(root, drives) as client:
+        await body(client)
 
 
 async def qmp(client: Any, cmd: str, **args: Any) -> dict:
-    from qemu.qmp import ExecuteError
-
-    try:
-        return {"return": await client.execute(cmd, args)}
-    except ExecuteError as e:
-        return {"error": {"class": e.error_class, "desc": str(e)}}
+    return await execute(client, cmd, args)
 
 
 async def qmp_log(client: Any, log: Log, cmd: str, indent: int | None = None,
@@ -117,17 +92,20 @@ def test_236_golden(tmp_path: Path) -> None:
         def bm(name: str, **extra: Any) -> dict:
             return {"node": "drive0", "name": name, **extra}
 
+        async def writes(patterns: list[tuple[str, str, str]]) -> None:
+            for p in patterns:
+                cmd = "write -P{} {} {}".format(*p)
+                log(cmd)
+                log(await hmp_qemu_io(vm, "drive0", cmd))
+
         log("\n--- Adding preliminary bitmaps A & B ---\n")
         await qmp_log(vm, log, "block-dirty-bitmap-add", node="drive0", name="bitmapA",
                       granularity=granularity)
         await qmp_log(vm, log, "block-dirty-bitmap-add", node="drive0", name="bitmapB",
                       granularity=granularity)
         log("\n--- Emulating writes ---\n")
-        for p in [("0x5d", "0", "64k"), ("0xd5", "1M", "64k"), ("0xdc", "32M", "64k"),
-                  ("0xcd", "0x3ff0000", "64k")]:
-            cmd = "write -P{} {} {}".format(*p)
-            log(cmd)
-            log(await hmp_qemu_io(vm, "drive0", cmd))
+        await writes([("0x5d", "0", "64k"), ("0xd5", "1M", "64k"), ("0xdc", "32M", "64k"),
+                      ("0xcd", "0x3ff0000", "64k")])
         log(await query_bitmaps(), indent=2)
         log("\n--- Submitting & Aborting Transaction ---\n")
         await tx([{"type": "block-dirty-bitmap-disable", "data": bm("bitmapB")},
@@ -143,11 +121,8 @@ def test_236_golden(tmp_path: Path) -> None:
                   {"type": "block-dirty-bitmap-disable", "data": bm("bitmapC")},
                   {"type": "block-dirty-bitmap-enable", "data": bm("bitmapC")}])
         log("\n--- Emulating further writes ---\n")
-        for p in [("0xab", "0", "64k"), ("0xad", "0x00f8000", "64k"),
-                  ("0x1d", "0x2008000", "64k"), ("0xea", "0x3fe0000", "64k")]:
-            cmd = "write -P{} {} {}".format(*p)
-            log(cmd)
-            log(await hmp_qemu_io(vm, "drive0", cmd))
+        await writes([("0xab", "0", "64k"), ("0xad", "0x00f8000", "64k"),
+                      ("0x1d", "0x2008000", "64k"), ("0xea", "0x3fe0000", "64k")])
         log("\n--- Disabling A & C ---\n")
         await tx([{"type": "block-dirty-bitmap-disable", "data": bm("bitmapA")},
                   {"type": "block-dirty-bitmap-disable", "data": bm("bitmapC")}])

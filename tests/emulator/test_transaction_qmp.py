@@ -8,33 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tests.emulator.test_block_helpers import (
-    create_qcow2,
-    qemu_img,
-    requires_qemu,
-    requires_qemu_img,
-    run_both,
-)
+from tests.conftest import requires_qemu, requires_qemu_img
+from tests.emulator.qemu_runner import c, compare_replies, create_qcow2, io, qemu_img
 
 pytestmark = [requires_qemu, requires_qemu_img]
 
 
-def c(_cmd: str, **args: Any) -> tuple[str, dict[str, Any]]:
-    return (_cmd, args)
-
-
 def act(kind: str, **data: Any) -> dict[str, Any]:
     return {"type": kind, "data": data}
-
-
-def io(node: str, cmd: str) -> tuple[str, dict[str, Any]]:
-    return ("human-monitor-command", {"command-line": f'qemu-io {node} "{cmd}"'})
-
-
-def compare(tmp_path: Path, cmds: list[tuple[str, Any]], **kw: Any) -> None:
-    qemu, emu = run_both(tmp_path, cmds, **kw)
-    for i, (a, b) in enumerate(zip(qemu, emu, strict=True)):
-        assert b == a, f"command {i}: {cmds[i]}"
 
 
 def test_rollback_of_every_bitmap_action(tmp_path: Path) -> None:
@@ -69,7 +50,7 @@ def test_rollback_of_every_bitmap_action(tmp_path: Path) -> None:
     cmds += [c("transaction", actions=[act("block-dirty-bitmap-remove", node="n", name="a"),
                                        act("block-dirty-bitmap-add", node="n", name="f")]),
              c("query-named-block-nodes", flat=True)]
-    compare(tmp_path, cmds)
+    compare_replies(tmp_path, cmds)
 
 
 def test_completion_mode_and_kinds(tmp_path: Path) -> None:
@@ -86,7 +67,7 @@ def test_completion_mode_and_kinds(tmp_path: Path) -> None:
         c("transaction", actions=[act("block-dirty-bitmap-add", node="n")]),
         c("query-named-block-nodes", flat=True),
     ]
-    compare(tmp_path, cmds)
+    compare_replies(tmp_path, cmds)
 
 
 def test_blockdev_snapshot_sync(tmp_path: Path) -> None:
@@ -122,7 +103,7 @@ def test_blockdev_snapshot_sync(tmp_path: Path) -> None:
         c("block-dirty-bitmap-enable", node="base", name="q"),
         c("blockdev-del", **{"node-name": "base"}),
     ]
-    compare(tmp_path, cmds, drives=drives, setup=setup)
+    compare_replies(tmp_path, cmds, drives=drives, setup=setup)
     infos = {}
     for kind in ("qemu", "emu"):
         for name in ("disk", "top"):

@@ -29,21 +29,7 @@ from emulator.block.node import (
 )
 from emulator.block.perm import Role
 
-EVENTS = (
-    "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table",
-    "l2_load", "l2_update", "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write",
-    "read_aio", "read_backing_aio", "read_compressed", "write_aio", "write_compressed",
-    "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load", "reftable_grow",
-    "reftable_update", "refblock_load", "refblock_update", "refblock_update_part",
-    "refblock_alloc", "refblock_alloc_hookup", "refblock_alloc_write",
-    "refblock_alloc_write_blocks", "refblock_alloc_write_table",
-    "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free",
-    "flush_to_os", "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head",
-    "pwritev_rmw_tail", "pwritev_rmw_after_tail", "pwritev", "pwritev_zero", "pwritev_done",
-    "empty_image_prepare", "l1_shrink_write_table", "l1_shrink_free_l2_clusters",
-    "cor_write", "cluster_alloc_space", "none",
-)
-IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
+# event and I/O type names: the QAPI enums BlkdebugEvent, BlkdebugIOType (commands/block.py)
 DEFAULT_IOTYPES = frozenset({"read", "write", "write-zeroes", "discard", "flush"})
 
 ACTION_INJECT_ERROR = "inject-error"
@@ -69,6 +55,15 @@ class Rule:
 
 def _max_int(value: int) -> bool:
     return value >= 2**31 - 1
+
+
+def _constraint(options: dict[str, Any], key: str, align: int) -> int:
+    """One of blkdebug_open's size limits: 0 (none), or below INT_MAX and a multiple of
+    ``align``, else "Cannot meet constraints with <key> <value>"."""
+    value = int(options.get(key, 0))
+    if value and (_max_int(value) or value % align):
+        raise GenericError(f"Cannot meet constraints with {key} {value}")
+    return value
 
 
 @register
@@ -102,33 +97,13 @@ class BlkdebugNode(BlockDriverState):
         if self.align and (_max_int(self.align) or self.align & (self.align - 1)):
             raise GenericError(f"Cannot meet constraints with align {self.align}")
         align = max(self.align, self.file.bs.request_alignment)
-        self.max_transfer_opt = int(options.get("max-transfer", 0))
-        if self.max_transfer_opt and (_max_int(self.max_transfer_opt)
-                                      or self.max_transfer_opt % align):
-            raise GenericError("Cannot meet constraints with max-transfer "
-                               f"{self.max_transfer_opt}")
-        self.opt_write_zero_opt = int(options.get("opt-write-zero", 0))
-        if self.opt_write_zero_opt and (_max_int(self.opt_write_zero_opt)
-                                        or self.opt_write_zero_opt % align):
-            raise GenericError("Cannot meet constraints with opt-write-zero "
-                               f"{self.opt_write_zero_opt}")
-        self.max_write_zero_opt = int(options.get("max-write-zero", 0))
-        wz_align = max(self.opt_write_zero_opt, align)
-        if self.max_write_zero_opt and (_max_int(self.max_write_zero_opt)
-                                        or self.max_write_zero_opt % wz_align):
-            raise GenericError("Cannot meet constraints with max-write-zero "
-                               f"{self.max_write_zero_opt}")
-        self.opt_discard_opt = int(options.get("opt-discard", 0))
-        if self.opt_discard_opt and (_max_int(self.opt_discard_opt)
-                                     or self.opt_discard_opt % align):
-            raise GenericError("Cannot meet constraints with opt-discard "
-                               f"{self.opt_discard_opt}")
-        self.max_discard_opt = int(options.get("max-discard", 0))
-        d_align = max(self.opt_discard_opt, align)
-        if self.max_discard_opt and (_max_int(self.max_discard_opt)
-                                     or self.max_discard_opt % d_align):
-            raise GenericError("Cannot meet constraints with max-discard "
-                               f"{self.max_discard_opt}")
+        self.max_transfer_opt = _constraint(options, "max-transfer", align)
+        self.opt_write_zero_opt = _constraint(options, "opt-write-zero", align)
+        self.max_write_zero_opt = _constraint(options, "max-write-zero",
+                                              max(self.opt_write_zero_opt, align))
+        self.opt_discard_opt = _constraint(options, "opt-discard", align)
+        self.max_discard_opt = _constraint(options, "max-discard",
+                                           max(self.opt_discard_opt, align))
         self.drv_debug_event("none")
 
     def _add_rule(self, spec: dict[str, Any], action: str) -> None:

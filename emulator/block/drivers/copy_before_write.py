@@ -10,11 +10,11 @@ on its source (cbw_child_perm), which is how a backup conflicts with other write
 
 from __future__ import annotations
 
-import errno
 import os
 from typing import Any, ClassVar
 
 from emulator.block.drivers import register
+from emulator.block.drivers.source_filter import SourceFilter
 from emulator.block.errors import GenericError
 from emulator.block.node import BDRV_REQ_WRITE_UNCHANGED, BdrvChild, BlockDriverState
 from emulator.block.perm import ALL, CONSISTENT_READ, RESIZE, WRITE, Role
@@ -22,10 +22,8 @@ from emulator.jobs.block_copy import BlockCopyState
 
 
 @register
-class CopyBeforeWriteNode(BlockDriverState):
+class CopyBeforeWriteNode(SourceFilter):
     format_name: ClassVar[str] = "copy-before-write"
-    is_filter: ClassVar[bool] = True
-    has_refresh_filename_hook: ClassVar[bool] = True
 
     bcs: BlockCopyState | None = None
     target: BdrvChild | None = None
@@ -90,36 +88,17 @@ class CopyBeforeWriteNode(BlockDriverState):
         else:
             self.done_bitmap.set_dirty(off, end - off)
 
-    def _file(self) -> BdrvChild:
-        if self.file is None:
-            raise OSError(errno.ENOMEDIUM, os.strerror(errno.ENOMEDIUM))
-        return self.file
-
-    def drv_preadv(self, offset: int, length: int) -> bytes:
-        return self._file().pread(offset, length)
-
     def drv_pwritev(self, offset: int, data: bytes, flags: int) -> None:
         self._copy_before_write(offset, len(data), flags)
-        self._file().pwrite(offset, data, flags)
+        self._source().pwrite(offset, data, flags)
 
     def drv_pwrite_zeroes(self, offset: int, length: int, flags: int) -> None:
         self._copy_before_write(offset, length, flags)
-        self._file().pwrite_zeroes(offset, length, flags)
+        self._source().pwrite_zeroes(offset, length, flags)
 
     def drv_pdiscard(self, offset: int, length: int) -> None:
         self._copy_before_write(offset, length, 0)
-        self._file().pdiscard(offset, length)
-
-    def drv_flush(self) -> bool:
-        """cbw_co_flush: only the source, and nothing once the filter was dropped."""
-        if self.file is not None and self.file.bs is not None:
-            self.file.flush()
-        return True
-
-    def drv_refresh_filename(self) -> None:
-        """cbw_refresh_filename: the source's filename."""
-        if self.file is not None and self.file.bs is not None:
-            self.exact_filename = self.file.bs.filename
+        self._source().pdiscard(offset, length)
 
     def drv_close(self) -> None:
         """cbw_close: the filter's bitmaps and the block-copy state go."""

@@ -12,11 +12,10 @@ size. Once the job stops (``stop``), it asks nothing of the source any more.
 
 from __future__ import annotations
 
-import errno
-import os
 from typing import Any, ClassVar, Protocol
 
 from emulator.block import perm as P
+from emulator.block.drivers.source_filter import SourceFilter
 from emulator.block.node import BdrvChild, BlockDriverState
 
 # MirrorMethod
@@ -38,13 +37,11 @@ class ActiveMirror(Protocol):
     def active_write_settle(self, op: Any) -> None: ...
 
 
-class MirrorTopNode(BlockDriverState):
+class MirrorTopNode(SourceFilter):
     """bdrv_mirror_top, with MirrorBDSOpaque's fields (job, stop, is_commit)."""
 
     format_name: ClassVar[str] = "mirror_top"
-    is_filter: ClassVar[bool] = True
     filtered_child_is_backing: ClassVar[bool] = True
-    has_refresh_filename_hook: ClassVar[bool] = True
 
     def __init__(self, graph: Any) -> None:
         super().__init__(graph)
@@ -66,16 +63,8 @@ class MirrorTopNode(BlockDriverState):
         return nperm, nshared
 
     # -- I/O ------------------------------------------------------------------------------
-    def _backing(self) -> BdrvChild:
-        if self.backing is None:
-            raise OSError(errno.ENOMEDIUM, os.strerror(errno.ENOMEDIUM))
-        return self.backing
-
     def drv_getlength(self) -> int:
         return self.total_length
-
-    def drv_preadv(self, offset: int, length: int) -> bytes:
-        return self._backing().pread(offset, length)
 
     def _do_write(self, method: str, offset: int, length: int, data: bytes | None,
                   flags: int) -> None:
@@ -85,7 +74,7 @@ class MirrorTopNode(BlockDriverState):
         copy_to_target = job is not None and job.copies_guest_writes()
         op = job.active_write_prepare(offset, length) if job and copy_to_target else None
         try:
-            backing = self._backing()
+            backing = self._source()
             if method == METHOD_COPY:
                 assert data is not None
                 backing.pwrite(offset, data, flags)
@@ -107,17 +96,6 @@ class MirrorTopNode(BlockDriverState):
 
     def drv_pdiscard(self, offset: int, length: int) -> None:
         self._do_write(METHOD_DISCARD, offset, length, None, 0)
-
-    def drv_flush(self) -> bool:
-        """bdrv_mirror_top_flush: the source (nothing after a failed append)."""
-        if self.backing is not None and self.backing.bs is not None:
-            self.backing.flush()
-        return True
-
-    def drv_refresh_filename(self) -> None:
-        """bdrv_mirror_top_refresh_filename: the source's filename."""
-        if self.backing is not None and self.backing.bs is not None:
-            self.exact_filename = self.backing.bs.filename
 
 
 def new_mirror_top(layer: Any, source: BlockDriverState,
