@@ -17,6 +17,7 @@ from emulator.block import perm as P
 from emulator.block.backend import BlockBackend
 from emulator.block.errors import GenericError
 from emulator.block.node import BlockDriverState
+from emulator.block.subtree import subtree
 from emulator.jobs.job import Co, Job
 
 UINT32_MAX = 2**32 - 1
@@ -114,6 +115,8 @@ class _BackendIO:
     def __init__(self, blk: BlockBackend, bs: BlockDriverState) -> None:
         self.blk = blk
         self.bs = bs
+        # plain drivers only below: nothing sees the requests one by one (see ChildIO)
+        self.unobserved = all(node.plain_io for node in subtree(bs))
 
     def pread(self, offset: int, length: int) -> bytes:
         return self.blk.pread(offset, length)

@@ -165,24 +165,13 @@ class Header:
                 self.unknown_extensions.append((magic, data))
             offset += (length + 7) & ~7
 
-    def pack(self) -> bytes:
-        """Cluster 0 as qcow2_update_header writes it (a whole cluster, zero-padded)."""
+    def pack(self, *, extensions: bool = True) -> bytes:
+        """Cluster 0 as qcow2_update_header writes it (a whole cluster, zero-padded); without
+        ``extensions`` only the header fields (what qcow2_co_create writes first)."""
         body = bytearray(self.header_length)
-        backing = (self.backing_file or "").encode("utf-8", "surrogateescape")
-        exts = bytearray()
-        if self.backing_format:
-            exts += _extension(EXT_BACKING_FORMAT, self.backing_format.encode())
-        if self.cluster_size >= FEATURE_TABLE_MIN_CLUSTER_SIZE:
-            exts += _extension(EXT_FEATURE_TABLE, b"".join(
-                struct.pack(">BB46s", kind, bit, name.encode())
-                for kind, bit, name in FEATURE_TABLE))
-        if self.bitmaps is not None and self.bitmaps.nb_bitmaps:
-            exts += _extension(EXT_BITMAPS, _BITMAPS_EXT.pack(
-                self.bitmaps.nb_bitmaps, 0, self.bitmaps.directory_size,
-                self.bitmaps.directory_offset))
-        for magic, data in self.unknown_extensions:
-            exts += _extension(magic, data)
-        exts += bytes(8)
+        exts = self._pack_extensions() if extensions else b""
+        backing = (self.backing_file or "").encode("utf-8", "surrogateescape") if extensions \
+            else b""
         backing_offset = self.header_length + len(exts) if backing else 0
         _HEADER.pack_into(
             body, 0, QCOW_MAGIC, self.version, backing_offset, len(backing), self.cluster_bits,
@@ -192,12 +181,33 @@ class Header:
             self.autoclear_features, self.refcount_order, self.header_length)
         if self.header_length > 104:
             body[_COMPRESSION_TYPE_OFFSET] = self.compression_type
-        cluster = bytes(body) + bytes(exts) + backing
-        if len(cluster) > self.cluster_size:
+        body += exts
+        body += backing
+        if len(body) > self.cluster_size:
             raise Qcow2Error("Header extensions too large")
-        return cluster + bytes(self.cluster_size - len(cluster))
+        return bytes(body).ljust(self.cluster_size, b"\0")
+
+    def _pack_extensions(self) -> bytes:
+        """The header extensions, in qcow2_update_header's order, and the end marker."""
+        exts = bytearray()
+        if self.backing_format:
+            exts += _extension(EXT_BACKING_FORMAT, self.backing_format.encode())
+        if self.cluster_size >= FEATURE_TABLE_MIN_CLUSTER_SIZE:
+            exts += _FEATURE_TABLE_EXTENSION
+        if self.bitmaps is not None and self.bitmaps.nb_bitmaps:
+            exts += _extension(EXT_BITMAPS, _BITMAPS_EXT.pack(
+                self.bitmaps.nb_bitmaps, 0, self.bitmaps.directory_size,
+                self.bitmaps.directory_offset))
+        for magic, data in self.unknown_extensions:
+            exts += _extension(magic, data)
+        exts += bytes(8)
+        return bytes(exts)
 
 
 def _extension(magic: int, data: bytes) -> bytes:
     padding = -len(data) % 8
     return struct.pack(">II", magic, len(data)) + data + bytes(padding)
+
+
+_FEATURE_TABLE_EXTENSION = _extension(EXT_FEATURE_TABLE, b"".join(
+    struct.pack(">BB46s", kind, bit, name.encode()) for kind, bit, name in FEATURE_TABLE))

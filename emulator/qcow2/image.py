@@ -13,8 +13,10 @@ Because the caches write through, a metadata write raises its event ("l2_update"
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -126,11 +128,12 @@ class Qcow2Image:
                         refcount_table_offset=cluster_size, refcount_table_clusters=1,
                         refcount_order=refcount_bits.bit_length() - 1,
                         compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0)
-        bare_header = header.pack()[:header.header_length]  # no extensions yet
-        io.pwrite(0, bare_header + bytes(cluster_size - len(bare_header)))
-        reftable = struct.pack(">Q", 2 * cluster_size) + bytes(2 * cluster_size - 8)
-        io.pwrite(cluster_size, reftable)
+        io.pwrite(0, header.pack(extensions=False))
+        io.pwrite(cluster_size, _empty_refcount_structures(cluster_size))
         image = cls(io, header, read_only=False)
+        if getattr(io, "unobserved", False):
+            # nothing could tell a read-back from what was just written
+            image.refcounts.adopt([2 * cluster_size], {2 * cluster_size: bytes(cluster_size)})
         image.refcounts.alloc(3 * cluster_size)
         header.backing_file = backing_file
         header.backing_format = backing_format
@@ -275,12 +278,13 @@ class Qcow2Image:
         """qcow2_co_pwritev_part: write in place where clusters are ours, else allocate, with
         partial clusters completed from their old contents (`backing` for unallocated ones)."""
         self._check_writable(offset, len(data))
-        view = memoryview(data)
         done = 0
         while done < len(data):
             guest = offset + done
             host, nbytes, allocations = self._alloc_host_offset(guest, len(data) - done)
-            self._write_guest_data(host, guest, view[done:done + nbytes], allocations, backing)
+            # the whole request in one stretch (the usual case) is written without a copy
+            part = data if nbytes == len(data) else data[done:done + nbytes]
+            self._write_guest_data(host, guest, part, allocations, backing)
             done += nbytes
 
     def _alloc_host_offset(self, guest: int, nbytes: int) -> tuple[int, int, list[_Allocation]]:
@@ -289,12 +293,17 @@ class Qcow2Image:
         host_start = -1
         covered = 0
         allocations: list[_Allocation] = []
+        tables = self.tables
         while covered < nbytes:
             expected = host_start + covered if host_start >= 0 else -1
-            step = self._handle_copied(guest + covered, nbytes - covered, expected, allocations)
+            pos = guest + covered
+            l1_index, l2_index = tables.split(pos)
+            l2_offset, table = tables.table_for_write(l1_index)
+            step = self._handle_copied(pos, nbytes - covered, expected, allocations,
+                                       l2_offset, table, l2_index)
             if step is None:
-                step = self._handle_alloc(guest + covered, nbytes - covered, expected,
-                                          allocations)
+                step = self._handle_alloc(pos, nbytes - covered, expected, allocations,
+                                          l2_offset, table, l2_index)
             if not step:
                 break
             host, length = step
@@ -304,13 +313,12 @@ class Qcow2Image:
         return host_start, covered, allocations
 
     def _handle_copied(self, guest: int, nbytes: int, expected: int,
-                       allocations: list[_Allocation]) -> tuple[int, int] | tuple[()] | None:
+                       allocations: list[_Allocation], l2_offset: int, table: array,
+                       l2_index: int) -> tuple[int, int] | tuple[()] | None:
         """handle_copied: clusters we own alone (QCOW_OFLAG_COPIED) are rewritten in place;
         zero-flagged ones among them get an allocation record so their flag is cleared.
         Returns (host, length), None when the cluster needs a new one, or () when it is ours
         but elsewhere than `expected` (the contiguous stretch ends)."""
-        l1_index, l2_index = self.tables.split(guest)
-        l2_offset, table = self.tables.table_for_write(l1_index)
         entry = table[l2_index]
         if needs_new_alloc(entry):
             return None
@@ -339,11 +347,10 @@ class Qcow2Image:
         return host, length
 
     def _handle_alloc(self, guest: int, nbytes: int, expected: int,
-                      allocations: list[_Allocation]) -> tuple[int, int] | None:
+                      allocations: list[_Allocation], l2_offset: int, table: array,
+                      l2_index: int) -> tuple[int, int] | None:
         """handle_alloc: new host clusters for a run of clusters that need them, at
         `expected` when continuing a contiguous stretch (qcow2_alloc_clusters_at)."""
-        l1_index, l2_index = self.tables.split(guest)
-        l2_offset, table = self.tables.table_for_write(l1_index)
         wanted = self._clusters_in_table(guest, nbytes, l2_index)
         count = 1
         while count < wanted and needs_new_alloc(table[l2_index + count]):
@@ -361,7 +368,7 @@ class Qcow2Image:
             guest=guest - in_cluster, host=host_cluster, nb_clusters=count, head_from=0,
             data_start=in_cluster, data_end=in_cluster + length,
             tail_to=count * self.cluster_size, keep_old=False, l2_offset=l2_offset,
-            l2_index=l2_index, old_entries=list(table[l2_index:l2_index + count])))
+            l2_index=l2_index, old_entries=table[l2_index:l2_index + count].tolist()))
         return host_cluster + in_cluster, length
 
     def _clusters_in_table(self, guest: int, nbytes: int, l2_index: int) -> int:
@@ -369,7 +376,7 @@ class Qcow2Image:
         return min(-(-(in_cluster + nbytes) // self.cluster_size),
                    self.tables.l2_entries - l2_index)
 
-    def _write_guest_data(self, host: int, guest: int, data: memoryview,
+    def _write_guest_data(self, host: int, guest: int, data: bytes,
                           allocations: list[_Allocation], backing: Backing | None) -> None:
         """qcow2_co_pwritev_task: zero-fill COW regions that read as zero
         (handle_alloc_space), write the data (merged with the COW regions when one
@@ -389,17 +396,17 @@ class Qcow2Image:
                 pending.append(alloc)
         end = guest + len(data)
         merged = next((a for a in pending if a.guest + a.data_start == guest
-                       and a.guest + a.data_end == end), None)
+                       and a.guest + a.data_end == end), None) if pending else None
         if merged is not None:
             head = self._cow_read(merged.guest + merged.head_from,
                                   merged.data_start - merged.head_from, backing)
             tail = self._cow_read(end, merged.tail_to - merged.data_end, backing)
             self.io.debug_event("write_aio")
-            self.io.pwrite(merged.host + merged.head_from, head + bytes(data) + tail)
+            self.io.pwrite(merged.host + merged.head_from, head + data + tail)
             pending.remove(merged)
         else:
             self.io.debug_event("write_aio")
-            self.io.pwrite(host, bytes(data))
+            self.io.pwrite(host, data)
         for alloc in pending:
             for start, stop in alloc.cow_regions():
                 contents = self._cow_read(alloc.guest + start, stop - start, backing)
@@ -426,7 +433,8 @@ class Qcow2Image:
         self.tables.set_entries(alloc.l2_offset, table, alloc.l2_index, entries)
         if not alloc.keep_old:
             for entry in alloc.old_entries:
-                self._free_any_cluster(entry)
+                if entry & ~OFLAG_ZERO:   # no host cluster behind unallocated or zero-plain
+                    self._free_any_cluster(entry)
 
     def _free_any_cluster(self, entry: int) -> None:
         """qcow2_free_any_cluster."""
@@ -502,15 +510,19 @@ class Qcow2Image:
             l1_index, l2_index = self.tables.split(pos)
             count = min(-(-(end - pos) // self.cluster_size), self.tables.l2_entries - l2_index)
             l2_offset, table = self.tables.table_for_write(l1_index)
-            old = list(table[l2_index:l2_index + count])
-            new = [new_entry(entry) for entry in old] if any(old) else [new_entry(0)] * count
-            changed = [i for i in range(count) if old[i] != new[i]]
-            if changed:
-                first, last = changed[0], changed[-1] + 1
-                self.tables.set_entries(l2_offset, table, l2_index + first, new[first:last])
-                for i in changed:
-                    if old[i] & OFFSET_MASK and new[i] & OFFSET_MASK != old[i] & OFFSET_MASK:
-                        self._free_any_cluster(old[i])
+            old = table[l2_index:l2_index + count].tolist()
+            if not any(old):   # all unallocated: one new entry for all, nothing to free
+                if new_entry(0):
+                    self.tables.set_entries(l2_offset, table, l2_index, [new_entry(0)] * count)
+            else:
+                new = [new_entry(entry) for entry in old]
+                changed = [i for i in range(count) if old[i] != new[i]]
+                if changed:
+                    first, last = changed[0], changed[-1] + 1
+                    self.tables.set_entries(l2_offset, table, l2_index + first, new[first:last])
+                    for i in changed:
+                        if old[i] & OFFSET_MASK and new[i] & OFFSET_MASK != old[i] & OFFSET_MASK:
+                            self._free_any_cluster(old[i])
             pos += count * self.cluster_size - (pos & (self.cluster_size - 1))
 
     # -- other operations --------------------------------------------------------------------
@@ -577,6 +589,13 @@ class Qcow2Image:
         if self.read_only:
             raise OSError(1, "Operation not permitted")
         self._check_range(offset, length)
+
+
+@functools.cache
+def _empty_refcount_structures(cluster_size: int) -> bytes:
+    """A new image's refcount table (pointing at the block after it) and its empty refcount
+    block: kept, as allocating and zeroing such buffers costs more than writing them."""
+    return struct.pack(">Q", 2 * cluster_size) + bytes(2 * cluster_size - 8)
 
 
 def _zeroed(entry: int, may_unmap: bool) -> int:

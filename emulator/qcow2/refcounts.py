@@ -10,6 +10,8 @@ their first load and written through: each update writes just the bytes it chang
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 
 from emulator.qcow2.blockio import BlockIO
 from emulator.qcow2.errors import Qcow2Error
@@ -79,13 +81,16 @@ def _nonzero_length(raw: bytes) -> int:
     return start + len(raw[start:end].rstrip(b"\0"))
 
 
-def _load_table(raw: bytes) -> list[int]:
+def _load_table(raw: bytes) -> array:
     """The refcount table's entries, masked; only the part up to the last non-zero entry is
-    unpacked (a table is mostly zeroes: one refcount block describes gigabytes)."""
-    total = len(raw) // 8
-    used = -(-_nonzero_length(raw[:total * 8]) // 8)
-    head = struct.unpack(f">{used}Q", raw[:used * 8])
-    return [e & REFT_OFFSET_MASK for e in head] + [0] * (total - used)
+    masked one by one (a table is mostly zeroes: one refcount block describes gigabytes)."""
+    raw = raw[:len(raw) // 8 * 8]
+    table = array("Q", raw)
+    if sys.byteorder == "little":
+        table.byteswap()
+    for i in range(-(-_nonzero_length(raw) // 8)):
+        table[i] &= REFT_OFFSET_MASK
+    return table
 
 
 class Refcounts:
@@ -100,19 +105,19 @@ class Refcounts:
         self.block_bits = self.cluster_bits - (self.order - 3)  # log2(entries per block)
         self.block_entries = 1 << self.block_bits
         self.max_refcount = (1 << (1 << self.order)) - 1
-        self._table: list[int] | None = None
+        self._table: array | None = None
         if not getattr(io, "unobserved", False):
             self._table = self._read_table()   # qcow2_refcount_init: read at open
         self._blocks: dict[int, bytearray] = {}
         self.free_cluster_index = 0
 
-    def _read_table(self) -> list[int]:
+    def _read_table(self) -> array:
         raw = self.io.pread(self.header.refcount_table_offset,
                             self.header.refcount_table_clusters * self.cluster_size)
         return _load_table(raw)
 
     @property
-    def table(self) -> list[int]:
+    def table(self) -> array:
         """The refcount table. QEMU reads it at open; when nothing can observe the file's
         requests (``io.unobserved``) it is read on first use instead, which many opens
         (qemu-img compare, queries of read-only nodes) never come to."""
@@ -121,8 +126,17 @@ class Refcounts:
         return self._table
 
     @table.setter
-    def table(self, value: list[int]) -> None:
+    def table(self, value: array) -> None:
         self._table = value
+
+    def adopt(self, table_head: list[int], blocks: dict[int, bytes]) -> None:
+        """Take the refcount table (its first entries; the rest of its clusters are zero) and
+        blocks a creator has just written as the caches, rather than reading them back (only
+        where nothing observes the requests)."""
+        table = self._table = array("Q", table_head)
+        table.frombytes(bytes(self.header.refcount_table_clusters * self.cluster_size
+                              - 8 * len(table_head)))
+        self._blocks.update((offset, bytearray(block)) for offset, block in blocks.items())
 
     # -- lookups ---------------------------------------------------------------------------
     def block(self, offset: int) -> bytearray:
@@ -296,7 +310,8 @@ class Refcounts:
         table_size = total_blocks + -(-total_blocks // 2)
         table_size = -(-table_size // per_cluster) * per_cluster
         table_clusters = table_size // per_cluster
-        new_table = (self.table + [0] * table_size)[:table_size]
+        new_table = array("Q", self.table[:table_size])
+        new_table.frombytes(bytes(8 * (table_size - len(new_table))))
         new_table[new_index] = new_block
         missing = sum(1 for i in range(area_index, total_blocks) if not new_table[i])
         table_offset = start_offset + missing * self.cluster_size

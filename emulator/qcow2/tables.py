@@ -122,12 +122,6 @@ class ClusterTables:
         cluster = guest_offset >> self.cluster_bits
         return cluster >> self.l2_bits, cluster & (self.l2_entries - 1)
 
-    def lookup(self, l1_index: int) -> array | None:
-        """The L2 table for `l1_index`, or None when that whole range is unallocated."""
-        if l1_index >= len(self.l1) or not self.l1[l1_index] & OFFSET_MASK:
-            return None
-        return self.l2_table(self.l1[l1_index] & OFFSET_MASK)
-
     def run(self, guest_offset: int, max_bytes: int) -> tuple[ClusterType, int, int | None]:
         """qcow2_get_host_offset: the kind of cluster at `guest_offset`, how many bytes (at
         most `max_bytes`, never past the L2 table) share that kind, and the host offset for
@@ -136,9 +130,10 @@ class ClusterTables:
         in_cluster = guest_offset & (self.cluster_size - 1)
         table_end = (l1_index + 1) << (self.l2_bits + self.cluster_bits)
         limit = min(max_bytes, table_end - guest_offset)
-        table = self.lookup(l1_index)
-        if table is None:
+        l2_offset = self.l1[l1_index] & OFFSET_MASK if l1_index < len(self.l1) else 0
+        if not l2_offset:
             return ClusterType.UNALLOCATED, limit, None
+        table = self.l2_table(l2_offset)
         wanted = min(-(-(in_cluster + limit) >> self.cluster_bits), self.l2_entries - l2_index)
         first = table[l2_index]
         kind = cluster_type(first)
@@ -203,7 +198,7 @@ class ClusterTables:
     def set_entries(self, l2_offset: int, table: array, l2_index: int,
                     entries: list[int]) -> None:
         """Change consecutive L2 entries and write them through ("l2_update")."""
-        table[l2_index:l2_index + len(entries)] = array("Q", entries)
+        new = array("Q", entries)
+        table[l2_index:l2_index + len(new)] = new
         self.io.debug_event("l2_update")
-        self.io.pwrite(l2_offset + 8 * l2_index,
-                       _pack_entries(table[l2_index:l2_index + len(entries)]))
+        self.io.pwrite(l2_offset + 8 * l2_index, _pack_entries(new))

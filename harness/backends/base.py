@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
-from qemu.qmp.message import Message
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import BackendError
+
+if TYPE_CHECKING:   # imported when a VM is connected: the direct emulator never needs it
+    from qemu.qmp import QMPClient
 
 Json = Any
 
@@ -53,7 +53,7 @@ class Backend(abc.ABC):
     def __init__(self, test_dir: Path) -> None:
         self.test_dir = test_dir
         self.qmp: QMPClient | None = None
-        self.events: Any = EventListener()   # anything with empty() and async get()
+        self.events: Any = asyncio.Queue()   # anything with empty() and async get()
         self.running = False
 
     # -- the VM ------------------------------------------------------------------------------
@@ -63,6 +63,8 @@ class Backend(abc.ABC):
 
     async def execute(self, name: str, arguments: dict[str, Json] | None = None) -> Json:
         """Send one command; return the whole reply (``{"return": …}`` or ``{"error": …}``)."""
+        from qemu.qmp import ExecuteError, QMPError
+        from qemu.qmp.message import Message
         if self.qmp is None or not self.running:
             raise BackendError(f"{self.name}: the VM is not running (shut down or crashed)")
         msg = Message({"execute": name, **({"arguments": arguments} if arguments else {})})
@@ -101,6 +103,8 @@ class Backend(abc.ABC):
         return ""
 
     async def connect(self, qmp: QMPClient) -> None:
+        from qemu.qmp import EventListener
+        self.events = EventListener()
         qmp.register_listener(self.events)
         self.qmp = qmp
         self.running = True

@@ -5,10 +5,12 @@ handlers, and events emitted before the reply as in QEMU):
 
 * ``socket``: qemu.qmp's QMPClient over a socket pair — the bytes on the wire, QEMU's JSON
   lexer and key order, exactly what ``qmpreplay serve`` gives any client;
-* ``direct`` (the default): the request dict goes straight to the monitor's dispatch and the
-  reply comes back through a JSON round trip, with no framing and no event-loop hops. It is
-  an order of magnitude faster; tests replay every golden both ways and require identical
-  transcripts.
+* ``direct`` (the default): a copy of the request (its own dicts and lists, as the wire
+  would give it) goes straight to the monitor's dispatch and the reply comes back as the
+  monitor built it, with no framing, no JSON and no event-loop hops. The replayer only reads
+  replies and normalizes them (a copy) before the emulator runs again, so it needs no copy
+  of its own. It is an order of magnitude faster; tests replay every golden both ways and
+  require identical transcripts.
 
 No process starts and no socket file exists. Offline image work goes to :mod:`emulator.img`
 and :mod:`emulator.qemu_io` (no QEMU needed at all).
@@ -19,17 +21,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import shlex
 from pathlib import Path
 from typing import Any
-
-from qemu.qmp import QMPClient
 
 from harness.backends.base import Backend, ToolResult, VmConfig
 from harness.errors import BackendError
 
 TRANSPORTS = ("direct", "socket")
+
+
+def wire_copy(value: Any) -> Any:
+    """What the monitor would parse from ``value`` sent as JSON: a copy of its own, which it
+    may keep or change, with tuples as lists (a walk is cheaper than a JSON round trip)."""
+    if isinstance(value, dict):
+        return {k: wire_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [wire_copy(v) for v in value]
+    return value
 
 
 class EmulatorBackend(Backend):
@@ -48,16 +57,22 @@ class EmulatorBackend(Backend):
 
     @staticmethod
     def preload() -> None:
-        """Import the emulator once in a parent, so forked workers start warm."""
+        """Import the emulator once in a parent, so forked workers start warm (an import
+        in a worker costs twice as much: it competes for the CPUs and copies the pages it
+        touches)."""
+        import emulator.block.graph
+        import emulator.block.open
+        import emulator.block.query
         import emulator.commands
+        import emulator.img
         import emulator.machine
+        import emulator.qemu_io
         import emulator.qmp.dispatch  # noqa: F401
 
     async def start(self, vm: VmConfig) -> None:
         import emulator.commands  # noqa: F401  (registers every command family)
         from emulator.machine import Machine
         from emulator.qmp.errors import QMPError
-        from emulator.qmp.server import QMPServer
 
         machine = Machine(sandbox=self.sandbox)
         try:
@@ -77,6 +92,9 @@ class EmulatorBackend(Backend):
             machine.add_event_listener(self.events.put_nowait)
             self.running = True
             return
+        from qemu.qmp import QMPClient
+
+        from emulator.qmp.server import QMPServer
         self.server = QMPServer(machine)
         qmp = QMPClient(f"emulator-{self.test_dir.name}")
         await qmp.connect(self.server.socketpair())
@@ -88,12 +106,12 @@ class EmulatorBackend(Backend):
         from emulator.qmp.dispatch import dispatch
         if self.session is None or not self.running:
             raise BackendError("emulator: the VM is not running (shut down)")
-        request = {"execute": name, **({"arguments": arguments} if arguments else {})}
-        reply = await dispatch(self.machine, json.loads(json.dumps(request)), allow_oob=False,
-                               negotiating=False, session=self.session)
+        request = {"execute": name, **({"arguments": wire_copy(arguments)} if arguments else {})}
+        reply = await dispatch(self.machine, request, allow_oob=False, negotiating=False,
+                               session=self.session)
         if self.machine.shutdown_requested:
             self.running = False
-        return json.loads(json.dumps(reply if reply is not None else {"return": {}}))
+        return reply if reply is not None else {"return": {}}
 
     async def shutdown(self) -> None:
         if self.transport == "socket":

@@ -12,7 +12,6 @@ from pathlib import Path
 from harness.backends import make_factory
 from harness.diff import BOLD, GREEN, RED, RESET, YELLOW, section_diff
 from harness.replay.engine import PartResult
-from harness.replay.junit import write_junit
 from harness.replay.runner import replay_file
 
 
@@ -70,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     failed = sum(r.failed for r in all_results)
     skipped = len(all_results) - passed - failed
     if args.junit_xml:
+        from harness.replay.junit import write_junit
         write_junit(args.junit_xml, all_results)
     print(f"{len(all_results)} sections of {', '.join(Path(f).name for f in args.files)} "
           f"on {args.backend} in {time.monotonic() - started:.2f} s")

@@ -28,7 +28,7 @@ from harness.replay.plan import GOLDEN_PREFIX, Plan, compile_part
 from harness.replay.recipe import Recipe
 from harness.transcript.normalize import DEFAULT_FILTERS, Context, Normalizer
 from harness.transcript.records import Event, Record, Reply
-from harness.transcript.render import render_records
+from harness.transcript.render import render_records, same_text
 from harness.transcript.transcript import Part, Transcript
 
 Json = Any
@@ -66,7 +66,7 @@ class PartResult:
     @property
     def passed(self) -> bool:
         return (self.skipped is None and self.error is None
-                and self.golden_text == self.actual_text)
+                and same_text(self.golden, self.actual))
 
     @property
     def failed(self) -> bool:
@@ -100,6 +100,7 @@ class PartRun:
         self.norm = norm
         self.actual: list[Record] = []
         self.received: list[Received] = []
+        self.first_unconsumed = 0   # every event before this index is consumed
         self.jobs = JobTracker()
         self.notes: list[str] = []
         self.settle_timeout = settle_timeout
@@ -125,10 +126,16 @@ class PartRun:
             self._arrived(await self.backend.events.get())
 
     async def next_event(self, timeout: float) -> bool:
-        try:
-            self._arrived(await asyncio.wait_for(self.backend.events.get(), max(timeout, 0)))
-        except TimeoutError:
-            return False
+        """Take the next event, waiting at most ``timeout`` seconds; False if none came."""
+        events = self.backend.events
+        if events.empty():   # only a real wait pays for a timeout (no task, unlike wait_for)
+            try:
+                async with asyncio.timeout(max(timeout, 0)):
+                    self._arrived(await events.get())
+            except TimeoutError:
+                return False
+            return True
+        self._arrived(await events.get())
         return True
 
     def deadline(self, seconds: float) -> float:
@@ -157,7 +164,11 @@ class PartRun:
     def _take(self, golden: Json) -> Json | None:
         name = golden.get("event")
         ident = _identity(golden)
-        for rec in self.received:
+        while self.first_unconsumed < len(self.received) \
+                and self.received[self.first_unconsumed].consumed:
+            self.first_unconsumed += 1   # events are mostly taken in order: skip the head
+        for i in range(self.first_unconsumed, len(self.received)):
+            rec = self.received[i]
             if (not rec.consumed and rec.message.get("event") == name
                     and (ident is None or _identity(rec.message) == ident)):
                 rec.consumed = True

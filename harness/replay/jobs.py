@@ -51,7 +51,10 @@ class JobTracker:
         self.jobs: dict[str, Job] = {}
 
     def job(self, job_id: str) -> Job:
-        return self.jobs.setdefault(job_id, Job(job_id))
+        job = self.jobs.get(job_id)
+        if job is None:
+            job = self.jobs[job_id] = Job(job_id)
+        return job
 
     def on_event(self, event: Json) -> None:
         data = event.get("data", {})

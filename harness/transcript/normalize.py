@@ -8,6 +8,7 @@ a case selects, in registry order, to JSON values and to text lines.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,8 @@ class Context:
     test_dir: Path
     prefix: str  # file-name prefix of the run's files, iotests' "<pid>-"
 
-    @property
-    def real_prefix(self) -> str:
+    @functools.cached_property
+    def real_prefix(self) -> str:   # cached: every string of every reply is checked for it
         return f"{self.test_dir}/{self.prefix}"
 
 
@@ -49,27 +50,33 @@ def register(name: str, reverse: Callable[[Json, Context], Json] | None = None
     return wrap
 
 
-def map_strings(value: Json, fn: Callable[[str], str]) -> Json:
-    if isinstance(value, str):
-        return fn(value)
+def replace_strings(value: Json, old: str, new: str) -> Json:
+    """A copy of ``value`` with ``old`` replaced by ``new`` in every string, keys included
+    (tuples become lists, as in JSON). Written out, with no call per string: it runs on
+    every command, reply and event."""
     if isinstance(value, dict):
-        return {map_strings(k, fn): map_strings(v, fn) for k, v in value.items()}
-    if isinstance(value, list):
-        return [map_strings(v, fn) for v in value]
-    return value
+        return {k.replace(old, new) if isinstance(k, str) else k:
+                v.replace(old, new) if isinstance(v, str)
+                else replace_strings(v, old, new) if isinstance(v, dict | list | tuple) else v
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [v.replace(old, new) if isinstance(v, str)
+                else replace_strings(v, old, new) if isinstance(v, dict | list | tuple) else v
+                for v in value]
+    return value.replace(old, new) if isinstance(value, str) else value
 
 
 GOLDEN_PREFIX = "TEST_DIR/PID-"
 
 
 def _testfiles_reverse(value: Json, ctx: Context) -> Json:
-    return map_strings(value, lambda s: s.replace(GOLDEN_PREFIX, ctx.real_prefix))
+    return replace_strings(value, GOLDEN_PREFIX, ctx.real_prefix)
 
 
 @register("testfiles", reverse=_testfiles_reverse)
 def _testfiles(value: Json, ctx: Context, golden: Json) -> Json:
     """Test files as TEST_DIR/PID-<name> (iotests' filter_testfiles)."""
-    return map_strings(value, lambda s: s.replace(ctx.real_prefix, GOLDEN_PREFIX))
+    return replace_strings(value, ctx.real_prefix, GOLDEN_PREFIX)
 
 
 FILTERED_TIMESTAMP = {"microseconds": "USECS", "seconds": "SECS"}
@@ -93,11 +100,14 @@ def _iotests_keys_reverse(value: Json, ctx: Context, in_list: bool = False) -> J
     if isinstance(value, list):
         return [_iotests_keys_reverse(v, ctx, True) for v in value]
     if isinstance(value, dict):
-        def key(k: str) -> str:
-            under = k.replace("-", "_")
-            return under if in_list and under in LIST_MEMBERS_WITH_UNDERSCORE else k
-        return {key(k): _iotests_keys_reverse(v, ctx) for k, v in value.items()}
+        return {(_list_member_key(k) if in_list else k): _iotests_keys_reverse(v, ctx)
+                for k, v in value.items()}
     return value
+
+
+def _list_member_key(key: str) -> str:
+    under = key.replace("-", "_")
+    return under if under in LIST_MEMBERS_WITH_UNDERSCORE else key
 
 
 @register("iotests-keys", reverse=_iotests_keys_reverse)
@@ -112,14 +122,20 @@ PLACEHOLDERS = frozenset({"FILTERED", "USECS", "SECS", "OFFSET", "LEN", "SIZE", 
 
 @register("placeholders")
 def _placeholders(value: Json, ctx: Context, golden: Json) -> Json:
-    """Where the golden holds a placeholder such as "FILTERED", the live value is masked too."""
-    if isinstance(golden, str) and golden in PLACEHOLDERS and not isinstance(value, dict | list):
-        return golden
+    """Where the golden holds a placeholder such as "FILTERED", the live value is masked too.
+
+    Only what changes is copied: most replies hold no placeholder, and this runs on all."""
+    if isinstance(golden, str):
+        return golden if golden in PLACEHOLDERS and not isinstance(value, dict | list) else value
     if isinstance(value, dict) and isinstance(golden, dict):
-        return {k: _placeholders(v, ctx, golden.get(k)) for k, v in value.items()}
+        changed = {k: masked for k, g in golden.items() if isinstance(g, str | dict | list)
+                   and k in value and (masked := _placeholders(value[k], ctx, g)) is not value[k]}
+        return {**value, **changed} if changed else value
     if isinstance(value, list) and isinstance(golden, list):
-        return [_placeholders(v, ctx, g) for v, g in zip(value, golden, strict=False)
-                ] + value[len(golden):]
+        masked_items = [_placeholders(v, ctx, g) for v, g in zip(value, golden, strict=False)]
+        if all(m is v for m, v in zip(masked_items, value, strict=False)):
+            return value
+        return masked_items + value[len(golden):]
     return value
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import Any, ClassVar
 
 from emulator.block.drivers import register
@@ -29,6 +30,7 @@ class FileNode(BlockDriverState):
     plain_io: ClassVar[bool] = True
 
     fd: int = -1
+    file_length: int = 0   # the host file's length, kept by this node (see drv_getlength)
 
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
         filename = options["filename"]
@@ -46,16 +48,22 @@ class FileNode(BlockDriverState):
                     and not self.read_only):
                 self.read_only = True
                 self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                self.file_length = os.fstat(self.fd).st_size
                 return
             reason = os.strerror(e.errno or errno.EIO)
             raise GenericError(f"Could not open '{filename}': {reason}") from None
-        if os.path.isdir(path):
+        st = os.fstat(self.fd)
+        if stat.S_ISDIR(st.st_mode):
             os.close(self.fd)
             self.fd = -1
             raise GenericError(f"Could not open '{filename}': Is a directory")
+        self.file_length = st.st_size
 
     def drv_getlength(self) -> int:
-        return os.fstat(self.fd).st_size
+        """The host file's length as of open, then as this node's writes and truncations
+        leave it: QEMU keeps bs->total_sectors of a regular file the same way (bdrv_file has
+        no has_variable_length), so no fstat per request."""
+        return self.file_length
 
     def drv_preadv(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -64,25 +72,32 @@ class FileNode(BlockDriverState):
         return data
 
     def drv_pwritev(self, offset: int, data: bytes, flags: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        end = offset + len(data)
+        written = os.pwrite(self.fd, data, offset)
+        if written < len(data):
+            view = memoryview(data)[written:]
+            offset += written
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        if end > self.file_length:
+            self.file_length = end
 
     def drv_pwrite_zeroes(self, offset: int, length: int, flags: int) -> None:
-        size = self.drv_getlength()
+        size = self.file_length
         if offset >= size:
-            os.ftruncate(self.fd, offset + length)
+            self.drv_truncate(offset + length)
             return
         end = min(offset + length, size)
         step = 1 << 20
         for o in range(offset, end, step):
             self.drv_pwritev(o, bytes(min(step, end - o)), 0)
         if offset + length > size:
-            os.ftruncate(self.fd, offset + length)
+            self.drv_truncate(offset + length)
 
     def drv_truncate(self, length: int) -> None:
         os.ftruncate(self.fd, length)
+        self.file_length = length
 
     def drv_flush_to_disk(self) -> None:
         """No fdatasync: the emulator's files live in a scratch test directory, and what a
