@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.backends import make_factory
+from harness.backends.base import Backend
 from harness.replay.recipe import find_recipe
 from harness.replay.runner import replay_transcript
 from harness.transcript import parse_file
@@ -94,3 +98,29 @@ def test_pytest_shows_the_diff_of_a_failing_section(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "1 failed, 1 passed" in proc.stdout
     assert "@@ 283.out:" in proc.stdout and "root['error']['desc']" in proc.stdout
+
+
+def test_a_worker_that_dies_fails_only_the_section_it_held(tmp_path: Path) -> None:
+    """A forked worker killed mid-run (SIGKILL, as the OOM killer would): its section fails
+    with the signal named, the other worker replays every other section."""
+    emulator = make_factory("emulator")
+    parent = os.getpid()
+    flag = tmp_path / "killed"
+
+    def make(test_dir: Path) -> Backend:
+        if os.getpid() != parent:
+            try:
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return emulator.make(test_dir)
+
+    factory = dataclasses.replace(emulator, make=make)
+    path = GOLDENS / "257.out"
+    result = asyncio.run(replay_transcript(parse_file(path), find_recipe(path), factory,
+                                           jobs=2, keyword="Mode top"))
+    errors = [r.error for r in result.results if not r.passed]
+    assert errors == ["the worker process replaying this section died (signal 9)"]
+    assert sum(r.passed for r in result.results) == 5
