@@ -13,6 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from emulator.block import perm as P
+from emulator.block.flags import BDRV_REQ_FUA, BDRV_REQ_MAY_UNMAP
 from emulator.block.node import BdrvChild, BlockDriverState
 from emulator.block.perm import Role
 
@@ -112,14 +113,12 @@ class BlockBackend:
         return self._check(offset, length).pread(offset, length)
 
     def pwrite(self, offset: int, data: bytes, flags: int = 0) -> None:
-        from emulator.block.node import BDRV_REQ_FUA
         if not self.enable_write_cache:
             flags |= BDRV_REQ_FUA
         self._check(offset, len(data)).pwrite(offset, data, flags)
 
     def pwrite_zeroes(self, offset: int, length: int, flags: int = 0, *,
                       may_unmap: bool = False) -> None:
-        from emulator.block.node import BDRV_REQ_MAY_UNMAP
         if may_unmap:
             flags |= BDRV_REQ_MAY_UNMAP
         self._check(offset, length).pwrite_zeroes(offset, length, flags)

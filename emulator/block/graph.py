@@ -87,7 +87,8 @@ class BlockGraph:
         self.monitor_owned: list[BlockDriverState] = []   # monitor_bdrv_states
         self.backends: list[BlockBackend] = []            # monitor-named BlockBackends
         self._id_counter = 0
-        # bumped by every edge change: what cached bdrv_refresh_filename results depend on
+        # bumped by every change of a node's child edges: what cached bdrv_refresh_filename
+        # results depend on (edges from BlockBackends and jobs do not count)
         self.generation = 0
         self._rng = random.Random(7)   # QEMU appends two random digits; ours are seeded
 
@@ -242,8 +243,11 @@ class BlockGraph:
 
     # -- edges ------------------------------------------------------------------------------------
     def _replace_child_noperm(self, c: BdrvChild, new_bs: BlockDriverState | None) -> None:
-        """bdrv_replace_child_noperm: move the edge; the new parent entry goes to the head."""
-        self.generation += 1
+        """bdrv_replace_child_noperm: move the edge; the new parent entry goes to the head.
+        Only a node parent's filename changes with it (a BlockBackend's or a job's edge is
+        no node's child), so only then are the cached filenames stale."""
+        if isinstance(c.parent, BlockDriverState):
+            self.generation += 1
         if c.bs is not None:
             c.bs.parents.remove(c)
         c.bs = new_bs

@@ -58,7 +58,7 @@ def _chunks(offset: int, length: int, max_transfer: int, align: int) -> list[tup
 def _check_writable(bs: BlockDriverState) -> None:
     if bs.closed:
         raise _eio(errno.ENOMEDIUM)
-    if not bs.is_writable():
+    if bs.read_only or bs.inactive:   # not bs.is_writable(): one call less per request
         raise _eio(errno.EPERM)
 
 

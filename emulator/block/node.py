@@ -10,6 +10,7 @@ bitmaps newest first.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from emulator.block import io as blockio
@@ -589,8 +590,9 @@ class BlockDriverState:
             opts["backing"] = None
 
 
+_ID_WELLFORMED = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+
+
 def node_name_is_valid(name: str) -> bool:
     """id_wellformed: a letter first, then letters, digits, '-', '.', '_'."""
-    if not name or not name[0].isascii() or not name[0].isalpha():
-        return False
-    return all(ch.isascii() and (ch.isalnum() or ch in "-._") for ch in name[1:])
+    return _ID_WELLFORMED.fullmatch(name) is not None

@@ -72,23 +72,35 @@ def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int
 _ZERO_PAGE = bytes(4096)
 
 
-def _nonzero_length(raw: bytes) -> int:
-    """len(raw.rstrip(b"\0")), comparing whole pages (memcmp) before stripping bytes."""
-    end = len(raw)
-    while end >= len(_ZERO_PAGE) and raw[end - len(_ZERO_PAGE):end] == _ZERO_PAGE:
-        end -= len(_ZERO_PAGE)
-    start = max(0, end - len(_ZERO_PAGE))
-    return start + len(raw[start:end].rstrip(b"\0"))
+def _entries_in_use(raw: bytes) -> int:
+    """How many leading 8-byte entries of `raw` hold all its non-zero bytes. Whole zero
+    pages are skipped from the end, then the last non-zero page is bisected; every step is
+    one memcmp (``bytes.startswith`` of a memoryview slice), nothing is copied or scanned
+    byte by byte."""
+    view = memoryview(raw)
+    page = len(_ZERO_PAGE)
+    end = len(raw)   # raw[end:] is all zero
+    while end >= page and _ZERO_PAGE.startswith(view[end - page:end]):
+        end -= page
+    lo, hi = max(0, end - page) // 8, end // 8   # is raw[8 * lo:end] all zero?
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _ZERO_PAGE.startswith(view[8 * mid:end]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
 
 
 def _load_table(raw: bytes) -> array:
-    """The refcount table's entries, masked; only the part up to the last non-zero entry is
-    masked one by one (a table is mostly zeroes: one refcount block describes gigabytes)."""
+    """The refcount table's entries, masked; only the entries up to the last non-zero one
+    are masked one by one (a table is mostly zeroes: one refcount block describes
+    gigabytes)."""
     raw = raw[:len(raw) // 8 * 8]
     table = array("Q", raw)
     if sys.byteorder == "little":
         table.byteswap()
-    for i in range(-(-_nonzero_length(raw) // 8)):
+    for i in range(_entries_in_use(raw)):
         table[i] &= REFT_OFFSET_MASK
     return table
 
@@ -151,9 +163,10 @@ class Refcounts:
     def get(self, cluster_index: int) -> int:
         """qcow2_get_refcount: 0 for clusters no refcount block describes."""
         table_index = cluster_index >> self.block_bits
-        if table_index >= len(self.table) or not self.table[table_index]:
+        table = self.table
+        if table_index >= len(table) or not table[table_index]:
             return 0
-        return get_refcount(self.block(self.table[table_index]),
+        return get_refcount(self.block(table[table_index]),
                             cluster_index & (self.block_entries - 1), self.order)
 
     # -- allocation --------------------------------------------------------------------------
@@ -206,16 +219,17 @@ class Refcounts:
         """The first cluster from ``index`` on whose refcount is 0, found with bytes.find
         in the refcount blocks rather than one cluster at a time."""
         width = (1 << self.order) // 8   # bytes per entry; 0 for sub-byte refcounts
+        table = self.table
         while True:
             table_index = index >> self.block_bits
-            if table_index >= len(self.table) or not self.table[table_index]:
+            if table_index >= len(table) or not table[table_index]:
                 return index
             if not width:
                 if self.get(index) == 0:
                     return index
                 index += 1
                 continue
-            block = self.block(self.table[table_index])
+            block = self.block(table[table_index])
             zero = bytes(width)
             pos = block.find(zero, (index & (self.block_entries - 1)) * width)
             while pos >= 0 and pos % width:
@@ -243,8 +257,9 @@ class Refcounts:
             for cluster in range(start, last + 1):
                 index = cluster & entries_mask
                 if block_offset < 0 or index == 0:
-                    self._write_back(block_offset, lo, hi)
-                    lo = -1
+                    if lo >= 0:
+                        self._write_back(block_offset, block, lo, hi)
+                        lo = -1
                     block_offset = self._refblock_for(cluster, cluster >> self.block_bits)
                     block = self.block(block_offset)
                 refcount = get_refcount(block, index, order) + addend
@@ -257,26 +272,27 @@ class Refcounts:
                     lo = first
                 done = cluster + 1
         except Again:
-            self._write_back(block_offset, lo, hi)
+            if lo >= 0:
+                self._write_back(block_offset, block, lo, hi)
             self.free_cluster_index = min(self.free_cluster_index, start)
             if done > start:
                 self.update(offset, (done - start) << self.cluster_bits, -addend)
             raise
-        self._write_back(block_offset, lo, hi)
+        if lo >= 0:
+            self._write_back(block_offset, block, lo, hi)
 
-    def _write_back(self, block_offset: int, lo: int, hi: int) -> None:
-        """Write bytes [lo, hi) of the refcount block (nothing if lo < 0)."""
-        if lo < 0:
-            return
+    def _write_back(self, block_offset: int, block: bytearray, lo: int, hi: int) -> None:
+        """Write bytes [lo, hi) of the refcount block at `block_offset`."""
         self.io.debug_event("refblock_update_part")
-        self.io.pwrite(block_offset + lo, bytes(self.block(block_offset)[lo:hi]))
+        self.io.pwrite(block_offset + lo, bytes(block[lo:hi]))
 
     def _refblock_for(self, cluster: int, table_index: int) -> int:
         """alloc_refcount_block: the block describing `cluster`, creating it if needed."""
         self.io.debug_event("refblock_alloc")
-        if table_index < len(self.table) and self.table[table_index]:
+        table = self.table
+        if table_index < len(table) and table[table_index]:
             self.io.debug_event("refblock_load")
-            return self.table[table_index]
+            return table[table_index]
         new_block = self._alloc_noref(self.cluster_size)
         block = bytearray(self.cluster_size)
         new_index = new_block >> self.cluster_bits

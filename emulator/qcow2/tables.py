@@ -53,24 +53,25 @@ def needs_new_alloc(entry: int) -> bool:
 
 def _count_equal(table: array, start: int, limit: int, value: int) -> int:
     """How many of table[start:start+limit] equal `value` (table[start] does), counted with
-    memcmp over blocks that double (then halve at the first difference) instead of a Python
-    loop per entry; only the entries compared are copied."""
+    memcmp (``bytes.startswith`` of a uniform pattern, over memoryview slices: nothing is
+    copied) — first the whole range, else over blocks that double, then halve at the first
+    difference — instead of a Python loop per entry."""
     if limit < 2 or table[start + 1] != value:
         return min(limit, 1)
-    view = memoryview(table)
-    unit = value.to_bytes(8, sys.byteorder)
+    pattern = value.to_bytes(8, sys.byteorder) * limit
+    view = memoryview(table)[start:start + limit]
+    if pattern.startswith(view):
+        return limit
     equal, size = 2, 2   # the first `equal` entries are known to be equal
     while True:
         end = min(equal + size, limit)
-        if view[start + equal:start + end].tobytes() != unit * (end - equal):
+        if not pattern.startswith(view[equal:end]):
             break
         equal = end
-        if equal == limit:
-            return limit
         size *= 4
     while end - equal > 1:   # entries [equal, end) hold a difference
         mid = (equal + end) // 2
-        if view[start + equal:start + mid].tobytes() == unit * (mid - equal):
+        if pattern.startswith(view[equal:mid]):
             equal = mid
         else:
             end = mid
@@ -125,31 +126,35 @@ class ClusterTables:
     def run(self, guest_offset: int, max_bytes: int) -> tuple[ClusterType, int, int | None]:
         """qcow2_get_host_offset: the kind of cluster at `guest_offset`, how many bytes (at
         most `max_bytes`, never past the L2 table) share that kind, and the host offset for
-        NORMAL / ZERO_ALLOC runs (host-contiguous, as count_contiguous_subclusters requires)."""
-        l1_index, l2_index = self.split(guest_offset)
+        NORMAL / ZERO_ALLOC runs (host-contiguous, as count_contiguous_subclusters requires).
+        Called for every read and block-status step, hence the inlined arithmetic."""
+        bits = self.cluster_bits
+        cluster = guest_offset >> bits
+        l1_index = cluster >> self.l2_bits
+        l2_index = cluster & (self.l2_entries - 1)
         in_cluster = guest_offset & (self.cluster_size - 1)
-        table_end = (l1_index + 1) << (self.l2_bits + self.cluster_bits)
-        limit = min(max_bytes, table_end - guest_offset)
-        l2_offset = self.l1[l1_index] & OFFSET_MASK if l1_index < len(self.l1) else 0
+        limit = ((self.l2_entries - l2_index) << bits) - in_cluster   # to the table's end
+        if max_bytes < limit:
+            limit = max_bytes
+        l1 = self.l1
+        l2_offset = l1[l1_index] & OFFSET_MASK if l1_index < len(l1) else 0
         if not l2_offset:
             return ClusterType.UNALLOCATED, limit, None
-        table = self.l2_table(l2_offset)
-        wanted = min(-(-(in_cluster + limit) >> self.cluster_bits), self.l2_entries - l2_index)
+        table = self._l2.get(l2_offset) or self.l2_table(l2_offset)
+        wanted = (in_cluster + limit + self.cluster_size - 1) >> bits   # within the table
         first = table[l2_index]
         kind = cluster_type(first)
         if kind is ClusterType.COMPRESSED:
-            count = 1
-        else:
-            count = _count_equal(table, l2_index, wanted, first)
-            if count < wanted:
-                count = self._count_same_kind(table, l2_index, count, wanted, first, kind)
-        nbytes = min((count << self.cluster_bits) - in_cluster, limit)
-        host = None
+            return kind, min(self.cluster_size - in_cluster, limit), first
+        count = _count_equal(table, l2_index, wanted, first)
+        if count < wanted:
+            count = self._count_same_kind(table, l2_index, count, wanted, first, kind)
+        nbytes = (count << bits) - in_cluster
+        if limit < nbytes:
+            nbytes = limit
         if kind is ClusterType.NORMAL or kind is ClusterType.ZERO_ALLOC:
-            host = (first & OFFSET_MASK) + in_cluster
-        elif kind is ClusterType.COMPRESSED:
-            host = first
-        return kind, nbytes, host
+            return kind, nbytes, (first & OFFSET_MASK) + in_cluster
+        return kind, nbytes, None
 
     def _count_same_kind(self, table: array, start: int, count: int, wanted: int, first: int,
                          kind: ClusterType) -> int:
@@ -200,5 +205,7 @@ class ClusterTables:
         """Change consecutive L2 entries and write them through ("l2_update")."""
         new = array("Q", entries)
         table[l2_index:l2_index + len(new)] = new
+        if sys.byteorder == "little":
+            new.byteswap()   # the table has its copy: this one becomes the big-endian bytes
         self.io.debug_event("l2_update")
-        self.io.pwrite(l2_offset + 8 * l2_index, _pack_entries(new))
+        self.io.pwrite(l2_offset + 8 * l2_index, new.tobytes())

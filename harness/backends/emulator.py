@@ -29,15 +29,18 @@ from harness.backends.base import Backend, ToolResult, VmConfig
 from harness.errors import BackendError
 
 TRANSPORTS = ("direct", "socket")
+CONTAINERS = (dict, list, tuple)   # for isinstance: faster than the union dict | list | tuple
 
 
 def wire_copy(value: Any) -> Any:
     """What the monitor would parse from ``value`` sent as JSON: a copy of its own, which it
-    may keep or change, with tuples as lists (a walk is cheaper than a JSON round trip)."""
+    may keep or change, with tuples as lists (a walk is cheaper than a JSON round trip;
+    scalars are taken as they are, with no call each)."""
     if isinstance(value, dict):
-        return {k: wire_copy(v) for k, v in value.items()}
+        return {k: wire_copy(v) if isinstance(v, CONTAINERS) else v
+                for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [wire_copy(v) for v in value]
+        return [wire_copy(v) if isinstance(v, CONTAINERS) else v for v in value]
     return value
 
 

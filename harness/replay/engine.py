@@ -100,7 +100,7 @@ class PartRun:
         self.norm = norm
         self.actual: list[Record] = []
         self.received: list[Received] = []
-        self.first_unconsumed = 0   # every event before this index is consumed
+        self.unconsumed: dict[str | None, list[Received]] = {}   # by event name, in arrival order
         self.jobs = JobTracker()
         self.notes: list[str] = []
         self.settle_timeout = settle_timeout
@@ -116,9 +116,10 @@ class PartRun:
 
     # -- events --------------------------------------------------------------------------------
     def _arrived(self, message: Json) -> None:
-        msg = dict(message)
-        self.received.append(Received(msg, len(self.actual)))
-        self.jobs.on_event(msg)
+        received = Received(dict(message), len(self.actual))
+        self.received.append(received)
+        self.unconsumed.setdefault(received.message.get("event"), []).append(received)
+        self.jobs.on_event(received.message)
 
     async def drain(self) -> None:
         """Take in every event that has already arrived."""
@@ -162,16 +163,13 @@ class PartRun:
                                   + ", ".join(f"{j.id} ({j.status})" for j in busy))
 
     def _take(self, golden: Json) -> Json | None:
-        name = golden.get("event")
+        """Consume the first unconsumed event with the golden's name and job, if any."""
+        candidates = self.unconsumed.get(golden.get("event"), [])
         ident = _identity(golden)
-        while self.first_unconsumed < len(self.received) \
-                and self.received[self.first_unconsumed].consumed:
-            self.first_unconsumed += 1   # events are mostly taken in order: skip the head
-        for i in range(self.first_unconsumed, len(self.received)):
-            rec = self.received[i]
-            if (not rec.consumed and rec.message.get("event") == name
-                    and (ident is None or _identity(rec.message) == ident)):
+        for i, rec in enumerate(candidates):
+            if ident is None or _identity(rec.message) == ident:
                 rec.consumed = True
+                del candidates[i]
                 return rec.message
         return None
 

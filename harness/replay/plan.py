@@ -32,6 +32,7 @@ from harness.transcript.transcript import Part
 
 Json = Any
 GOLDEN_PREFIX = "TEST_DIR/PID-"
+ANCHORS = (Command, Text, QemuIo)   # records extra steps can be anchored to
 
 
 @dataclass
@@ -125,8 +126,16 @@ class _Compiler:
                                      "dump: say which query it shows with a [[probe]] in "
                                      "the recipe")
         else:
-            self.steps.append(s.Verbatim((record,)))
+            self.verbatim(record)
         return i + 1
+
+    def verbatim(self, record: Record) -> None:
+        """Consecutive verbatim records make one step: each step run costs a coroutine."""
+        last = self.steps[-1] if self.steps else None
+        if isinstance(last, s.Verbatim):
+            last.records += (record,)
+        else:
+            self.steps.append(s.Verbatim((record,)))
 
     # -- bare results ----------------------------------------------------------------------
     def hidden(self, i: int, bare: BareResult) -> s.Step:
@@ -208,7 +217,7 @@ class _Compiler:
         return i + len(covers)
 
     def extra_steps(self, record: Record, *, before: bool) -> None:
-        if not isinstance(record, Command | Text | QemuIo):
+        if not self.recipe.steps or not isinstance(record, ANCHORS):
             return
         label = record.name if isinstance(record, Command) else record.text
         for extra in self.recipe.steps:

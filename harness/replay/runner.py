@@ -188,8 +188,10 @@ class _ForkedSections(_Sections):
                 header += await reader.readexactly(8 - len(header))
                 index = int.from_bytes(header[:4], "little")
                 size = int.from_bytes(header[4:], "little")
-                part_result: PartResult = pickle.loads(await reader.readexactly(size))
+                part_result, passed = pickle.loads(await reader.readexactly(size))
                 part_result.golden = list(self.parts[index].records)
+                if passed:   # the actual text is the golden's: its records stand in
+                    part_result.actual = list(part_result.golden)
                 if not self.futures[index].done():   # else the run was cancelled
                     self.futures[index].set_result(part_result)
         finally:
@@ -250,16 +252,13 @@ def _worker(todo: int, out: int, stopped: mmap.mmap,
     status = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        removals: list[ThreadPoolExecutor] = []
+        removals = _KeptExecutor(1)
         while not stopped[0] and (data := os.read(todo, 4)):
             index = int.from_bytes(data, "little")
-            result = _run_isolated(run(index), removals)
-            result.golden = []   # the parent has it
-            payload = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+            payload = _pickled(_run_isolated(run(index), removals))
             os.write(out, index.to_bytes(4, "little") + len(payload).to_bytes(4, "little"))
             _write_all(out, payload)
-        for executor in removals:
-            executor.shutdown(wait=True)
+        removals.shutdown(wait=True)
     except BaseException:
         traceback.print_exc()
         status = 1
@@ -267,15 +266,33 @@ def _worker(todo: int, out: int, stopped: mmap.mmap,
         os._exit(status)
 
 
-def _run_isolated(coro: Awaitable[PartResult],
-                  removals: list[ThreadPoolExecutor]) -> PartResult:
+def _pickled(result: PartResult) -> bytes:
+    """The result and whether it passed, without what the parent has already (pickling
+    records is most of a result's cost): the golden records, and the actual ones of a
+    section that passed, whose text is the golden's."""
+    passed = result.passed
+    result.golden = []
+    if passed:
+        result.actual = []
+    return pickle.dumps((result, passed), pickle.HIGHEST_PROTOCOL)
+
+
+class _KeptExecutor(ThreadPoolExecutor):
+    """A default executor shared by the event loops of a worker's sections (one thread, not
+    one per section): closing a loop shuts its executor down without waiting, which this one
+    ignores; only the worker's own ``shutdown(wait=True)`` ends it."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if wait:
+            super().shutdown(wait=True, cancel_futures=cancel_futures)
+
+
+def _run_isolated(coro: Awaitable[PartResult], removals: ThreadPoolExecutor) -> PartResult:
     """``asyncio.run`` on a fresh loop, except that test directories are removed in the
-    background while the next section runs (``removals`` holds their executors)."""
+    background (by ``removals``) while the next section runs."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    executor = ThreadPoolExecutor(1)
-    loop.set_default_executor(executor)
-    removals.append(executor)
+    loop.set_default_executor(removals)
     try:
         return loop.run_until_complete(coro)
     finally:

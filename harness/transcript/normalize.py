@@ -50,6 +50,13 @@ def register(name: str, reverse: Callable[[Json, Context], Json] | None = None
     return wrap
 
 
+# isinstance() with a tuple, not ``dict | list | tuple``: that expression builds a union
+# object each time it is evaluated, and these checks run on every value of every message.
+CONTAINERS = (dict, list, tuple)
+NESTED = (dict, list)
+MASKABLE = (str, dict, list)
+
+
 def replace_strings(value: Json, old: str, new: str) -> Json:
     """A copy of ``value`` with ``old`` replaced by ``new`` in every string, keys included
     (tuples become lists, as in JSON). Written out, with no call per string: it runs on
@@ -57,11 +64,11 @@ def replace_strings(value: Json, old: str, new: str) -> Json:
     if isinstance(value, dict):
         return {k.replace(old, new) if isinstance(k, str) else k:
                 v.replace(old, new) if isinstance(v, str)
-                else replace_strings(v, old, new) if isinstance(v, dict | list | tuple) else v
+                else replace_strings(v, old, new) if isinstance(v, CONTAINERS) else v
                 for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [v.replace(old, new) if isinstance(v, str)
-                else replace_strings(v, old, new) if isinstance(v, dict | list | tuple) else v
+                else replace_strings(v, old, new) if isinstance(v, CONTAINERS) else v
                 for v in value]
     return value.replace(old, new) if isinstance(value, str) else value
 
@@ -98,9 +105,11 @@ LIST_MEMBERS_WITH_UNDERSCORE = frozenset({"new_state"})
 
 def _iotests_keys_reverse(value: Json, ctx: Context, in_list: bool = False) -> Json:
     if isinstance(value, list):
-        return [_iotests_keys_reverse(v, ctx, True) for v in value]
+        return [_iotests_keys_reverse(v, ctx, True) if isinstance(v, NESTED) else v
+                for v in value]
     if isinstance(value, dict):
-        return {(_list_member_key(k) if in_list else k): _iotests_keys_reverse(v, ctx)
+        return {(_list_member_key(k) if in_list else k):
+                _iotests_keys_reverse(v, ctx) if isinstance(v, NESTED) else v
                 for k, v in value.items()}
     return value
 
@@ -128,7 +137,7 @@ def _placeholders(value: Json, ctx: Context, golden: Json) -> Json:
     if isinstance(golden, str):
         return golden if golden in PLACEHOLDERS and not isinstance(value, dict | list) else value
     if isinstance(value, dict) and isinstance(golden, dict):
-        changed = {k: masked for k, g in golden.items() if isinstance(g, str | dict | list)
+        changed = {k: masked for k, g in golden.items() if isinstance(g, MASKABLE)
                    and k in value and (masked := _placeholders(value[k], ctx, g)) is not value[k]}
         return {**value, **changed} if changed else value
     if isinstance(value, list) and isinstance(golden, list):

@@ -139,9 +139,9 @@ class Command(JsonRecord):
     def make(cls, value: Json, indent: int | None = None, **kw: Any) -> Command:
         """As qmp_log prints it; the payload is what the text says (keys as iotests logs
         them), so parsing the text gives the record back."""
-        args = value.get("arguments", {})
-        return cls(tuple(fmt.log_command(value["execute"], args, indent).split("\n")),
-                   value=fmt.logged_command(value["execute"], args), indent=indent, **kw)
+        logged = fmt.logged_command(value["execute"], value.get("arguments", {}))
+        return cls(tuple(fmt.log_json(logged, indent, sort=False).split("\n")), value=logged,
+                   indent=indent, **kw)
 
     @property
     def name(self) -> str:

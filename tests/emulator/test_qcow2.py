@@ -398,3 +398,37 @@ def test_first_fit_search_matches_the_cluster_by_cluster_scan(order: int) -> Non
         size = rnd.randint(1, 5) * 512
         assert fast._alloc_noref(size) == scan(slow, size)
         assert fast.free_cluster_index == slow.free_cluster_index
+
+
+@given(st.lists(st.sampled_from([0, 1, 0x8000000000050000, 0x50000]), min_size=1,
+                max_size=300), st.data())
+def test_count_equal_matches_a_loop(entries: list[int], data: st.DataObject) -> None:
+    """L2 runs counted with memcmp equal the entry-by-entry count."""
+    from array import array
+
+    from emulator.qcow2.tables import _count_equal
+
+    table = array("Q", entries)
+    start = data.draw(st.integers(0, len(entries) - 1))
+    limit = data.draw(st.integers(1, len(entries) - start))
+    expected = 0
+    while expected < limit and table[start + expected] == table[start]:
+        expected += 1
+    assert _count_equal(table, start, limit, table[start]) == expected
+
+
+@given(st.integers(0, 3 * 4096 // 8), st.lists(st.tuples(st.integers(0, 3 * 4096),
+                                                          st.integers(1, 255)), max_size=4))
+def test_refcount_table_masking_matches_rstrip(entries: int, nonzero: list[tuple[int, int]]
+                                               ) -> None:
+    """The refcount table masks exactly the entries up to the last non-zero byte."""
+    from emulator.qcow2.refcounts import REFT_OFFSET_MASK, _entries_in_use, _load_table
+
+    raw = bytearray(8 * entries)
+    for pos, value in nonzero:
+        if pos < len(raw):
+            raw[pos] = value
+    assert _entries_in_use(bytes(raw)) == -(-len(bytes(raw).rstrip(b"\0")) // 8)
+    expected = [int.from_bytes(raw[i:i + 8], "big") & REFT_OFFSET_MASK
+                for i in range(0, len(raw), 8)]
+    assert _load_table(bytes(raw)).tolist() == expected
