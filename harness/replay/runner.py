@@ -7,8 +7,10 @@ import gc
 import mmap
 import os
 import pickle
+import shutil
 import signal
 import sys
+import tempfile
 import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +140,8 @@ class _ForkedSections(_Sections):
     process, yet none runs far ahead of what it has reported (``-x`` stops soon). Forking
     (after the factory's preload) gives each worker the parsed golden and a warm
     interpreter for free; a flag in shared memory tells them to start no more sections.
+    Their test directories go in one scratch directory of this process's, removed once they
+    have gone: a worker that dies leaves nothing behind either.
     """
 
     def __init__(self, transcript: Transcript, recipe: Recipe, factory: BackendFactory,
@@ -152,6 +156,7 @@ class _ForkedSections(_Sections):
         self.futures = [loop.create_future() for _ in parts]
         self.results = list(self.futures)
         self.stopped = mmap.mmap(-1, 1)
+        self.scratch = tempfile.mkdtemp(prefix="qmpreplay-")
         self.pids: list[int] = []
         self.readers: list[asyncio.Task[None]] = []
         todo, todo_w = os.pipe()
@@ -166,6 +171,7 @@ class _ForkedSections(_Sections):
             pid = os.fork()
             if pid == 0:
                 os.close(out_r)
+                tempfile.tempdir = self.scratch
                 if self.todo_w is not None:
                     os.close(self.todo_w)
                 _worker(todo, out_w, self.stopped,
@@ -219,6 +225,7 @@ class _ForkedSections(_Sections):
         or its worker died (that section's error)."""
         await asyncio.gather(*self.readers, return_exceptions=True)
         statuses = [os.waitpid(pid, 0)[1] for pid in self.pids]
+        shutil.rmtree(self.scratch, ignore_errors=True)
         failed = next((s for s in statuses if s != 0), 0)
         for part, future in zip(self.parts, self.futures, strict=True):
             if future.done():

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,8 @@ def test_pytest_shows_the_diff_of_a_failing_section(tmp_path: Path) -> None:
 
 def test_a_worker_that_dies_fails_only_the_section_it_held(tmp_path: Path) -> None:
     """A forked worker killed mid-run (SIGKILL, as the OOM killer would): its section fails
-    with the signal named, the other worker replays every other section."""
+    with the signal named, the other worker replays every other section, and its test
+    directory is removed all the same."""
     emulator = make_factory("emulator")
     parent = os.getpid()
     flag = tmp_path / "killed"
@@ -119,8 +121,13 @@ def test_a_worker_that_dies_fails_only_the_section_it_held(tmp_path: Path) -> No
 
     factory = dataclasses.replace(emulator, make=make)
     path = GOLDENS / "257.out"
-    result = asyncio.run(replay_transcript(parse_file(path), find_recipe(path), factory,
-                                           jobs=2, keyword="Mode top"))
+    tempfile.tempdir = str(tmp_path)   # where the run's scratch directory goes
+    try:
+        result = asyncio.run(replay_transcript(parse_file(path), find_recipe(path), factory,
+                                               jobs=2, keyword="Mode top"))
+    finally:
+        tempfile.tempdir = None
     errors = [r.error for r in result.results if not r.passed]
     assert errors == ["the worker process replaying this section died (signal 9)"]
     assert sum(r.passed for r in result.results) == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["killed"]   # no test directory is left
