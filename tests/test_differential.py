@@ -13,6 +13,7 @@ Any divergence this test finds becomes such a regression test and a fix in the e
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import tempfile
@@ -214,7 +215,9 @@ def normalize_in(arguments: Any, directory: str) -> Any:
     return arguments
 
 
+# QMPREPLAY_DIFF_EXAMPLES=2000 explores further (tox -e fuzz does); the suite keeps it short.
 EmulatorAgreesWithQemu.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=25, deadline=None,
+    max_examples=int(os.environ.get("QMPREPLAY_DIFF_EXAMPLES", "60")),
+    stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestEmulatorAgreesWithQemu = EmulatorAgreesWithQemu.TestCase
