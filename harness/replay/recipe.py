@@ -99,16 +99,6 @@ class Recipe:
                               f"template {value!r}: {exc} (variables: "
                               f"{', '.join(sorted(variables))})") from None
 
-    def warm(self) -> None:
-        """Compile the recipe's templates now, so that forked workers inherit them compiled
-        (importing jinja2 in each worker costs more than once in their parent)."""
-        texts = [image.size for image in self.images] + [self.sequence or ""]
-        texts += [*self.hidden.values(), *self.rebase.values(), *(f for _, f in self.targets)]
-        texts += [s.action for s in self.steps] + [p.text for p in self.probes if p.text]
-        templates.warm([t for t in texts if "{{" in t or "{%" in t],
-                       [s.until for s in self.steps if s.until]
-                       + [p.next_json for p in self.probes if p.next_json])
-
     def target_file(self, node: str) -> str | None:
         for pattern, file in self.targets:
             if pattern.fullmatch(node):

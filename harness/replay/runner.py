@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.backends.base import Backend
+from harness.replay import templates
 from harness.replay.engine import PartResult, run_part
 from harness.replay.recipe import Recipe, find_recipe
 from harness.transcript import parse_file
@@ -149,7 +150,7 @@ class _ForkedSections(_Sections):
         preload = getattr(factory, "preload", None)
         if preload is not None:
             preload()
-        recipe.warm()
+        templates.preload()
         loop = asyncio.get_running_loop()
         self.path = transcript.path
         self.parts = parts

@@ -4,15 +4,11 @@ A record keeps the exact source lines it came from (so rendering is byte-exact) 
 parsed payload (so replay and diff work on meaning, not text). Records built from live
 output get their lines from :mod:`harness.transcript.format`, which writes JSON the way
 iotests' ``log()`` and ``qmp_log()`` do.
-
-Records are immutable values, equal when of one kind with equal fields, as frozen
-dataclasses would be; they are plain classes because generating the methods of thirteen
-frozen dataclasses cost every run ~9 ms of start-up.
 """
 
 from __future__ import annotations
 
-from dataclasses import FrozenInstanceError
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from harness.transcript import format as fmt
@@ -20,33 +16,13 @@ from harness.transcript import format as fmt
 Json = Any
 
 
+@dataclass(frozen=True)
 class Record:
     """Base of every record: its first line number (1-based; 0 if synthesized) and lines."""
 
     kind: ClassVar[str] = "record"
     lines: tuple[str, ...]
-    line: int
-
-    def __init__(self, lines: tuple[str, ...], *, line: int = 0) -> None:
-        self.__dict__.update(lines=lines, line=line)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise FrozenInstanceError(f"cannot delete field {name!r}")
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self.__dict__ == other.__dict__
-
-    def __hash__(self) -> int:
-        return hash(tuple(self.__dict__.values()))
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
-        return f"{type(self).__qualname__}({fields})"
+    line: int = field(default=0, kw_only=True)
 
     @property
     def text(self) -> str:
@@ -57,6 +33,7 @@ class Record:
         return self.text
 
 
+@dataclass(frozen=True)
 class Blank(Record):
     kind: ClassVar[str] = "blank"
 
@@ -68,6 +45,7 @@ class Blank(Record):
         return None
 
 
+@dataclass(frozen=True)
 class Text(Record):
     """Free text, compared verbatim (219's ``Launching VM...``, ``Job failed: …``)."""
 
@@ -78,14 +56,12 @@ class Text(Record):
         return cls(tuple(text.split("\n")))
 
 
+@dataclass(frozen=True)
 class Section(Record):
     """``=== title ===`` after a blank line or at the top: a fresh backend and test dir."""
 
     kind: ClassVar[str] = "section"
-    title: str
-
-    def __init__(self, lines: tuple[str, ...], *, line: int = 0, title: str = "") -> None:
-        self.__dict__.update(lines=lines, line=line, title=title)
+    title: str = field(default="", kw_only=True)
 
     @classmethod
     def make(cls, title: str) -> Section:
@@ -95,31 +71,25 @@ class Section(Record):
         return self.title
 
 
+@dataclass(frozen=True)
 class Heading(Record):
     """``--- title ---``, ``-- title --`` or an inner ``=== title ===``; compared verbatim."""
 
     kind: ClassVar[str] = "heading"
-    title: str
-    marker: str
-
-    def __init__(self, lines: tuple[str, ...], *, line: int = 0, title: str = "",
-                 marker: str = "---") -> None:
-        self.__dict__.update(lines=lines, line=line, title=title, marker=marker)
+    title: str = field(default="", kw_only=True)
+    marker: str = field(default="---", kw_only=True)
 
     def payload(self) -> Json:
         return {"marker": self.marker, "title": self.title}
 
 
+@dataclass(frozen=True)
 class JsonRecord(Record):
     """A JSON value on one line or pretty-printed over several (``indent`` says which)."""
 
     kind: ClassVar[str] = "json"
-    value: Json
-    indent: int | None
-
-    def __init__(self, lines: tuple[str, ...], *, line: int = 0, value: Json = None,
-                 indent: int | None = None) -> None:
-        self.__dict__.update(lines=lines, line=line, value=value, indent=indent)
+    value: Json = field(default=None, kw_only=True)
+    indent: int | None = field(default=None, kw_only=True)
 
     @classmethod
     def make(cls, value: Json, indent: int | None = None, **kw: Any) -> JsonRecord:
@@ -130,6 +100,7 @@ class JsonRecord(Record):
         return self.value
 
 
+@dataclass(frozen=True)
 class Command(JsonRecord):
     """``{"execute": …, "arguments": …}`` as ``qmp_log`` prints it (execute first)."""
 
@@ -152,18 +123,21 @@ class Command(JsonRecord):
         return dict(self.value.get("arguments") or {})
 
 
+@dataclass(frozen=True)
 class Reply(JsonRecord):
     """``{"return": …}`` or ``{"error": …}`` answering the command or qemu-io echo above it."""
 
     kind: ClassVar[str] = "reply"
 
 
+@dataclass(frozen=True)
 class BareResult(JsonRecord):
     """A result with no command echoed before it: a hidden step (idiom or recipe)."""
 
     kind: ClassVar[str] = "bare-result"
 
 
+@dataclass(frozen=True)
 class Event(JsonRecord):
     """A QMP event with filtered timestamp; replay waits for it."""
 
@@ -174,20 +148,19 @@ class Event(JsonRecord):
         return str(self.value["event"])
 
 
+@dataclass(frozen=True)
 class BitmapDump(JsonRecord):
     """``{"bitmaps": {node: [...]}}`` pretty-printed; recomputed from the backend."""
 
     kind: ClassVar[str] = "bitmap-dump"
 
 
+@dataclass(frozen=True)
 class QemuIo(Record):
     """The echo of a qemu-io command (``write -P0x49 0x0000000 0x10000``) before its reply."""
 
     kind: ClassVar[str] = "qemu-io"
-    command: str
-
-    def __init__(self, lines: tuple[str, ...], *, line: int = 0, command: str = "") -> None:
-        self.__dict__.update(lines=lines, line=line, command=command)
+    command: str = field(default="", kw_only=True)
 
     @classmethod
     def make(cls, command: str) -> QemuIo:
@@ -197,17 +170,14 @@ class QemuIo(Record):
         return self.command
 
 
+@dataclass(frozen=True)
 class BitmapCheck(Record):
     """``= Checking Bitmap NAME =`` and ``expecting N dirty sectors; have M. OK!``."""
 
     kind: ClassVar[str] = "bitmap-check"
-    name: str
-    expected: int
-    have: int
-
-    def __init__(self, lines: tuple[str, ...], *, line: int = 0, name: str = "",
-                 expected: int = 0, have: int = 0) -> None:
-        self.__dict__.update(lines=lines, line=line, name=name, expected=expected, have=have)
+    name: str = field(default="", kw_only=True)
+    expected: int = field(default=0, kw_only=True)
+    have: int = field(default=0, kw_only=True)
 
     @classmethod
     def make(cls, name: str, expected: int, have: int) -> BitmapCheck:
@@ -227,20 +197,15 @@ class BitmapCheck(Record):
 COMPARE_OUTCOMES = ("Identical", "Mismatch")
 
 
+@dataclass(frozen=True)
 class ImageCompare(Record):
     """``qemu_img compare "A" "B" ==> Identical, OK!``: the outcome and whether it was wanted."""
 
     kind: ClassVar[str] = "image-compare"
-    image: str
-    reference: str
-    identical: bool
-    expect_identical: bool
-
-    def __init__(self, lines: tuple[str, ...], *, line: int = 0, image: str = "",
-                 reference: str = "", identical: bool = True,
-                 expect_identical: bool = True) -> None:
-        self.__dict__.update(lines=lines, line=line, image=image, reference=reference,
-                             identical=identical, expect_identical=expect_identical)
+    image: str = field(default="", kw_only=True)
+    reference: str = field(default="", kw_only=True)
+    identical: bool = field(default=True, kw_only=True)
+    expect_identical: bool = field(default=True, kw_only=True)
 
     @classmethod
     def make(cls, image: str, reference: str, identical: bool,

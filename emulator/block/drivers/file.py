@@ -48,10 +48,9 @@ class FileNode(BlockDriverState):
                     and not self.read_only):
                 self.read_only = True
                 self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                self.file_length = os.fstat(self.fd).st_size
-                return
-            reason = os.strerror(e.errno or errno.EIO)
-            raise GenericError(f"Could not open '{filename}': {reason}") from None
+            else:
+                reason = os.strerror(e.errno or errno.EIO)
+                raise GenericError(f"Could not open '{filename}': {reason}") from None
         st = os.fstat(self.fd)
         if stat.S_ISDIR(st.st_mode):
             os.close(self.fd)
@@ -72,16 +71,10 @@ class FileNode(BlockDriverState):
         return data
 
     def drv_pwritev(self, offset: int, data: bytes, flags: int) -> None:
-        end = offset + len(data)
         written = os.pwrite(self.fd, data, offset)
-        if written < len(data):
-            view = memoryview(data)[written:]
-            offset += written
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view, offset = view[n:], offset + n
-        if end > self.file_length:
-            self.file_length = end
+        if written < len(data):   # a short write (rare): the rest, as raw_co_prw retries it
+            self.drv_pwritev(offset + written, data[written:], flags)
+        self.file_length = max(self.file_length, offset + written)
 
     def drv_pwrite_zeroes(self, offset: int, length: int, flags: int) -> None:
         size = self.file_length
