@@ -136,6 +136,8 @@ class Image:
             self.qcow2.discard(offset, length)
 
     def flush(self) -> None:
+        if self.qcow2 is not None:
+            self.qcow2.flush()
         self.io.flush()
 
     def length(self) -> int:

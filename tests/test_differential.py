@@ -130,8 +130,8 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
                   NODES, NAMES, st.lists(NAMES, min_size=1, max_size=2)),
         st.just({"type": "abort", "data": {}})), min_size=1, max_size=4))
     def transaction(self, actions: list[dict[str, Any]]) -> None:
-        existing = {(n["node-name"], b.get("name", "")) for n in self.listing
-                    for b in n.get("dirty-bitmaps", [])}
+        existing = {(n["node-name"], b["name"]) for n in self.listing   # anonymous ones
+                    for b in n.get("dirty-bitmaps", []) if "name" in b}    # can't be named
         assume(all((a["data"]["node"], a["data"]["name"]) in existing for a in actions
                    if a["type"] == "block-dirty-bitmap-enable"))
         self.both("transaction", {"actions": actions})

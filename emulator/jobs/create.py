@@ -16,6 +16,7 @@ from typing import Any
 from emulator.block import perm as P
 from emulator.block.backend import BlockBackend
 from emulator.block.errors import GenericError
+from emulator.block.flags import BDRV_REQ_NO_FALLBACK
 from emulator.block.node import BlockDriverState
 from emulator.block.subtree import subtree
 from emulator.jobs.job import Co, Job
@@ -123,6 +124,9 @@ class _BackendIO:
 
     def pwrite(self, offset: int, data: bytes) -> None:
         self.blk.pwrite(offset, data)
+
+    def pwrite_zeroes(self, offset: int, length: int) -> None:
+        self.blk.pwrite_zeroes(offset, length, BDRV_REQ_NO_FALLBACK)
 
     def length(self) -> int:
         return self.bs.drv_getlength()

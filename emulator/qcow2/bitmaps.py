@@ -171,15 +171,17 @@ def free_bitmap_clusters(io: BlockIO, refcounts: Refcounts, entry: DirectoryEntr
 
 
 def write_directory(io: BlockIO, refcounts: Refcounts, header: Header,
-                    entries: list[DirectoryEntry],
-                    update_header: Callable[[], None]) -> None:
-    """update_ext_header_and_dir: a new directory, the header pointing at it (autoclear bit
-    set while bitmaps exist), then the old directory freed."""
+                    entries: list[DirectoryEntry], update_header: Callable[[], None],
+                    flush_caches: Callable[[], None]) -> None:
+    """update_ext_header_and_dir: a new directory and the metadata caches written back,
+    the header pointing at it (autoclear bit set while bitmaps exist), then the old
+    directory freed."""
     old = header.bitmaps
     raw = b"".join(entry.pack() for entry in entries)
     if entries:
         offset = refcounts.alloc(len(raw))
         io.pwrite(offset, raw)
+        flush_caches()
         header.bitmaps = BitmapsExtension(len(entries), len(raw), offset)
         header.autoclear_features |= AUTOCLEAR_BITMAPS
     else:

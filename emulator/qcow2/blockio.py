@@ -18,6 +18,10 @@ class BlockIO(Protocol):
 
     def pwrite(self, offset: int, data: bytes) -> None: ...
 
+    def pwrite_zeroes(self, offset: int, length: int) -> None:
+        """bdrv_co_pwrite_zeroes(..., BDRV_REQ_NO_FALLBACK): OSError ENOTSUP where only a
+        written zero buffer would do."""
+
     def length(self) -> int: ...
 
     def truncate(self, length: int) -> None: ...
@@ -63,6 +67,10 @@ class FileIO:
             done = os.pwrite(self._fd, view, offset)
             view = view[done:]
             offset += done
+
+    def pwrite_zeroes(self, offset: int, length: int) -> None:
+        """file-posix zeroes a range without a buffer; here zeroes are written."""
+        self.pwrite(offset, bytes(length))
 
     def length(self) -> int:
         return os.fstat(self._fd).st_size

@@ -3,16 +3,18 @@
 Reads and block status walk whole runs of clusters (qcow2_get_host_offset); writes reuse
 clusters in place when they can and otherwise allocate and copy-on-write the partial clusters
 (qcow2_alloc_host_offset, perform_cow); zero writes and discards set zero flags
-(qcow2_subcluster_zeroize, qcow2_cluster_discard). Metadata is cached after its first load
-and written through, so no data read ever causes a metadata read.
+(qcow2_subcluster_zeroize, qcow2_cluster_discard). L2 tables and refcount blocks go through
+QEMU's two metadata caches (`emulator.qcow2.cache`): written back when QEMU writes them
+back — a flush, close, a new L2 table or refcount block, a full cache — not at each change.
 
-Debug events are raised on the `BlockIO` where qcow2 raises ``BLKDBG_EVENT(bs->file, ...)``.
-Because the caches write through, a metadata write raises its event ("l2_update",
-"refblock_update_part") when it happens rather than when QEMU would flush its cache.
+Debug events are raised on the `BlockIO` where qcow2 raises ``BLKDBG_EVENT(bs->file, ...)``,
+including the caches' "l2_update" and "refblock_update_part" at write-back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import struct
 import zlib
@@ -87,6 +89,7 @@ class _Allocation:
     l2_offset: int
     l2_index: int
     old_entries: list[int] = field(default_factory=list)
+    cow_done: bool = False  # perform_cow wrote the COW regions (not handle_alloc_space)
 
     @property
     def has_cow(self) -> bool:
@@ -116,7 +119,8 @@ class Qcow2Image:
                lazy_refcounts: bool = False, refcount_bits: int = 16) -> None:
         """qcow2_co_create on an empty file: the same steps, so the same bytes, as
         ``qemu-img create -f qcow2``: header cluster, refcount table and block, the first
-        clusters referenced, the full header, then the L1 table sized for `size`."""
+        clusters referenced, the full header, the L1 table sized for `size`, then the
+        backing file in the header; the caches are written back as the creator closes."""
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
             raise Qcow2Error("Cluster size must be a power of two between 512 and 2048k")
         if refcount_bits & (refcount_bits - 1) or not 1 <= refcount_bits <= 64:
@@ -135,10 +139,13 @@ class Qcow2Image:
             # nothing could tell a read-back from what was just written
             image.refcounts.adopt([2 * cluster_size], {2 * cluster_size: bytes(cluster_size)})
         image.refcounts.alloc(3 * cluster_size)
-        header.backing_file = backing_file
-        header.backing_format = backing_format
         image._write_header()
         image._grow_l1(size)
+        if backing_file:   # bdrv_change_backing_file, once the image has its size
+            header.backing_file = backing_file
+            header.backing_format = backing_format
+            image._write_header()
+        image.close()
 
     @classmethod
     def open(cls, io: BlockIO, *, read_only: bool = False) -> Qcow2Image:
@@ -157,8 +164,11 @@ class Qcow2Image:
         """qcow2_co_truncate on a new image: an L1 table of exactly the needed size."""
         covered = self.cluster_size * (self.cluster_size // 8)
         l1_size = -(-size // covered)
-        l1_offset = self.refcounts.alloc(8 * l1_size) if l1_size else 0
+        l1_offset = 0
         if l1_size:
+            self.io.debug_event("l1_grow_alloc_table")
+            l1_offset = self.refcounts.alloc(8 * l1_size)
+            self.refcounts.cache.flush()
             self.io.debug_event("l1_grow_write_table")
             self.io.pwrite(l1_offset, bytes(8 * l1_size))
         self.io.debug_event("l1_grow_activate_table")
@@ -382,18 +392,23 @@ class Qcow2Image:
         (handle_alloc_space), write the data (merged with the COW regions when one
         allocation surrounds it, as merge_cow does), copy the other COW regions
         (perform_cow), then link the new clusters into the L2 table."""
-        pending = []
+        pending: list[_Allocation] = []
         for alloc in allocations:
             if not alloc.has_cow:
                 continue
-            regions = alloc.cow_regions()
             if all(self._reads_as_zero(alloc.guest + start, stop - start, backing)
-                   for start, stop in regions):
+                   for start, stop in alloc.cow_regions()):
+                # handle_alloc_space: the whole clusters zeroed at once, data area included
                 self.io.debug_event("cluster_alloc_space")
-                for start, stop in regions:
-                    self.io.pwrite(alloc.host + start, bytes(stop - start))
-            else:
-                pending.append(alloc)
+                try:
+                    self.io.pwrite_zeroes(alloc.host + alloc.head_from,
+                                          alloc.tail_to - alloc.head_from)
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTSUP, errno.EAGAIN):
+                        raise
+            alloc.cow_done = True
+            pending.append(alloc)
         end = guest + len(data)
         merged = next((a for a in pending if a.guest + a.data_start == guest
                        and a.guest + a.data_end == end), None) if pending else None
@@ -426,7 +441,11 @@ class Qcow2Image:
 
     def _link_l2(self, alloc: _Allocation) -> None:
         """qcow2_alloc_cluster_link_l2: point the L2 entries at the new clusters, then drop
-        the references the old entries held."""
+        the references the old entries held. The L2 table is written back only after the
+        refcounts (and, after a copy-on-write, after a flush of the file: perform_cow)."""
+        if alloc.cow_done:
+            self.tables.cache.set_depends_on_flush()
+        self.tables.cache.set_dependency(self.refcounts.cache)
         table = self.tables.l2_table(alloc.l2_offset)
         entries = [(alloc.host + i * self.cluster_size) | OFLAG_COPIED
                    for i in range(alloc.nb_clusters)]
@@ -527,7 +546,14 @@ class Qcow2Image:
 
     # -- other operations --------------------------------------------------------------------
     def flush(self) -> None:
-        """Metadata is already written through; flush the file child."""
+        """qcow2_co_flush_to_os (qcow2_write_caches): the L2 tables, then the refcount
+        blocks, written back; flushing the file is the block layer's next step."""
+        self.tables.cache.write()
+        self.refcounts.cache.write()
+
+    def flush_caches(self) -> None:
+        """qcow2_flush_caches: write both caches back, then flush the file."""
+        self.flush()
         self.io.flush()
 
     def set_backing(self, backing_file: str | None, backing_format: str | None) -> None:
@@ -567,7 +593,8 @@ class Qcow2Image:
         old = bm.read_directory(self.io, self.header)
         entries = [bm.store_bitmap(self.io, self.refcounts, b, self.size, self.cluster_size)
                    for b in bitmaps]
-        bm.write_directory(self.io, self.refcounts, self.header, entries, self._write_header)
+        bm.write_directory(self.io, self.refcounts, self.header, entries, self._write_header,
+                           self.flush_caches)
         for entry in old:
             bm.free_bitmap_clusters(self.io, self.refcounts, entry, self.cluster_size)
 
@@ -576,7 +603,14 @@ class Qcow2Image:
         return check_image(self)
 
     def close(self) -> None:
-        """Drop the caches; the BlockIO stays open (its owner closes it)."""
+        """qcow2_inactivate's cache flushes (L2 tables, then refcount blocks; QEMU reports a
+        failure on stderr and closes anyway), then drop the caches; the BlockIO stays open
+        (its owner closes it)."""
+        if self.tables is None:
+            return
+        for cache in (self.tables.cache, self.refcounts.cache):
+            with contextlib.suppress(OSError):
+                cache.flush()
         self.tables = None  # type: ignore[assignment]
         self.refcounts = None  # type: ignore[assignment]
 

@@ -3,8 +3,9 @@
 Mirrors block/qcow2-refcount.c so images get QEMU's layout: first-fit allocation from
 ``free_cluster_index`` (alloc_clusters_noref), new refcount blocks placed where they can
 describe themselves (alloc_refcount_block), and a grown refcount table written after a block
-of self-describing refcount structures (qcow2_refcount_area). Refcount blocks are cached after
-their first load and written through: each update writes just the bytes it changed.
+of self-describing refcount structures (qcow2_refcount_area). Refcount blocks live in QEMU's
+refcount block cache (`Qcow2Cache`, four blocks): changed in memory, written back when the
+cache is flushed or a block must make room for another.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from array import array
 
 from emulator.qcow2.blockio import BlockIO
+from emulator.qcow2.cache import MIN_REFCOUNT_CACHE_SIZE, Qcow2Cache
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import OFFSET_REFCOUNT_TABLE, Header
 
@@ -120,7 +122,10 @@ class Refcounts:
         self._table: array | None = None
         if not getattr(io, "unobserved", False):
             self._table = self._read_table()   # qcow2_refcount_init: read at open
-        self._blocks: dict[int, bytearray] = {}
+        self.cache = Qcow2Cache(io, MIN_REFCOUNT_CACHE_SIZE, self.cluster_size,
+                                update_event="refblock_update_part", load_event=None,
+                                decode=bytearray, encode=bytes)
+        self.l2_cache: Qcow2Cache | None = None   # the image's L2 table cache
         self.free_cluster_index = 0
 
     def _read_table(self) -> array:
@@ -148,16 +153,15 @@ class Refcounts:
         table = self._table = array("Q", table_head)
         table.frombytes(bytes(self.header.refcount_table_clusters * self.cluster_size
                               - 8 * len(table_head)))
-        self._blocks.update((offset, bytearray(block)) for offset, block in blocks.items())
+        for offset, block in blocks.items():
+            self.cache.get_empty(offset, bytearray(block))
 
     # -- lookups ---------------------------------------------------------------------------
     def block(self, offset: int) -> bytearray:
-        """The refcount block at host `offset`, from the cache or loaded once."""
-        block = self._blocks.get(offset)
-        if block is None:
-            if offset & (self.cluster_size - 1):
-                raise Qcow2Error(f"Refblock offset {offset:#x} unaligned")
-            block = self._blocks[offset] = bytearray(self.io.pread(offset, self.cluster_size))
+        """The refcount block at host `offset`, from the cache."""
+        if offset & (self.cluster_size - 1):
+            raise Qcow2Error(f"Refblock offset {offset:#x} unaligned")
+        block: bytearray = self.cache.get(offset)
         return block
 
     def get(self, cluster_index: int) -> int:
@@ -240,51 +244,49 @@ class Refcounts:
 
     def update(self, offset: int, length: int, addend: int) -> None:
         """update_refcount: add `addend` to every cluster touched by [offset, offset+length).
+        A decrease waits for the L2 tables that dropped the references to be written. When
+        a count reaches 0, a table cached at `offset` leaves its cache unwritten.
 
         On `Again` (new refcount metadata was placed) the clusters already counted are undone
         and the free-space search restarts at `offset`, as QEMU does.
         """
         if length <= 0:
             return
+        if addend < 0 and self.l2_cache is not None:
+            self.cache.set_dependency(self.l2_cache)
         start = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
         order, entries_mask = self.order, self.block_entries - 1
         done = start
         block_offset = -1
         block = bytearray()
-        lo = hi = -1   # the bytes of the block changed so far (indices only grow)
         try:
             for cluster in range(start, last + 1):
                 index = cluster & entries_mask
                 if block_offset < 0 or index == 0:
-                    if lo >= 0:
-                        self._write_back(block_offset, block, lo, hi)
-                        lo = -1
                     block_offset = self._refblock_for(cluster, cluster >> self.block_bits)
                     block = self.block(block_offset)
+                    self.cache.mark_dirty(block_offset)   # before the range check, as QEMU
                 refcount = get_refcount(block, index, order) + addend
                 if not 0 <= refcount <= self.max_refcount:
                     raise Qcow2Error(f"Refcount of cluster {cluster} out of range")
                 if refcount == 0 and cluster < self.free_cluster_index:
                     self.free_cluster_index = cluster
-                first, hi = set_refcount(block, index, order, refcount)
-                if lo < 0:
-                    lo = first
+                set_refcount(block, index, order, refcount)
+                if refcount == 0:
+                    # QEMU looks the tables up at the range's start, `offset`, not at the
+                    # cluster that reached 0 (a table inside a longer range stays cached)
+                    if self.cache.cached(offset) is not None:
+                        self.cache.discard(offset)
+                        block_offset = -1   # QEMU puts the block it held (it may be this one)
+                    if self.l2_cache is not None:
+                        self.l2_cache.discard(offset)
                 done = cluster + 1
         except Again:
-            if lo >= 0:
-                self._write_back(block_offset, block, lo, hi)
             self.free_cluster_index = min(self.free_cluster_index, start)
             if done > start:
                 self.update(offset, (done - start) << self.cluster_bits, -addend)
             raise
-        if lo >= 0:
-            self._write_back(block_offset, block, lo, hi)
-
-    def _write_back(self, block_offset: int, block: bytearray, lo: int, hi: int) -> None:
-        """Write bytes [lo, hi) of the refcount block at `block_offset`."""
-        self.io.debug_event("refblock_update_part")
-        self.io.pwrite(block_offset + lo, bytes(block[lo:hi]))
 
     def _refblock_for(self, cluster: int, table_index: int) -> int:
         """alloc_refcount_block: the block describing `cluster`, creating it if needed."""
@@ -293,16 +295,21 @@ class Refcounts:
         if table_index < len(table) and table[table_index]:
             self.io.debug_event("refblock_load")
             return table[table_index]
+        if self.l2_cache is not None:
+            self.l2_cache.flush()   # the refcount table changes: L2 tables may depend on it
         new_block = self._alloc_noref(self.cluster_size)
         block = bytearray(self.cluster_size)
         new_index = new_block >> self.cluster_bits
         if new_index >> self.block_bits == table_index:
+            self.cache.get_empty(new_block, block)
             set_refcount(block, new_index & (self.block_entries - 1), self.order, 1)
         else:
             self.update(new_block, self.cluster_size, 1)
+            self.cache.flush()
+            self.cache.get_empty(new_block, block)
         self.io.debug_event("refblock_alloc_write")
-        self.io.pwrite(new_block, bytes(block))
-        self._blocks[new_block] = block
+        self.cache.mark_dirty(new_block)
+        self.cache.flush()
         if table_index < len(self.table):
             self.io.debug_event("refblock_alloc_hookup")
             self.io.pwrite(self.header.refcount_table_offset + 8 * table_index,
@@ -313,6 +320,7 @@ class Refcounts:
         blocks_used = -(-max(cluster + 1, new_index + 1) // self.block_entries)
         self._refcount_area(blocks_used * self.block_entries << self.cluster_bits,
                             table_index, new_block)
+        self.block(new_block)   # load_refcount_block: the caller would have held it
         raise Again
 
     def _refcount_area(self, start_offset: int, new_index: int, new_block: int) -> None:
@@ -333,12 +341,13 @@ class Refcounts:
         table_offset = start_offset + missing * self.cluster_size
         end_offset = table_offset + table_clusters * self.cluster_size
         block_offset = start_offset
-        written: list[int] = []
         for i in range(area_index, total_blocks):
             if new_table[i]:
                 block = self.block(new_table[i])
             else:
-                block = self._blocks[block_offset] = bytearray(self.cluster_size)
+                block = bytearray(self.cluster_size)
+                self.cache.get_empty(block_offset, block)
+                self.cache.mark_dirty(block_offset)
                 new_table[i] = block_offset
                 block_offset += self.cluster_size
             first_covered = i * self.block_entries << self.cluster_bits
@@ -348,10 +357,9 @@ class Refcounts:
                                 self.block_entries)
                 for k in range(j, end_index):
                     set_refcount(block, k, self.order, 1)
-            written.append(new_table[i])
+                self.cache.mark_dirty(new_table[i])
         self.io.debug_event("refblock_alloc_write_blocks")
-        for offset in written:
-            self.io.pwrite(offset, bytes(self._blocks[offset]))
+        self.cache.flush()
         self.io.debug_event("refblock_alloc_write_table")
         self.io.pwrite(table_offset, struct.pack(f">{table_size}Q", *new_table))
         self.io.debug_event("refblock_alloc_switch_table")

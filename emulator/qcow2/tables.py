@@ -1,8 +1,10 @@
 """L1 and L2 tables: where each guest cluster lives (block/qcow2-cluster.c).
 
-The L1 table is read at open; an L2 table is read on first use ("l2_load") and cached; both are
-written through. `ClusterTables.run` answers "what is at this guest offset, and for how long"
-for a whole run of same-kind clusters at once, so large unallocated ranges cost one step.
+The L1 table is read at open and its entries are written through (qcow2_write_l1_entry); L2
+tables live in QEMU's L2 table cache (`Qcow2Cache`): read on a miss ("l2_load"), written back
+when the cache is flushed. `ClusterTables.run` answers "what is at this guest offset, and for
+how long" for a whole run of same-kind clusters at once, so large unallocated ranges cost one
+step.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from array import array
 from enum import Enum
 
 from emulator.qcow2.blockio import BlockIO
+from emulator.qcow2.cache import Qcow2Cache, l2_cache_tables
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import Header
 from emulator.qcow2.refcounts import Refcounts
@@ -105,17 +108,17 @@ class ClusterTables:
         self.l2_entries = 1 << self.l2_bits
         self.l1 = list(struct.unpack(f">{header.l1_size}Q",
                                      io.pread(header.l1_table_offset, 8 * header.l1_size)))
-        self._l2: dict[int, array] = {}
+        self.cache = Qcow2Cache(io, l2_cache_tables(header.size, self.cluster_size),
+                                self.cluster_size, update_event="l2_update",
+                                load_event="l2_load", decode=_load_entries,
+                                encode=_pack_entries)
+        refcounts.l2_cache = self.cache
 
     def l2_table(self, l2_offset: int) -> array:
-        """The L2 table at host `l2_offset`, read from disk the first time ("l2_load")."""
-        table = self._l2.get(l2_offset)
-        if table is None:
-            if l2_offset & (self.cluster_size - 1):
-                raise Qcow2Error(f"L2 table offset {l2_offset:#x} unaligned")
-            self.io.debug_event("l2_load")
-            table = self._l2[l2_offset] = _load_entries(self.io.pread(l2_offset,
-                                                                      self.cluster_size))
+        """l2_load: the L2 table at host `l2_offset`, from the cache."""
+        if l2_offset & (self.cluster_size - 1):
+            raise Qcow2Error(f"L2 table offset {l2_offset:#x} unaligned")
+        table: array = self.cache.get(l2_offset)
         return table
 
     def split(self, guest_offset: int) -> tuple[int, int]:
@@ -140,7 +143,7 @@ class ClusterTables:
         l2_offset = l1[l1_index] & OFFSET_MASK if l1_index < len(l1) else 0
         if not l2_offset:
             return ClusterType.UNALLOCATED, limit, None
-        table = self._l2.get(l2_offset) or self.l2_table(l2_offset)
+        table = self.l2_table(l2_offset)
         wanted = (in_cluster + limit + self.cluster_size - 1) >> bits   # within the table
         first = table[l2_index]
         kind = cluster_type(first)
@@ -178,21 +181,34 @@ class ClusterTables:
         if entry & OFLAG_COPIED:
             return entry & OFFSET_MASK, self.l2_table(entry & OFFSET_MASK)
         old_offset = entry & OFFSET_MASK
-        new_offset = self.refcounts.alloc(self.cluster_size)
-        if old_offset:
-            self.io.debug_event("l2_alloc_cow_read")
-            table = array("Q", self.l2_table(old_offset))
-        else:
-            table = array("Q", bytes(self.cluster_size))
-        self.io.debug_event("l2_alloc_write")
-        self.io.pwrite(new_offset, _pack_entries(table))
-        self._l2[new_offset] = table
-        self.l1[l1_index] = new_offset | OFLAG_COPIED
-        self.write_l1_entry(l1_index)
+        new_offset = self._l2_allocate(l1_index)
         if old_offset:
             self.refcounts.free(old_offset, self.cluster_size)
-            self._l2.pop(old_offset, None)
-        return new_offset, table
+        return new_offset, self.l2_table(new_offset)
+
+    def _l2_allocate(self, l1_index: int) -> int:
+        """l2_allocate: a new table (a copy of the old one, if any) goes through the cache,
+        which is flushed (refcounts first) before the L1 entry points to it. On failure the
+        L1 entry is restored and the new cluster freed."""
+        old_offset = self.l1[l1_index] & OFFSET_MASK
+        new_offset = self.refcounts.alloc(self.cluster_size)
+        try:
+            self.refcounts.cache.flush()
+            table = array("Q", bytes(self.cluster_size))
+            self.cache.get_empty(new_offset, table)
+            if old_offset:
+                self.io.debug_event("l2_alloc_cow_read")
+                table[:] = self.l2_table(old_offset)
+            self.io.debug_event("l2_alloc_write")
+            self.cache.mark_dirty(new_offset)
+            self.cache.flush()
+            self.l1[l1_index] = new_offset | OFLAG_COPIED
+            self.write_l1_entry(l1_index)
+        except OSError:
+            self.l1[l1_index] = old_offset
+            self.refcounts.free(new_offset, self.cluster_size)
+            raise
+        return new_offset
 
     def write_l1_entry(self, l1_index: int) -> None:
         """qcow2_write_l1_entry ("l1_update")."""
@@ -202,10 +218,6 @@ class ClusterTables:
 
     def set_entries(self, l2_offset: int, table: array, l2_index: int,
                     entries: list[int]) -> None:
-        """Change consecutive L2 entries and write them through ("l2_update")."""
-        new = array("Q", entries)
-        table[l2_index:l2_index + len(new)] = new
-        if sys.byteorder == "little":
-            new.byteswap()   # the table has its copy: this one becomes the big-endian bytes
-        self.io.debug_event("l2_update")
-        self.io.pwrite(l2_offset + 8 * l2_index, new.tobytes())
+        """Change consecutive L2 entries: the table is dirty in the cache."""
+        table[l2_index:l2_index + len(entries)] = array("Q", entries)
+        self.cache.mark_dirty(l2_offset)

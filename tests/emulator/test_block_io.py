@@ -141,7 +141,8 @@ def test_backend_checks_length() -> None:
 @requires_qemu_img
 def test_qcow2_over_blkdebug_events(tmp_path: Path) -> None:
     """qcow2 reads raise READ_AIO on its file child only for allocated data; a flush raises
-    FLUSH_TO_OS always and FLUSH_TO_DISK only after a write since the last flush."""
+    FLUSH_TO_OS always, then writes back the metadata caches (the refcount block the L2
+    table depends on first), and FLUSH_TO_DISK only after a write since the last flush."""
     img = tmp_path / "img"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(img), "64M"], check=True,
                    capture_output=True)
@@ -154,7 +155,7 @@ def test_qcow2_over_blkdebug_events(tmp_path: Path) -> None:
     blk.pwrite(0, b"I" * 65536)
     log.events.clear()
     blk.flush()
-    assert log.events == ["flush_to_os", "flush_to_disk"]
+    assert log.events == ["flush_to_os", "refblock_update_part", "l2_update", "flush_to_disk"]
     log.events.clear()
     blk.flush()
     assert log.events == ["flush_to_os"]

@@ -171,13 +171,15 @@ def test_every_command_prints_what_the_real_qemu_io_prints(tmp_path: Path) -> No
     mine_path, real_path = tmp_path / "mine.qcow2", tmp_path / "real.qcow2"
     Qcow2Image.create(FileIO.create(mine_path), 64 << 20)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", real_path, "64M"], check=True)
-    target = ImageTarget(Qcow2Image.open(FileIO(mine_path)))
+    image = Qcow2Image.open(FileIO(mine_path))
+    target = ImageTarget(image)
     for command in COMMANDS:
         real = subprocess.run(["qemu-io", "-c", command, real_path], capture_output=True,
                               text=True)
         # qemu-io writes errors to stderr first; run() returns them in that order too
         expected = _stable(real.stderr + real.stdout)
         assert _stable(qemu_io.run(target, command)) == expected, command
+    image.close()   # the metadata caches are written back, as each qemu-io did at exit
     # Same clusters in the same places; the bytes of freed clusters differ only because
     # qemu-io (discard=unmap) also punches them out of its file.
     box = Sandbox(tmp_path)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from emulator.block.dirty_bitmap import BdrvDirtyBitmap, ctz
 from emulator.block.drivers import register
 from emulator.block.errors import GenericError
+from emulator.block.flags import BDRV_REQ_NO_FALLBACK
 from emulator.block.node import (
     BDRV_BLOCK_DATA,
     BDRV_BLOCK_OFFSET_VALID,
@@ -60,6 +61,9 @@ class ChildIO:
 
     def pwrite(self, offset: int, data: bytes) -> None:
         self.child.pwrite(offset, data)
+
+    def pwrite_zeroes(self, offset: int, length: int) -> None:
+        self.child.pwrite_zeroes(offset, length, BDRV_REQ_NO_FALLBACK)
 
     def length(self) -> int:
         assert self.child.bs is not None
@@ -261,7 +265,8 @@ class Qcow2Node(BlockDriverState):
         if victim is None:
             return
         kept = [e for e in entries if e is not victim]
-        bm.write_directory(img.io, img.refcounts, img.header, kept, img._write_header)
+        bm.write_directory(img.io, img.refcounts, img.header, kept, img._write_header,
+                           img.flush_caches)
         bm.free_bitmap_clusters(img.io, img.refcounts, victim, int(img.cluster_size))
 
     def store_persistent_dirty_bitmaps(self, *, release: bool) -> None:
@@ -305,11 +310,13 @@ class Qcow2Node(BlockDriverState):
                     self.release_dirty_bitmap(bm)
 
     def drv_reopen_read_only(self) -> None:
-        """qcow2_reopen_bitmaps_ro: store, then persistent bitmaps become readonly."""
+        """qcow2_reopen_prepare going read-only: qcow2_reopen_bitmaps_ro (store, then
+        persistent bitmaps become readonly), then a flush (the caches written back)."""
         self.store_persistent_dirty_bitmaps(release=False)
         for bm in self.dirty_bitmaps:
             if bm.get_persistence():
                 bm.readonly = True
+        self.flush()
 
     def drv_close(self) -> None:
         """qcow2_close -> qcow2_inactivate: store (and release) bitmaps, close the image."""
