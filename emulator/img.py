@@ -75,6 +75,8 @@ class Image:
             self.format = fmt or _probe(self.io)
             if self.format == "qcow2":
                 self.qcow2 = Qcow2Image.open(self.io, read_only=not writable)
+                # qemu-io (the one writer of guest discards here) opens with discard=unmap
+                self.qcow2.refcounts.pass_discard.add("request")
             elif self.format != "raw":
                 raise OpenError(f"Unknown driver '{self.format}'")
             if open_backing and self.qcow2 is not None and self.qcow2.backing_file:
@@ -130,10 +132,12 @@ class Image:
                                     backing=self._backing_reader())
 
     def pdiscard(self, offset: int, length: int) -> None:
-        """qemu-io opens images with discard=unmap: the discard reaches qcow2 (a raw file
-        keeps its data, as without hole punching)."""
+        """qemu-io opens images with discard=unmap: the discard reaches qcow2, or punches a
+        raw file's range out."""
         if self.qcow2 is not None:
             self.qcow2.discard(offset, length)
+        else:
+            self.io.pdiscard(offset, length)
 
     def flush(self) -> None:
         if self.qcow2 is not None:

@@ -128,6 +128,9 @@ class _BackendIO:
     def pwrite_zeroes(self, offset: int, length: int) -> None:
         self.blk.pwrite_zeroes(offset, length, BDRV_REQ_NO_FALLBACK)
 
+    def pdiscard(self, offset: int, length: int) -> None:
+        self.blk.pdiscard(offset, length)
+
     def length(self) -> int:
         return self.bs.drv_getlength()
 

@@ -166,8 +166,8 @@ def free_bitmap_clusters(io: BlockIO, refcounts: Refcounts, entry: DirectoryEntr
     raw = io.pread(entry.table_offset, 8 * entry.table_size)
     for value in struct.unpack(f">{entry.table_size}Q", raw):
         if value & BME_TABLE_ENTRY_OFFSET_MASK:
-            refcounts.free(value & BME_TABLE_ENTRY_OFFSET_MASK, cluster_size)
-    refcounts.free(entry.table_offset, 8 * entry.table_size)
+            refcounts.free(value & BME_TABLE_ENTRY_OFFSET_MASK, cluster_size, "always")
+    refcounts.free(entry.table_offset, 8 * entry.table_size, "other")
 
 
 def write_directory(io: BlockIO, refcounts: Refcounts, header: Header,
@@ -189,7 +189,7 @@ def write_directory(io: BlockIO, refcounts: Refcounts, header: Header,
         header.autoclear_features &= ~AUTOCLEAR_BITMAPS
     update_header()
     if old is not None and old.directory_size:
-        refcounts.free(old.directory_offset, old.directory_size)
+        refcounts.free(old.directory_offset, old.directory_size, "other")
 
 
 def rewrite_directory_in_place(io: BlockIO, header: Header, entries: list[DirectoryEntry],

@@ -6,8 +6,33 @@ the same requests and debug events (``BLKDBG_EVENT(bs->file, ...)``) as in QEMU.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
-from typing import Protocol
+from typing import Any, Protocol
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+@functools.cache
+def _fallocate() -> Any:
+    """glibc's fallocate(2) (os has posix_fallocate only, without the mode flags)."""
+    fallocate = ctypes.CDLL(None, use_errno=True).fallocate64
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """file-posix's discard, fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): the
+    range reads as zeroes. False if the file system can't (QEMU then stops asking)."""
+    if _fallocate()(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 class BlockIO(Protocol):
@@ -21,6 +46,9 @@ class BlockIO(Protocol):
     def pwrite_zeroes(self, offset: int, length: int) -> None:
         """bdrv_co_pwrite_zeroes(..., BDRV_REQ_NO_FALLBACK): OSError ENOTSUP where only a
         written zero buffer would do."""
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        """bdrv_pdiscard on the file: advisory (qcow2 ignores its failure)."""
 
     def length(self) -> int: ...
 
@@ -71,6 +99,10 @@ class FileIO:
     def pwrite_zeroes(self, offset: int, length: int) -> None:
         """file-posix zeroes a range without a buffer; here zeroes are written."""
         self.pwrite(offset, bytes(length))
+
+    def pdiscard(self, offset: int, length: int) -> None:
+        """qemu-io and qemu-img open their file with discard=unmap: punched out."""
+        punch_hole(self._fd, offset, length)
 
     def length(self) -> int:
         return os.fstat(self._fd).st_size

@@ -453,15 +453,15 @@ class Qcow2Image:
         if not alloc.keep_old:
             for entry in alloc.old_entries:
                 if entry & ~OFLAG_ZERO:   # no host cluster behind unallocated or zero-plain
-                    self._free_any_cluster(entry)
+                    self._free_any_cluster(entry, "never")
 
-    def _free_any_cluster(self, entry: int) -> None:
-        """qcow2_free_any_cluster."""
+    def _free_any_cluster(self, entry: int, discard: str) -> None:
+        """qcow2_free_any_cluster (``discard``: the qcow2_discard_type of the free)."""
         kind = cluster_type(entry)
         if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-            self.refcounts.free(entry & OFFSET_MASK, self.cluster_size)
+            self.refcounts.free(entry & OFFSET_MASK, self.cluster_size, discard)
         elif kind is ClusterType.COMPRESSED:
-            self.refcounts.free(*self._compressed_range(entry))
+            self.refcounts.free(*self._compressed_range(entry), discard)
 
     # -- zeroes and discard ------------------------------------------------------------------
     def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
@@ -522,8 +522,23 @@ class Qcow2Image:
 
     def _update_clusters(self, offset: int, length: int,
                          new_entry: Callable[[int], int]) -> None:
-        """zero_in_l2_slice / discard_in_l2_slice: rewrite the L2 entries of whole clusters,
-        one L2 table at a time, then free the host clusters no entry points to any more."""
+        """qcow2_subcluster_zeroize / qcow2_cluster_discard: rewrite the L2 entries of whole
+        clusters, one L2 table at a time, then free the host clusters no entry points to any
+        more (a guest request: with pass-discard-request, discarded on the file as one batch
+        at the end)."""
+        refcounts = self.refcounts
+        refcounts.cache_discards = True
+        ok = False
+        try:
+            self._update_l2_slices(offset, length, new_entry)
+            ok = True
+        finally:
+            refcounts.cache_discards = False
+            refcounts.process_discards(ok)
+
+    def _update_l2_slices(self, offset: int, length: int,
+                          new_entry: Callable[[int], int]) -> None:
+        """zero_in_l2_slice / discard_in_l2_slice for every L2 table the range touches."""
         pos, end = offset, offset + length
         while pos < end:
             l1_index, l2_index = self.tables.split(pos)
@@ -541,7 +556,7 @@ class Qcow2Image:
                     self.tables.set_entries(l2_offset, table, l2_index + first, new[first:last])
                     for i in changed:
                         if old[i] & OFFSET_MASK and new[i] & OFFSET_MASK != old[i] & OFFSET_MASK:
-                            self._free_any_cluster(old[i])
+                            self._free_any_cluster(old[i], "request")
             pos += count * self.cluster_size - (pos & (self.cluster_size - 1))
 
     # -- other operations --------------------------------------------------------------------

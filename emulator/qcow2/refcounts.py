@@ -10,6 +10,7 @@ cache is flushed or a block must make room for another.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import sys
 from array import array
@@ -127,6 +128,11 @@ class Refcounts:
                                 decode=bytearray, encode=bytes)
         self.l2_cache: Qcow2Cache | None = None   # the image's L2 table cache
         self.free_cluster_index = 0
+        # discard_passthrough: the kinds of frees (enum qcow2_discard_type, lower case) whose
+        # freed clusters are discarded on the file; "request" and "other" are options
+        self.pass_discard = {"always", "snapshot"}
+        self.discards: list[list[int]] = []   # queued [offset, bytes], merged when adjacent
+        self.cache_discards = False           # queue until process_discards (batches)
 
     def _read_table(self) -> array:
         raw = self.io.pread(self.header.refcount_table_offset,
@@ -199,10 +205,34 @@ class Refcounts:
             except Again:
                 continue
 
-    def free(self, offset: int, size: int) -> None:
-        """qcow2_free_clusters."""
+    def free(self, offset: int, size: int, kind: str) -> None:
+        """qcow2_free_clusters; ``kind`` is the qcow2_discard_type ("never", "always",
+        "request", "snapshot", "other")."""
         self.io.debug_event("cluster_free")
-        self.update(offset, size, -1)
+        self.update(offset, size, -1, kind)
+
+    def queue_discard(self, offset: int, length: int) -> None:
+        """update_refcount_discard: add a freed range to the queue, merged with a queued
+        range it touches (freed ranges never overlap), then merged queued ranges merged."""
+        for d in self.discards:
+            if max(offset + length, d[0] + d[1]) - min(offset, d[0]) <= length + d[1]:
+                d[0], d[1] = min(offset, d[0]), d[1] + length
+                break
+        else:
+            d = [offset, length]
+            self.discards.append(d)
+        for p in [p for p in self.discards
+                  if p is not d and not (p[0] > d[0] + d[1] or d[0] > p[0] + p[1])]:
+            self.discards.remove(p)
+            d[0], d[1] = min(d[0], p[0]), d[1] + p[1]
+
+    def process_discards(self, ok: bool) -> None:
+        """qcow2_process_discards: the queued discards go to the file (failures ignored:
+        discard is advisory), unless the operation that queued them failed."""
+        discards, self.discards = self.discards, []
+        for offset, length in discards if ok else ():
+            with contextlib.suppress(OSError):
+                self.io.pdiscard(offset, length)
 
     def _alloc_noref(self, size: int) -> int:
         """alloc_clusters_noref: first fit from free_cluster_index, refcounts untouched
@@ -242,13 +272,17 @@ class Refcounts:
                 return (table_index << self.block_bits) + pos // width
             index = (table_index + 1) << self.block_bits
 
-    def update(self, offset: int, length: int, addend: int) -> None:
+    def update(self, offset: int, length: int, addend: int, kind: str = "never") -> None:
         """update_refcount: add `addend` to every cluster touched by [offset, offset+length).
         A decrease waits for the L2 tables that dropped the references to be written. When
         a count reaches 0, a table cached at `offset` leaves its cache unwritten.
 
-        On `Again` (new refcount metadata was placed) the clusters already counted are undone
-        and the free-space search restarts at `offset`, as QEMU does.
+        Clusters freed by a ``kind`` of free that passes discards through are discarded on
+        the file (now, or with the batch the caller is collecting).
+
+        On an error the clusters already counted are undone (best effort) and the discards
+        dropped; on `Again` (new refcount metadata was placed) the free-space search also
+        restarts at `offset`, as QEMU does.
         """
         if length <= 0:
             return
@@ -281,12 +315,20 @@ class Refcounts:
                         block_offset = -1   # QEMU puts the block it held (it may be this one)
                     if self.l2_cache is not None:
                         self.l2_cache.discard(offset)
+                    if kind in self.pass_discard:
+                        self.queue_discard(cluster << self.cluster_bits, self.cluster_size)
                 done = cluster + 1
-        except Again:
-            self.free_cluster_index = min(self.free_cluster_index, start)
+        except (Again, Qcow2Error, OSError) as exc:
+            if not self.cache_discards:
+                self.process_discards(False)
+            if isinstance(exc, Again):
+                self.free_cluster_index = min(self.free_cluster_index, start)
             if done > start:
-                self.update(offset, (done - start) << self.cluster_bits, -addend)
+                with contextlib.suppress(Qcow2Error, OSError):
+                    self.update(offset, (done << self.cluster_bits) - offset, -addend)
             raise
+        if not self.cache_discards:
+            self.process_discards(True)
 
     def _refblock_for(self, cluster: int, table_index: int) -> int:
         """alloc_refcount_block: the block describing `cluster`, creating it if needed."""
@@ -369,4 +411,4 @@ class Refcounts:
         self.table = new_table
         self.header.refcount_table_offset = table_offset
         self.header.refcount_table_clusters = table_clusters
-        self.free(old_offset, old_clusters * self.cluster_size)
+        self.free(old_offset, old_clusters * self.cluster_size, "other")

@@ -183,7 +183,7 @@ class ClusterTables:
         old_offset = entry & OFFSET_MASK
         new_offset = self._l2_allocate(l1_index)
         if old_offset:
-            self.refcounts.free(old_offset, self.cluster_size)
+            self.refcounts.free(old_offset, self.cluster_size, "other")
         return new_offset, self.l2_table(new_offset)
 
     def _l2_allocate(self, l1_index: int) -> int:
@@ -206,7 +206,7 @@ class ClusterTables:
             self.write_l1_entry(l1_index)
         except OSError:
             self.l1[l1_index] = old_offset
-            self.refcounts.free(new_offset, self.cluster_size)
+            self.refcounts.free(new_offset, self.cluster_size, "always")
             raise
         return new_offset
 

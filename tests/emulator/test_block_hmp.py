@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import requires_qemu, requires_qemu_img
-from tests.emulator.qemu_runner import compare_replies, create_qcow2, run_commands
+from tests.emulator.qemu_runner import compare_replies, create_qcow2, run_both, run_commands
 
 pytestmark = [requires_qemu, requires_qemu_img]
 
@@ -58,3 +58,34 @@ def test_qemu_io_output_is_logged_not_replied(tmp_path: Path,
             hmp('qemu-io n "write 0 512"'), hmp('qemu-io n "read 0 512"')])
     assert replies[1:] == [{"return": "Block node is read-only\r\n"}, {"return": ""}]
     assert "read 512/512 bytes at offset 0" in caplog.text
+
+
+def test_discard_punches_the_file_like_qemu(tmp_path: Path) -> None:
+    """discard=unmap: a raw node's discards reach the file, which punches the range out
+    (file-posix's fallocate, to the byte), so it reads as zeroes; a qcow2 node passes the
+    clusters a guest discard frees to its file the same way (pass-discard-request)."""
+    def setup(d: Path) -> None:
+        (d / "raw").write_bytes(bytes(256 << 10))
+        create_qcow2(d / "qcow2", "4M")
+
+    steps = [
+        ("cmd", "blockdev-add", {"driver": "raw", "node-name": "r", "discard": "unmap",
+                                 "file": {"driver": "file", "filename": "@DIR@/raw"}}),
+        ("cmd", "blockdev-add", {"driver": "qcow2", "node-name": "q", "discard": "unmap",
+                                 "file": {"driver": "file", "filename": "@DIR@/qcow2"}}),
+        ("hmp", 'qemu-io r "write -P 0x11 0 128k"'),
+        ("hmp", 'qemu-io r "discard 4k 64k"'),
+        ("hmp", 'qemu-io r "discard 100000 1"'),
+        ("hmp", 'qemu-io q "write -P 0x22 0 1M"'),
+        ("hmp", 'qemu-io q "discard 64k 256k"'),
+        ("hmp", 'qemu-io q "write -z -u 512k 128k"'),
+        ("cmd", "blockdev-del", {"node-name": "r"}),
+        ("cmd", "blockdev-del", {"node-name": "q"}),
+    ]
+    real, mine = run_both(tmp_path, steps, setup)
+    assert mine == real
+    for name in ("raw", "qcow2"):
+        data = (tmp_path / "emu" / name).read_bytes()
+        assert data == (tmp_path / "qemu" / name).read_bytes(), name
+    raw = (tmp_path / "emu" / "raw").read_bytes()
+    assert raw[4096:69632] == bytes(65536) and raw[100000] == 0 and raw[100001] == 0x11

@@ -21,6 +21,7 @@ from emulator.block.node import (
     BlockDriverState,
     BlockStatus,
 )
+from emulator.qcow2.blockio import punch_hole
 
 
 @register
@@ -31,6 +32,7 @@ class FileNode(BlockDriverState):
 
     fd: int = -1
     file_length: int = 0   # the host file's length, kept by this node (see drv_getlength)
+    has_discard: bool = True   # until the host file system says it can't punch holes
 
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
         filename = options["filename"]
@@ -91,6 +93,13 @@ class FileNode(BlockDriverState):
     def drv_truncate(self, length: int) -> None:
         os.ftruncate(self.fd, length)
         self.file_length = length
+
+    def drv_pdiscard(self, offset: int, length: int) -> None:
+        """raw_co_pdiscard (handle_aiocb_discard): the range is punched out of the file and
+        reads as zeroes. A file system that can't is not asked again, and its -ENOTSUP is
+        success to bdrv_co_pdiscard."""
+        if self.has_discard:
+            self.has_discard = punch_hole(self.fd, offset, length)
 
     def drv_flush_to_disk(self) -> None:
         """No fdatasync: the emulator's files live in a scratch test directory, and what a

@@ -65,6 +65,9 @@ class ChildIO:
     def pwrite_zeroes(self, offset: int, length: int) -> None:
         self.child.pwrite_zeroes(offset, length, BDRV_REQ_NO_FALLBACK)
 
+    def pdiscard(self, offset: int, length: int) -> None:
+        self.child.pdiscard(offset, length)
+
     def length(self) -> int:
         assert self.child.bs is not None
         return self.child.bs.drv_getlength()
@@ -102,6 +105,13 @@ class Qcow2Node(BlockDriverState):
             self.image = Qcow2Image.open(ChildIO(self.file), read_only=not self.is_writable())
         except Qcow2Error as e:
             raise GenericError(str(e)) from None
+        passed = self.image.refcounts.pass_discard   # qcow2_update_options_prepare
+        for kind, default in (("request", self.discard == "unmap"), ("snapshot", True),
+                              ("other", False)):
+            if options.get(f"pass-discard-{kind}", default):
+                passed.add(kind)
+            else:
+                passed.discard(kind)
         self.backing_file = self.image.backing_file or ""
         self.backing_format = self.image.backing_format or ""
         self.auto_backing_file = self.backing_file
