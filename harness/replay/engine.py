@@ -294,8 +294,7 @@ def vm_config(recipe: Recipe, norm: Normalizer, variables: dict[str, Json]) -> V
 
 
 async def run_part(golden: Transcript, part: Part, recipe: Recipe, factory: BackendFactory,
-                   *, settle_timeout: float | None = None,
-                   keep_dir: bool = False) -> PartResult:
+                   *, settle_timeout: float | None = None) -> PartResult:
     """Replay one section on a fresh backend in a fresh test directory."""
     started = time.monotonic()
     result = PartResult(golden.path, part.title, part.line, list(part.records), [], 0.0)
@@ -329,8 +328,7 @@ async def run_part(golden: Transcript, part: Part, recipe: Recipe, factory: Back
     finally:
         if backend is not None:
             await backend.close()
-        if not keep_dir:
-            remove_later(test_dir)
+        remove_later(test_dir)
         result.seconds = time.monotonic() - started
     return result
 
