@@ -78,6 +78,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                        help="a QEMU binary to include (repeat for a version matrix)")
         p.add_argument("--qemu-img", metavar="PATH", default=None)
         p.add_argument("--html", metavar="PATH", default=None, help="write an HTML report")
+        p.add_argument("--images", action="store_true",
+                       help="also compare the images each section leaves, byte for byte "
+                            "(VMs are shut down as iotests do)")
 
     if p := add("regen", "rerun a case and rewrite its golden"):
         p.add_argument("file", metavar="FILE")

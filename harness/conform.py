@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 from harness.backends import make_factory
 from harness.diff import section_diff
 from harness.errors import QmpReplayError
+from harness.images import ImageComparison, compare_images
 from harness.regen import faults
 from harness.replay.engine import BackendFactory, PartResult, run_part
 from harness.replay.recipe import Recipe, find_recipe
@@ -66,6 +69,7 @@ class Row:
     title: str
     part: Part
     runs: dict[str, PartResult] = field(default_factory=dict)
+    images: dict[str, ImageComparison] = field(default_factory=dict)   # per QEMU (--images)
 
     @property
     def where(self) -> str:
@@ -88,6 +92,8 @@ class Row:
             return "skip"
         if emu.actual_text != ref.actual_text:
             return "differs"
+        if qemu in self.images and self.images[qemu].differences:
+            return "differs"
         return "fault" if faults(emu) or faults(ref) else "same"
 
     def disagreements(self, qemus: list[str]) -> list[Disagreement]:
@@ -104,9 +110,16 @@ class Row:
 
         emu = self.runs[EMULATOR]
         for qemu in qemus:
-            if self.agreement(qemu) in ("differs", "fault"):
+            if self.agreement(qemu) in ("differs", "fault") and \
+                    emu.actual_text != self.runs[qemu].actual_text:
                 add(f"emulator vs {qemu} (− {qemu}, + emulator)",
                     _diff(self.runs[qemu].actual, emu.actual, self.file, self.line),
+                    faults(emu) + faults(self.runs[qemu]))
+            images = self.images.get(qemu)
+            if images is not None and images.differences:
+                add(f"images: emulator vs {qemu}", "\n".join(images.differences), [])
+            elif self.agreement(qemu) == "fault":
+                add(f"emulator vs {qemu} (− {qemu}, + emulator)", "",
                     faults(emu) + faults(self.runs[qemu]))
         for label, result in self.runs.items():
             if self.state(label) in ("fail", "fault"):
@@ -148,6 +161,14 @@ class Matrix:
     def skipped(self, label: str) -> int:
         return sum(r.state(label) == "skip" for r in self.rows)
 
+    def images(self, qemu: str) -> ImageComparison | None:
+        """All the sections' images compared with this QEMU's (``--images``), or None."""
+        found = [(r.where, r.images[qemu]) for r in self.rows if qemu in r.images]
+        if not found:
+            return None
+        return ImageComparison(sum(c.compared for _, c in found),
+                               [f"{where}: {d}" for where, c in found for d in c.differences])
+
     @property
     def all_agree(self) -> bool:
         """The exit status: no section the emulator and a QEMU both ran differs."""
@@ -180,7 +201,10 @@ def make_columns(binaries: list[str] | None, qemu_img: str | None) -> list[Colum
 
 
 async def run_matrix(goldens: list[tuple[Transcript, Recipe]], columns: list[Column],
-                     progress: Progress) -> Matrix:
+                     progress: Progress, *, images: bool = False) -> Matrix:
+    """Every section on every column, the referee QEMU first; with ``images`` each QEMU's
+    test directory is kept (its VM shut down as iotests do) and its images compared with
+    the emulator's, byte for byte."""
     matrix = Matrix([Path(t.path).name for t, _ in goldens], columns)
     started = time.monotonic()
     referee = next(c for c in columns if c.is_qemu)
@@ -192,10 +216,13 @@ async def run_matrix(goldens: list[tuple[Transcript, Recipe]], columns: list[Col
             for column in order:
                 progress.start(row.where, row.title, column.label)
                 row.runs[column.label] = await _run_bounded(transcript, part, recipe,
-                                                            column, limit, referee.label)
+                                                            column, limit, referee.label,
+                                                            images)
                 if column is referee:
                     limit = max(FLOOR, FACTOR * row.runs[referee.label].seconds)
             row.runs = {c.label: row.runs[c.label] for c in columns}
+            if images:
+                _compare_images(row)
             matrix.rows.append(row)
             progress.done(row.where, row.title, ", ".join(
                 f"{label} {row.state(label)}" for label in matrix.labels))
@@ -204,12 +231,26 @@ async def run_matrix(goldens: list[tuple[Transcript, Recipe]], columns: list[Col
     return matrix
 
 
+def _compare_images(row: Row) -> None:
+    """The emulator's images against each QEMU's; then the kept directories go."""
+    mine = row.runs[EMULATOR].test_dir
+    for label, result in row.runs.items():
+        if label != EMULATOR and mine is not None and result.test_dir is not None:
+            images = compare_images(Path(mine), Path(result.test_dir), reference_label=label)
+            pid = f"{os.getpid()}-"   # the images' prefix (TEST_DIR/PID-...) in this process
+            images.differences = [d.replace(pid, "PID-") for d in images.differences]
+            row.images[label] = images
+    for result in row.runs.values():
+        if result.test_dir is not None:
+            shutil.rmtree(result.test_dir, ignore_errors=True)
+
+
 async def _run_bounded(transcript: Transcript, part: Part, recipe: Recipe, column: Column,
-                       limit: float | None, referee: str) -> PartResult:
+                       limit: float | None, referee: str, keep_dir: bool) -> PartResult:
     started = time.monotonic()
     try:
-        return await asyncio.wait_for(run_part(transcript, part, recipe, column.factory),
-                                      limit)
+        return await asyncio.wait_for(run_part(transcript, part, recipe, column.factory,
+                                               keep_dir=keep_dir), limit)
     except TimeoutError:
         return PartResult(transcript.path, part.title, part.line, list(part.records), [],
                           time.monotonic() - started,
@@ -225,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     if total == 0:
         raise QmpReplayError("conform: no runnable section in " + ", ".join(args.files))
     progress = Progress(total, sys.stderr)
-    matrix = asyncio.run(run_matrix(goldens, columns, progress))
+    matrix = asyncio.run(run_matrix(goldens, columns, progress, images=args.images))
     print(render_terminal(matrix, color=sys.stdout.isatty()))
     if args.html:
         Path(args.html).write_text(render_html(matrix), encoding="utf-8")

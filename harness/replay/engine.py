@@ -10,6 +10,7 @@ settles: it waits until every job is at rest, as iotests' ``run_job`` waits on e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -62,6 +63,7 @@ class PartResult:
     error: str | None = None
     backend: str = ""
     skipped: str | None = None   # why the section cannot run on this backend (recipe's skip)
+    test_dir: str | None = None  # kept for the caller (keep_dir): it removes it
 
     @property
     def passed(self) -> bool:
@@ -294,8 +296,11 @@ def vm_config(recipe: Recipe, norm: Normalizer, variables: dict[str, Json]) -> V
 
 
 async def run_part(golden: Transcript, part: Part, recipe: Recipe, factory: BackendFactory,
-                   *, settle_timeout: float | None = None) -> PartResult:
-    """Replay one section on a fresh backend in a fresh test directory."""
+                   *, settle_timeout: float | None = None,
+                   keep_dir: bool = False) -> PartResult:
+    """Replay one section on a fresh backend in a fresh test directory. With ``keep_dir``
+    the directory outlives the section (``result.test_dir``) and a VM still running is
+    shut down first, as iotests' VM.shutdown() does, so that its images are complete."""
     started = time.monotonic()
     result = PartResult(golden.path, part.title, part.line, list(part.records), [], 0.0)
     name = getattr(factory, "name", "")
@@ -325,10 +330,19 @@ async def run_part(golden: Transcript, part: Part, recipe: Recipe, factory: Back
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         result.error = (f"backend raised {type(exc).__name__} at "
                         f"{Path(frame.filename).name}:{frame.lineno}: {exc}")
+    except asyncio.CancelledError:   # nobody will get the result: nothing is kept
+        keep_dir = False
+        raise
     finally:
         if backend is not None:
+            if keep_dir and backend.running:
+                with contextlib.suppress(BackendError):
+                    await backend.shutdown()
             await backend.close()
-        remove_later(test_dir)
+        if keep_dir:
+            result.test_dir = str(test_dir)
+        else:
+            remove_later(test_dir)
         result.seconds = time.monotonic() - started
     return result
 

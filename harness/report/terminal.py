@@ -56,4 +56,9 @@ def render_terminal(matrix: Matrix, color: bool = False) -> str:
         both = f" both ran ({n - compared} skipped)" if compared != n else ""
         lines.append(f"  emulator agrees with {q} in {agreed} of {compared} sections{both}: "
                      f"{verdict}")
+        images = matrix.images(q)
+        if images is not None:
+            lines.append(f"  images left: {images.identical} of {images.compared} "
+                         f"byte-identical with {q}'s")
+            lines += [f"    {d}" for d in images.differences]
     return "\n".join(lines)

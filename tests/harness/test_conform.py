@@ -155,3 +155,48 @@ def test_conform_without_qemu_is_one_line_exit_2() -> None:
     proc = cli("conform", str(GOLDENS / "283.out"), env=env)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "qemu-system-x86_64 not found" in proc.stderr
+
+
+def test_images_are_compared_byte_for_byte_but_for_their_own_directory(tmp_path: Path) -> None:
+    from harness.images import compare_images
+    mine, ref = tmp_path / "qmpreplay-aaaaaaaa", tmp_path / "qmpreplay-bbbbbbbb"
+    mine.mkdir()
+    ref.mkdir()
+    for d in (mine, ref):   # a backing file name holds the directory's own path
+        (d / "1-top").write_bytes(b"QFI\xfb" + f"{d}/1-base".encode() + bytes(8))
+        (d / "1-same").write_bytes(b"x" * 100)
+    (ref / "qemu.log").write_text("QEMU's own log is not an image")
+    (mine / "1-data").write_bytes(b"abcdef")
+    (ref / "1-data").write_bytes(b"abcXef")
+    (ref / "1-only-qemu").write_bytes(b"")
+    images = compare_images(mine, ref, reference_label="QEMU 7.2.22")
+    assert (images.compared, images.identical) == (4, 2)
+    assert images.differences == ["1-data: first difference at byte 0x3",
+                                  "1-only-qemu: not left by the emulator"]
+
+
+def test_image_differences_make_a_section_disagree() -> None:
+    from harness.images import ImageComparison
+    m = matrix([section("one"), section("two")], [section("one"), section("two")])
+    m.rows[1].images["QEMU 7.2.22"] = ImageComparison(2, ["PID-img: first difference at 0x0"])
+    m.rows[0].images["QEMU 7.2.22"] = ImageComparison(1, [])
+    assert [r.agreement("QEMU 7.2.22") for r in m.rows] == ["same", "differs"]
+    assert not m.all_agree
+    [disagreement] = m.rows[1].disagreements(m.qemus)
+    assert disagreement.what == "images: emulator vs QEMU 7.2.22"
+    text = render_terminal(m)
+    assert "images left: 2 of 3 byte-identical with QEMU 7.2.22's" in text
+    assert "x.out:6: PID-img: first difference at 0x0" in text
+
+
+@requires_qemu
+def test_conform_images_on_qemu_shut_down_as_iotests_do(qemu_binary: str) -> None:
+    """254 stores persistent bitmaps in its snapshot overlay when the VM shuts down, after
+    the golden's last line: the VM is shut down (not killed), so QEMU's overlay holds them
+    too, and every image equals the emulator's; no kept directory outlives the run."""
+    before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("qmpreplay-*"))
+    proc = cli("conform", str(GOLDENS / "254.out"), str(GOLDENS / "236.out"), "--images",
+               "--qemu-binary", qemu_binary)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"images left: (\d+) of \1 byte-identical with QEMU 7\.2", proc.stdout)
+    assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("qmpreplay-*")) == before
