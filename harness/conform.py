@@ -117,7 +117,8 @@ class Row:
                     faults(emu) + faults(self.runs[qemu]))
             images = self.images.get(qemu)
             if images is not None and images.differences:
-                add(f"images: emulator vs {qemu}", "\n".join(images.differences), [])
+                add(f"images: emulator vs {qemu}", "\n".join(images.differences),
+                    faults(emu) + faults(self.runs[qemu]))
             elif self.agreement(qemu) == "fault":
                 add(f"emulator vs {qemu} (− {qemu}, + emulator)", "",
                     faults(emu) + faults(self.runs[qemu]))
