@@ -18,16 +18,22 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 
 @functools.cache
 def _fallocate() -> Any:
-    """glibc's fallocate(2) (os has posix_fallocate only, without the mode flags)."""
-    fallocate = ctypes.CDLL(None, use_errno=True).fallocate64
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    """The C library's fallocate(2) (os has posix_fallocate only, without the mode flags);
+    None where there is none."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fallocate = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if fallocate is not None:
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     return fallocate
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """file-posix's discard, fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): the
     range reads as zeroes. False if the file system can't (QEMU then stops asking)."""
-    if _fallocate()(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+    fallocate = _fallocate()
+    if fallocate is None:
+        return False
+    if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOTSUP):
@@ -101,8 +107,9 @@ class FileIO:
         self.pwrite(offset, bytes(length))
 
     def pdiscard(self, offset: int, length: int) -> None:
-        """qemu-io and qemu-img open their file with discard=unmap: punched out."""
-        punch_hole(self._fd, offset, length)
+        """qemu-io opens its file with discard=unmap: punched out."""
+        if length > 0:
+            punch_hole(self._fd, offset, length)
 
     def length(self) -> int:
         return os.fstat(self._fd).st_size
