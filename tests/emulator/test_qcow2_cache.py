@@ -61,9 +61,10 @@ def emulator_file_writes(monkeypatch: pytest.MonkeyPatch, path: Path,
     """What ``run`` writes to ``path``, recorded at os.pwrite (the writes still happen)."""
     writes: Writes = []
     real_pwrite = os.pwrite
+    target = os.path.realpath(path)
 
     def pwrite(fd: int, data: bytes, offset: int) -> int:
-        if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+        if os.readlink(f"/proc/self/fd/{fd}") == target:
             writes.append((offset, len(data)))
         return real_pwrite(fd, data, offset)
 
