@@ -190,13 +190,15 @@ def test_image_differences_make_a_section_disagree() -> None:
 
 
 @requires_qemu
-def test_conform_images_on_qemu_shut_down_as_iotests_do(qemu_binary: str) -> None:
+def test_conform_images_on_qemu_shut_down_as_iotests_do(qemu_binary: str,
+                                                        tmp_path: Path) -> None:
     """254 stores persistent bitmaps in its snapshot overlay when the VM shuts down, after
     the golden's last line: the VM is shut down (not killed), so QEMU's overlay holds them
     too, and every image equals the emulator's; no kept directory outlives the run."""
-    before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("qmpreplay-*"))
+    tmp = tmp_path / "t"
+    tmp.mkdir()
     proc = cli("conform", str(GOLDENS / "254.out"), str(GOLDENS / "236.out"), "--images",
-               "--qemu-binary", qemu_binary)
+               "--qemu-binary", qemu_binary, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"images left: (\d+) of \1 byte-identical with QEMU 7\.2", proc.stdout)
-    assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("qmpreplay-*")) == before
+    assert list(tmp.iterdir()) == []
