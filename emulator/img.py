@@ -141,8 +141,9 @@ class Image:
 
     def flush(self) -> None:
         if self.qcow2 is not None:
-            self.qcow2.flush()
-        self.io.flush()
+            self.qcow2.flush_caches()
+        else:
+            self.io.flush()
 
     def length(self) -> int:
         return self.size

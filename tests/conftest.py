@@ -18,6 +18,8 @@ requires_qemu = pytest.mark.skipif(
     reason="qemu-system-x86_64 not installed (Debian package qemu-system-x86)")
 requires_qemu_img = pytest.mark.skipif(
     shutil.which("qemu-img") is None, reason="qemu-img not installed (Debian package qemu-utils)")
+requires_qemu_io = pytest.mark.skipif(
+    shutil.which("qemu-io") is None, reason="qemu-io not installed (Debian package qemu-utils)")
 
 
 @pytest.fixture

@@ -261,11 +261,12 @@ class MirrorOps(BlockJob):
                 self.progress.work_done(op.bytes)
         self._restart_all(op)
 
-    def _write_complete(self, op: MirrorOp, ret: int) -> None:
-        """mirror_write_complete."""
+    def _io_complete(self, op: MirrorOp, ret: int, is_read: bool) -> None:
+        """mirror_read_complete's and mirror_write_complete's error path (the range is
+        dirty again; a "report" error becomes the job's), then the iteration ends."""
         if ret < 0:
             self.bitmap.set_dirty(op.offset, op.bytes)
-            action = self.mirror_error_action(False, -ret)
+            action = self.mirror_error_action(is_read, -ret)
             if action == "report" and self.op_ret >= 0:
                 self.op_ret = ret
         self._iteration_done(op, ret)
@@ -323,17 +324,12 @@ class MirrorOps(BlockJob):
         except OSError as e:
             ret = neg_errno(e)
         yield from self._io_wait(self.source, resume)
-        # mirror_read_complete
-        if ret < 0:
-            self.bitmap.set_dirty(op.offset, op.bytes)
-            action = self.mirror_error_action(True, -ret)
-            if action == "report" and self.op_ret >= 0:
-                self.op_ret = ret
-            self._iteration_done(op, ret)
+        if ret < 0:   # mirror_read_complete
+            self._io_complete(op, ret, True)
             return
         ret = self._target_io(lambda blk: blk.pwrite(op.offset, data))
         yield from self._io_wait(self.target_blk.bs if self.target_blk else None, resume)
-        self._write_complete(op, ret)
+        self._io_complete(op, ret, False)   # mirror_write_complete
 
     def _target_io(self, fn: Callable[[BlockBackend], None]) -> int:
         try:
@@ -356,7 +352,7 @@ class MirrorOps(BlockJob):
         else:
             ret = self._target_io(lambda blk: blk.pdiscard(op.offset, op.bytes))
         yield from self._io_wait(self.target_blk.bs if self.target_blk else None, resume)
-        self._write_complete(op, ret)
+        self._io_complete(op, ret, False)   # mirror_write_complete
 
     def _perform(self, offset: int, nbytes: int, method: str) -> int:
         """mirror_perform: start the operation's coroutine; the bytes it handles."""

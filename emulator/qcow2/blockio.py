@@ -6,7 +6,6 @@ the same requests and debug events (``BLKDBG_EVENT(bs->file, ...)``) as in QEMU.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import os
@@ -19,7 +18,8 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 @functools.cache
 def _fallocate() -> Any:
     """The C library's fallocate(2) (os has posix_fallocate only, without the mode flags);
-    None where there is none."""
+    None where there is none. ctypes is imported on the first discard, not at start-up."""
+    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     fallocate = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
     if fallocate is not None:
@@ -35,6 +35,7 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
         return False
     if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
         return True
+    import ctypes
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOTSUP):
         return False

@@ -83,24 +83,22 @@ class Qcow2Cache:
         self.lru_counter += 1
         self.lru[i] = self.lru_counter
 
-    def cached(self, offset: int) -> Any:
-        """qcow2_cache_is_table_offset: the table if it is in the cache, else None."""
-        i = self.slots.get(offset)
-        return None if i is None else self.tables[i]
-
     def mark_dirty(self, offset: int) -> None:
         """qcow2_cache_entry_mark_dirty."""
         self.dirty[self.slots[offset]] = True
 
-    def discard(self, offset: int) -> None:
-        """qcow2_cache_discard: the cluster holding a cached table was freed; its slot is
-        emptied and never written back."""
+    def discard(self, offset: int) -> bool:
+        """qcow2_cache_is_table_offset + qcow2_cache_discard: the cluster holding a cached
+        table was freed; its slot is emptied and never written back. False if no table at
+        ``offset`` was cached."""
         i = self.slots.pop(offset, None)
-        if i is not None:
-            self.offsets[i] = 0
-            self.tables[i] = None
-            self.lru[i] = 0
-            self.dirty[i] = False
+        if i is None:
+            return False
+        self.offsets[i] = 0
+        self.tables[i] = None
+        self.lru[i] = 0
+        self.dirty[i] = False
+        return True
 
     def _replace(self, offset: int) -> int:
         """The slot a missing table takes: the least recently used one, looked for from

@@ -310,8 +310,7 @@ class Refcounts:
                 if refcount == 0:
                     # QEMU looks the tables up at the range's start, `offset`, not at the
                     # cluster that reached 0 (a table inside a longer range stays cached)
-                    if self.cache.cached(offset) is not None:
-                        self.cache.discard(offset)
+                    if self.cache.discard(offset):
                         block_offset = -1   # QEMU puts the block it held (it may be this one)
                     if self.l2_cache is not None:
                         self.l2_cache.discard(offset)

@@ -32,6 +32,7 @@ LAUNCH = ("-machine", "none", "-accel", "tcg", "-S", "-nodefaults", "-display", 
           "-no-user-config")
 START_TIMEOUT = 15.0
 QUIT_TIMEOUT = 10.0
+LOG_NAME = "qemu.log"   # QEMU's output, kept in the test directory
 DEBIAN_HINT = "install Debian's packages: apt-get install -y qemu-system-x86 qemu-utils"
 
 
@@ -80,7 +81,7 @@ class QemuBackend(Backend):
         self.img_tool = find_tool(qemu_img, "qemu-img", "qemu-utils")
         self.proc: asyncio.subprocess.Process | None = None
         self.sock_dir: str | None = None
-        self.log_path = test_dir / "qemu.log"
+        self.log_path = test_dir / LOG_NAME
 
     def command_line(self, vm: VmConfig, sock: str) -> list[str]:
         argv = [self.binary, *LAUNCH, "-chardev", f"socket,id=mon,path={sock}",

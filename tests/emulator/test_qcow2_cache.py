@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +20,8 @@ import pytest
 
 from emulator import img, qemu_io
 from emulator.sandbox import Sandbox
-from tests.conftest import requires_qemu, requires_qemu_img
+from tests.conftest import requires_qemu, requires_qemu_img, requires_qemu_io
 from tests.emulator.qemu_runner import qemu_img, run_both
-
-requires_qemu_io = pytest.mark.skipif(shutil.which("qemu-io") is None,
-                                      reason="qemu-io not installed (qemu-utils)")
 
 # "blk_co_pwritev blk 0x.. bs 0x.. offset N bytes N" names the format node of a
 # BlockBackend; "bdrv_co_pwritev_part bs 0x.. offset N bytes N" is any node's write request

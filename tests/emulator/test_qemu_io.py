@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,10 +12,7 @@ import pytest
 from emulator import img, qemu_io
 from emulator.qcow2 import FileIO, Qcow2Image
 from emulator.sandbox import Sandbox
-from tests.conftest import requires_qemu_img
-
-requires_qemu_io = pytest.mark.skipif(
-    shutil.which("qemu-io") is None, reason="qemu-io not installed (Debian package qemu-utils)")
+from tests.conftest import requires_qemu_img, requires_qemu_io
 
 
 class ImageTarget:
