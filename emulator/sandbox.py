@@ -7,6 +7,7 @@ Every open, create and delete goes through `Sandbox.resolve`.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -18,9 +19,9 @@ class SandboxError(GenericError):
     """A path that leaves the test directory; a GenericError so QMP reports it like QEMU would
     report an unopenable file."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        super().__init__(
-            f"Could not open '{os.fspath(path)}': path is outside the emulator's test directory")
+    def __init__(self, path: str | os.PathLike[str], *, verb: str = "open",
+                 reason: str = "path is outside the emulator's test directory") -> None:
+        super().__init__(f"Could not {verb} '{os.fspath(path)}': {reason}")
         self.path = os.fspath(path)
 
 
@@ -42,8 +43,9 @@ class Sandbox:
         OS follows when it creates the file.
         """
         raw = os.fspath(path)
-        if not raw:
-            raise SandboxError(raw)
+        if not raw:   # names no file at all: what open(2) and creat(2) say of it
+            raise SandboxError(raw, verb="create" if for_create else "open",
+                               reason=os.strerror(errno.ENOENT))
         below = self._below_root(raw)
         if below is not None:
             return below

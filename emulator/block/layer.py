@@ -8,6 +8,7 @@ Entry points mirror QEMU's: :meth:`add_drive` (``-drive``), :meth:`add_blockdev`
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -229,23 +230,33 @@ class BlockLayer:
 
     def create_image(self, filename: str, fmt: str, size: int, *, backing_file: str | None = None,
                      backing_format: str | None = None) -> None:
-        """bdrv_img_create for the formats the emulator writes (qcow2, raw)."""
+        """bdrv_img_create, with its checks and texts; the emulator writes qcow2 and raw."""
+        from emulator.block.drivers import IMAGE_CREATORS, QEMU_DRIVERS
+        if fmt not in QEMU_DRIVERS:
+            raise GenericError(f"Unknown file format '{fmt}'")
+        if fmt not in IMAGE_CREATORS:
+            raise GenericError(f"Format driver '{fmt}' does not support image creation")
+        if fmt not in ("qcow2", "raw"):
+            raise GenericError(f"Creating {fmt} images is not emulated")
         path = self.resolve_path(filename, for_create=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:   # qemu_create
+            raise GenericError(f"Could not create '{filename}': "
+                               f"{os.strerror(e.errno or errno.EIO)}") from None
+        os.close(fd)
         if fmt == "qcow2":
             from emulator.qcow2 import Qcow2Image
             from emulator.qcow2.blockio import FileIO
 
-            io = FileIO.create(path)
+            io = FileIO(path)
             try:
                 Qcow2Image.create(io, size, backing_file=backing_file,
                                   backing_format=backing_format)
             finally:
                 io.close()
-        elif fmt == "raw":
-            with open(path, "wb") as f:
-                f.truncate(size)
         else:
-            raise GenericError(f"Unknown file format '{fmt}'")
+            os.truncate(path, size)
 
     def external_snapshot(self, old_bs: BlockDriverState, snapshot_file: str, fmt: str,
                           node_name: str | None, mode: str) -> BlockDriverState:

@@ -145,7 +145,7 @@ class DriveBackupAction(_BackupAction):
         mode = d.get("mode", "absolute-paths")
         bs = block.lookup_bs(d["device"], d["device"])
         self.drain(bs)
-        fmt = d.get("format") or (None if mode == "existing" else bs.format_name)
+        fmt = d.get("format", None if mode == "existing" else bs.format_name)
         block.graph.op_check_blocked(bs, "backup-source")
         source = None
         no_backing = False

@@ -10,19 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from emulator.block.drivers import QEMU_DRIVERS
+from emulator.commands._unemulated import UNEMULATED_BLOCKDEV_BRANCHES
 from emulator.qmp import schema
 from emulator.qmp.registry import command
 
 if TYPE_CHECKING:
     from emulator.machine import Machine
 
-BLOCKDEV_DRIVERS = [
-    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
-    "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps",
-    "gluster", "host_cdrom", "host_device", "http", "https", "iscsi", "luks", "nbd", "nfs",
-    "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed", "quorum",
-    "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat",
-]
 
 BLKDEBUG_EVENTS = [
     "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table",
@@ -42,7 +37,7 @@ BLKDEBUG_EVENTS = [
 GENERIC_FORMAT = {"file": "BlockdevRef"}
 GENERIC_COW_FORMAT = {**GENERIC_FORMAT, "*backing": "BlockdevRefOrNull"}
 
-schema.enum("BlockdevDriver", BLOCKDEV_DRIVERS)
+schema.enum("BlockdevDriver", QEMU_DRIVERS)
 schema.enum("BlockdevDiscardOptions", ["ignore", "unmap"])
 schema.enum("BlockdevDetectZeroesOptions", ["off", "on", "unmap"])
 schema.enum("BlockdevAioOptions", ["threads", "native", "io_uring"])
@@ -93,44 +88,6 @@ schema.struct("BlockdevOptionsBlkdebug", {
     "*set-state": ["BlkdebugSetStateOptions"], "*take-child-perms": ["BlockPermission"],
     "*unshare-child-perms": ["BlockPermission"]})
 
-# branches of drivers the emulator does not implement, declared so that their arguments are
-# checked as QEMU checks them before "Unknown driver" is reported
-schema.enum("OnCbwError", ["break-guest-write", "break-snapshot"])
-schema.enum("QuorumReadPattern", ["quorum", "fifo"])
-schema.struct("BlockdevOptionsGenericCOWFormat", GENERIC_COW_FORMAT)
-schema.struct("BlockdevOptionsLUKS", {**GENERIC_FORMAT, "*key-secret": "str"})
-schema.struct("BlockdevOptionsPreallocate", {**GENERIC_FORMAT, "*prealloc-align": "int",
-                                             "*prealloc-size": "int"})
-schema.struct("BlockdevOptionsCor", {**GENERIC_FORMAT, "*bottom": "str"})
-schema.struct("BlockdevOptionsCbw", {**GENERIC_FORMAT, "target": "BlockdevRef",
-                                     "*bitmap": "BlockDirtyBitmap",
-                                     "*on-cbw-error": "OnCbwError", "*cbw-timeout": "uint32"})
-schema.struct("BlockdevOptionsThrottle", {"throttle-group": "str", "file": "BlockdevRef"})
-schema.struct("BlockdevOptionsBlkreplay", {"image": "BlockdevRef"})
-schema.struct("BlockdevOptionsBlkverify", {"test": "BlockdevRef", "raw": "BlockdevRef"})
-schema.struct("BlockdevOptionsBlklogwrites", {
-    "file": "BlockdevRef", "log": "BlockdevRef", "*log-sector-size": "uint32",
-    "*log-append": "bool", "*log-super-update-interval": "uint64"})
-schema.struct("BlockdevOptionsQuorum", {
-    "*blkverify": "bool", "children": ["BlockdevRef"], "vote-threshold": "int",
-    "*rewrite-corrupted": "bool", "*read-pattern": "QuorumReadPattern"})
-schema.struct("BlockdevOptionsVVFAT", {"dir": "str", "*fat-type": "int", "*floppy": "bool",
-                                       "*label": "str", "*rw": "bool"})
-UNIMPLEMENTED_BRANCHES = {
-    "blklogwrites": "BlockdevOptionsBlklogwrites", "blkreplay": "BlockdevOptionsBlkreplay",
-    "blkverify": "BlockdevOptionsBlkverify", "bochs": "BlockdevOptionsGenericFormat",
-    "cloop": "BlockdevOptionsGenericFormat", "compress": "BlockdevOptionsGenericFormat",
-    "copy-before-write": "BlockdevOptionsCbw", "copy-on-read": "BlockdevOptionsCor",
-    "dmg": "BlockdevOptionsGenericFormat", "host_cdrom": "BlockdevOptionsFile",
-    "host_device": "BlockdevOptionsFile", "luks": "BlockdevOptionsLUKS",
-    "parallels": "BlockdevOptionsGenericFormat", "preallocate": "BlockdevOptionsPreallocate",
-    "qed": "BlockdevOptionsGenericCOWFormat", "quorum": "BlockdevOptionsQuorum",
-    "snapshot-access": "BlockdevOptionsGenericFormat", "throttle": "BlockdevOptionsThrottle",
-    "vdi": "BlockdevOptionsGenericFormat", "vhdx": "BlockdevOptionsGenericFormat",
-    "vmdk": "BlockdevOptionsGenericCOWFormat", "vpc": "BlockdevOptionsGenericFormat",
-    "vvfat": "BlockdevOptionsVVFAT",
-}
-
 BLOCKDEV_OPTIONS_BASE = {
     "driver": "BlockdevDriver", "*node-name": "str", "*discard": "BlockdevDiscardOptions",
     "*cache": "BlockdevCacheOptions", "*read-only": "bool", "*auto-read-only": "bool",
@@ -138,7 +95,7 @@ BLOCKDEV_OPTIONS_BASE = {
 
 # driver -> branch type; other drivers have no members beyond the base here
 BLOCKDEV_BRANCHES: dict[str, str] = {
-    **UNIMPLEMENTED_BRANCHES,
+    **UNEMULATED_BLOCKDEV_BRANCHES,
     "blkdebug": "BlockdevOptionsBlkdebug",
     "file": "BlockdevOptionsFile",
     "null-aio": "BlockdevOptionsNull",

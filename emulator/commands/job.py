@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from emulator.commands._unemulated import UNEMULATED_CREATE_BRANCHES
 from emulator.jobs.blockjob import BlockJob
-from emulator.jobs.create import CREATE_DRIVERS, CreateJob
+from emulator.jobs.create import CREATE_DRIVERS, UNEMULATED_CREATE, CreateJob
 from emulator.jobs.manager import flushing
 from emulator.qmp import schema
 from emulator.qmp.errors import GenericError
@@ -53,7 +54,7 @@ schema.struct("BlockdevCreateOptionsQcow2", {
     "*refcount-bits": "int", "*compression-type": "Qcow2CompressionType"})
 schema.union("BlockdevCreateOptions", base={"driver": "BlockdevDriver"},
              discriminator="driver",
-             branches={"file": "BlockdevCreateOptionsFile",
+             branches={**UNEMULATED_CREATE_BRANCHES, "file": "BlockdevCreateOptionsFile",
                        "qcow2": "BlockdevCreateOptionsQcow2"})
 
 
@@ -173,10 +174,12 @@ def blockdev_create(vm: Machine, job_id: str, options: dict[str, Any]) -> None:
     fmt = options["driver"]
     # every BlockdevDriver exists in Debian's build ("Block driver '%s' not found or not
     # supported" cannot happen); of those with .bdrv_co_create the emulator creates file and
-    # qcow2 only, and answers for the others (UNEMULATED_CREATE) as for drivers without it
-    if fmt not in CREATE_DRIVERS:
+    # qcow2 only: the others (UNEMULATED_CREATE) pass QEMU's checks, then are refused
+    if fmt not in CREATE_DRIVERS | UNEMULATED_CREATE:
         raise GenericError("Driver does not support blockdev-create")
     vm.jobs.check_new_id(job_id)
+    if fmt in UNEMULATED_CREATE:
+        raise GenericError(f"Creating {fmt} images is not emulated")
     job = CreateJob(vm.jobs, job_id, vm.block, dict(options))
     vm.jobs.register(job, None)
     job.start()

@@ -22,6 +22,7 @@ from emulator.block.dirty_bitmap import (
 )
 from emulator.block.errors import GenericError
 from emulator.commands import bitmap as bitmap_cmds
+from emulator.commands._unemulated import UNEMULATED_ACTIONS
 from emulator.qmp import schema
 from emulator.qmp.registry import command
 
@@ -41,6 +42,7 @@ schema.enum("ActionCompletionMode", ["individual", "grouped"])
 schema.enum("NewImageMode", ["existing", "absolute-paths"])
 schema.struct("Abort", {})
 schema.struct("TransactionProperties", {"*completion-mode": "ActionCompletionMode"})
+schema.struct("BlockdevSnapshot", {"node": "str", "overlay": "str"})
 schema.struct("BlockdevSnapshotSync", {
     "*device": "str", "*node-name": "str", "snapshot-file": "str",
     "*snapshot-node-name": "str", "*format": "str", "*mode": "NewImageMode"})
@@ -93,8 +95,12 @@ ACTIONS: dict[str, type[TransactionAction]] = {}
 
 
 def declare_transaction_schema() -> None:
-    """(Re)declare TransactionAction: one {data: T} wrapper branch per registered action."""
+    """(Re)declare TransactionAction: one {data: T} wrapper branch per registered action,
+    and per action the emulator does not emulate (checked, then "not supported")."""
     branches = {}
+    for kind, data_type in UNEMULATED_ACTIONS.items():
+        schema.struct(f"{data_type}Wrapper", {"data": data_type})
+        branches[kind] = f"{data_type}Wrapper"
     for kind, cls in ACTIONS.items():
         wrapper = f"{cls.__name__}Wrapper"
         schema.struct(wrapper, {"data": cls.data_type})
@@ -268,20 +274,26 @@ class BitmapRemoveAction(_BitmapAction):
         self.bitmap.bs.release_dirty_bitmap(self.bitmap)
 
 
-@action
-class BlockdevSnapshotSyncAction(TransactionAction):
-    """external_snapshot_prepare/commit/abort/clean for blockdev-snapshot-sync."""
+class ExternalSnapshotAction(TransactionAction):
+    """external_snapshot_prepare/commit/abort/clean: an overlay appended above a node.
 
-    kind = "blockdev-snapshot-sync"
-    data_type = "BlockdevSnapshotSync"
+    blockdev-snapshot and blockdev-snapshot-sync differ only in naming the node and in
+    where the overlay comes from (:meth:`open_overlay`)."""
 
     old_bs: BlockDriverState | None = None
     new_bs: BlockDriverState | None = None
     overlay_appended: bool = False
 
+    def names(self) -> tuple[str | None, str | None]:
+        """The node to snapshot, as bdrv_lookup_bs takes it: (device, node-name)."""
+        raise NotImplementedError
+
+    def open_overlay(self, old: BlockDriverState) -> BlockDriverState:
+        """The new node (bdrv_open); the action owns one reference to it."""
+        raise NotImplementedError
+
     def prepare(self) -> None:
-        d = self.data
-        device, node_name = d.get("device"), d.get("node-name")
+        device, node_name = self.names()
         self.check_completion_mode()
         block = self.vm.block
         self.old_bs = block.lookup_bs(device, node_name)
@@ -293,20 +305,7 @@ class BlockdevSnapshotSyncAction(TransactionAction):
                 old.flush()
             except OSError:
                 raise GenericError("Input/output error") from None
-        fmt = d.get("format", "qcow2")
-        snap_name = d.get("snapshot-node-name")
-        if node_name is not None and snap_name is None:
-            raise GenericError("New overlay node-name missing")
-        if snap_name is not None:
-            try:
-                block.lookup_bs(snap_name, snap_name)
-            except GenericError:
-                pass
-            else:
-                raise GenericError("New overlay node-name already in use")
-        self.new_bs = block.external_snapshot(old, d["snapshot-file"], fmt, snap_name,
-                                              d.get("mode", "absolute-paths"))
-        new = self.new_bs
+        self.new_bs = new = self.open_overlay(old)
         perm, _ = new.cumulative_perm()
         from emulator.block import perm as P
         if perm & P.CONSISTENT_READ:
@@ -337,11 +336,62 @@ class BlockdevSnapshotSyncAction(TransactionAction):
             self.vm.block.graph.unref(self.new_bs)
 
 
+@action
+class BlockdevSnapshotAction(ExternalSnapshotAction):
+    """blockdev-snapshot: an existing node (blockdev-add'ed, without backing) as overlay."""
+
+    kind = "blockdev-snapshot"
+    data_type = "BlockdevSnapshot"
+
+    def names(self) -> tuple[str | None, str | None]:
+        return self.data["node"], self.data["node"]
+
+    def open_overlay(self, old: BlockDriverState) -> BlockDriverState:
+        """bdrv_open(NULL, overlay, NULL, 0): a new reference to the node named."""
+        new = self.vm.block.lookup_bs(self.data["overlay"], self.data["overlay"])
+        new.refcnt += 1
+        return new
+
+
+@action
+class BlockdevSnapshotSyncAction(ExternalSnapshotAction):
+    """blockdev-snapshot-sync: a new image file created (or found) and opened as overlay."""
+
+    kind = "blockdev-snapshot-sync"
+    data_type = "BlockdevSnapshotSync"
+
+    def names(self) -> tuple[str | None, str | None]:
+        return self.data.get("device"), self.data.get("node-name")
+
+    def open_overlay(self, old: BlockDriverState) -> BlockDriverState:
+        d = self.data
+        block = self.vm.block
+        snap_name = d.get("snapshot-node-name")
+        if d.get("node-name") is not None and snap_name is None:
+            raise GenericError("New overlay node-name missing")
+        if snap_name is not None:
+            try:
+                block.lookup_bs(snap_name, snap_name)
+            except GenericError:
+                pass
+            else:
+                raise GenericError("New overlay node-name already in use")
+        return block.external_snapshot(old, d["snapshot-file"], d.get("format", "qcow2"),
+                                       snap_name, d.get("mode", "absolute-paths"))
+
+
 @command("transaction", data={"actions": ["TransactionAction"],
                               "*properties": "TransactionProperties"})
 def transaction(vm: Machine, actions: list[dict[str, Any]],
                 properties: dict[str, Any] | None = None) -> None:
     run_transaction(vm, actions, properties)
+
+
+@command("blockdev-snapshot", data="BlockdevSnapshot")
+def blockdev_snapshot(vm: Machine, node: str, overlay: str) -> None:
+    """qmp_blockdev_snapshot: a one-action transaction."""
+    run_transaction(vm, [{"type": "blockdev-snapshot",
+                          "data": {"node": node, "overlay": overlay}}])
 
 
 @command("blockdev-snapshot-sync", data="BlockdevSnapshotSync")

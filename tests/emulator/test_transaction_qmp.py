@@ -1,6 +1,6 @@
 """transaction over QMP against real QEMU: rollback of every bitmap action, completion-mode,
-the abort action, and blockdev-snapshot-sync (errors, the new overlay, the base reopened
-read-only with its persistent bitmaps stored)."""
+the abort action, blockdev-snapshot-sync (errors, the new overlay, the base reopened
+read-only with its persistent bitmaps stored) and blockdev-snapshot (an existing overlay)."""
 
 from __future__ import annotations
 
@@ -114,3 +114,45 @@ def test_blockdev_snapshot_sync(tmp_path: Path) -> None:
             assert qemu_img("check", tmp_path / kind / name).returncode == 0
     assert infos["emu", "disk"] == infos["qemu", "disk"]
     assert infos["emu", "top"] == infos["qemu", "top"]
+
+
+def test_blockdev_snapshot(tmp_path: Path) -> None:
+    """blockdev-snapshot: an overlay added with blockdev-add goes above a node (a drive's
+    root, here, so the drive writes to it); its errors, in a transaction and rolled back."""
+    def setup(d: Path) -> None:
+        create_qcow2(d / "base", "1M")
+        create_qcow2(d / "top", "1M", backing=Path("base"))   # relative: the same bytes
+        create_qcow2(d / "top2", "1M")
+
+    def qcow2(name: str, **more: Any) -> dict[str, Any]:
+        return {"driver": "qcow2", "node-name": name,
+                "file": {"driver": "file", "filename": f"@DIR@/{name}"}, **more}
+
+    drives = [{"if": "none", "id": "drive0", "file": "@DIR@/base", "format": "qcow2",
+               "cache": "writeback", "aio": "threads", "node-name": "base"}]
+    cmds = [
+        c("blockdev-add", **qcow2("top", backing=None)),
+        c("blockdev-add", **qcow2("top2")),
+        c("blockdev-add", driver="null-co", **{"node-name": "null0"}),
+        c("block-dirty-bitmap-add", node="base", name="b0"),
+        io("drive0", "write -P 1 0 64k"),
+        c("blockdev-snapshot", node="nosuch", overlay="top"),
+        c("blockdev-snapshot", node="base", overlay="nosuch"),
+        c("blockdev-snapshot", node="base", overlay="null0"),   # no backing support
+        c("blockdev-snapshot", node="base", overlay="top2"),    # has a backing image
+        c("blockdev-snapshot", node="base", overlay="base"),    # in use
+        c("transaction", actions=[act("blockdev-snapshot", node="base", overlay="top"),
+                                  act("abort")]),
+        c("query-named-block-nodes", flat=True),
+        c("blockdev-snapshot", node="drive0", overlay="top"),
+        c("query-block"),
+        io("drive0", "write -P 2 64k 64k"),
+        io("drive0", "read -P 1 0 64k"),
+        c("blockdev-snapshot", node="base", overlay="top"),
+        c("query-named-block-nodes"),
+        c("blockdev-del", **{"node-name": "base"}),
+        c("blockdev-del", **{"node-name": "top"}),
+    ]
+    compare_replies(tmp_path, cmds, drives=drives, setup=setup)
+    for name in ("base", "top"):
+        assert (tmp_path / "emu" / name).read_bytes() == (tmp_path / "qemu" / name).read_bytes()

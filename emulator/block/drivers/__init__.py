@@ -10,6 +10,19 @@ from emulator.block.node import BlockDriverState
 
 DRIVERS: dict[str, type[BlockDriverState]] = {}
 
+# every driver of Debian's QEMU 7.2 build (QAPI's BlockdevDriver), emulated or not
+QEMU_DRIVERS = (
+    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
+    "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps",
+    "gluster", "host_cdrom", "host_device", "http", "https", "iscsi", "luks", "nbd", "nfs",
+    "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed", "quorum",
+    "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat",
+)
+# those that can create images (.create_opts: bdrv_img_create); the emulator writes two
+IMAGE_CREATORS = frozenset({
+    "file", "host_device", "host_cdrom", "gluster", "iscsi", "nbd", "nfs", "nvme", "luks",
+    "parallels", "qcow", "qcow2", "qed", "raw", "rbd", "ssh", "vdi", "vhdx", "vmdk", "vpc"})
+
 T = TypeVar("T", bound=type[BlockDriverState])
 
 

@@ -36,6 +36,8 @@ class FileNode(BlockDriverState):
 
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
         filename = options["filename"]
+        if not filename:   # bdrv_open_common: .bdrv_needs_filename
+            raise GenericError("The 'file' block driver requires a file name")
         self.exact_filename = filename
         self.filename = filename
         self.aio = options.get("aio", "threads")
