@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from emulator import qemu_io
 from emulator.qcow2 import Backing, CheckResult, FileIO, Qcow2Error, Qcow2Image, Status
+from emulator.qcow2.errors import img_create_message
 from emulator.qcow2.header import QCOW_MAGIC
 from emulator.qmp.json_writer import qdict_keys, quote
 from emulator.sandbox import Sandbox, SandboxError
@@ -244,6 +245,11 @@ def create(sandbox: Sandbox, filename: str, fmt: str, size: int | None, *,
         raise ImgError(f"{filename}: Unknown file format '{fmt}'")
     if backing_file and fmt != "qcow2":
         raise ImgError(f"{filename}: Backing file not supported for file format '{fmt}'")
+    if backing_file == filename:
+        raise ImgError(f"{filename}: Error: Trying to create an image with the same filename "
+                       "as the backing file")
+    if backing_file == "":
+        raise ImgError(f"{filename}: Expected backing file name, got empty string")
     if backing_file and not backing_format:
         message = f"{filename}: Backing file specified without backing format"
         try:
@@ -293,7 +299,7 @@ def create(sandbox: Sandbox, filename: str, fmt: str, size: int | None, *,
             # file-posix's allocate_first_block: so that later probing of the alignment works
             io.pwrite(0, bytes(min(size, 4096)))
     except Qcow2Error as exc:
-        raise ImgError(f"{filename}: {exc}", stdout=line) from None
+        raise ImgError(f"{filename}: {img_create_message(exc)}", stdout=line) from None
     finally:
         io.close()
     return line

@@ -246,13 +246,16 @@ class BlockLayer:
                                f"{os.strerror(e.errno or errno.EIO)}") from None
         os.close(fd)
         if fmt == "qcow2":
-            from emulator.qcow2 import Qcow2Image
+            from emulator.qcow2 import Qcow2Error, Qcow2Image
             from emulator.qcow2.blockio import FileIO
+            from emulator.qcow2.errors import img_create_message
 
             io = FileIO(path)
             try:
                 Qcow2Image.create(io, size, backing_file=backing_file,
                                   backing_format=backing_format)
+            except Qcow2Error as e:
+                raise GenericError(img_create_message(e)) from None
             finally:
                 io.close()
         else:

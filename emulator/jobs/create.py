@@ -23,6 +23,7 @@ from emulator.jobs.job import Co, Job
 
 UINT32_MAX = 2**32 - 1
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
+MIN_EXTL2_CLUSTER_SIZE = (1 << MIN_CLUSTER_BITS) * 32   # QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER
 
 # drivers of the Debian build that have .bdrv_co_create but that the emulator cannot create
 UNEMULATED_CREATE = frozenset({"luks", "parallels", "qcow", "qed", "vdi", "vhdx", "vmdk",
@@ -145,19 +146,24 @@ class _BackendIO:
 
 
 def _validate_qcow2(opts: dict[str, Any]) -> tuple[int, int]:
-    """qcow2_co_create's option checks, in QEMU's order: (cluster size, refcount bits)."""
+    """qcow2_co_create's option checks, in QEMU's order: (cluster size, refcount bits).
+    Options the emulator cannot write (version 2, extended L2 entries, preallocation, an
+    external data file, zstd) pass QEMU's checks first, then are refused."""
     if opts["size"] % 512:
         raise CreateError("Image size must be a multiple of 512 bytes")
     version = 2 if opts.get("version") == "v2" else 3
+    v3_needed = "compatibility level 1.1 and above (use version=v3 or greater)"
     cluster_size = int(opts.get("cluster-size", 65536))
     extended_l2 = bool(opts.get("extended-l2", False))
     if extended_l2 and version < 3:
-        raise CreateError("Extended L2 entries are only supported with compatibility level "
-                          "1.1 and above (use version=v3 or greater)")
+        raise CreateError(f"Extended L2 entries are only supported with {v3_needed}")
     bits = (cluster_size & -cluster_size).bit_length() - 1
     if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS or 1 << bits != cluster_size:
         raise CreateError(f"Cluster size must be a power of two between "
                           f"{1 << MIN_CLUSTER_BITS} and {1 << (MAX_CLUSTER_BITS - 10)}k")
+    if extended_l2 and cluster_size < MIN_EXTL2_CLUSTER_SIZE:
+        raise CreateError("Extended L2 entries are only supported with cluster sizes of at "
+                          f"least {MIN_EXTL2_CLUSTER_SIZE} bytes")
     prealloc = opts.get("preallocation", "off")
     if "backing-file" in opts and prealloc != "off" and not extended_l2:
         raise CreateError("Backing file and preallocation can only be used at the same "
@@ -165,20 +171,35 @@ def _validate_qcow2(opts: dict[str, Any]) -> tuple[int, int]:
     if "backing-fmt" in opts and "backing-file" not in opts:
         raise CreateError("Backing format cannot be used without backing file")
     if version < 3 and opts.get("lazy-refcounts"):
-        raise CreateError("Lazy refcounts only supported with compatibility level 1.1 and "
-                          "above (use version=v3 or greater)")
+        raise CreateError(f"Lazy refcounts only supported with {v3_needed}")
     refcount_bits = int(opts.get("refcount-bits", 16))
     if refcount_bits > 64 or refcount_bits <= 0 or refcount_bits & (refcount_bits - 1):
         raise CreateError("Refcount width must be a power of two and may not exceed 64 bits")
     if version < 3 and refcount_bits != 16:
         raise CreateError("Different refcount widths than 16 bits require compatibility "
                           "level 1.1 or above (use version=v3 or greater)")
-    unsupported = [k for k in ("data-file", "data-file-raw", "encrypt") if k in opts]
-    if version < 3 or extended_l2 or prealloc != "off" or unsupported \
-            or opts.get("compression-type", "zlib") != "zlib":
+    if opts.get("data-file-raw") and "data-file" not in opts:
+        raise CreateError("data-file-raw requires data-file")
+    if opts.get("data-file-raw") and "backing-file" in opts:
+        raise CreateError("Backing file and data-file-raw cannot be used at the same time")
+    if "data-file" in opts and version < 3:
+        raise CreateError(f"External data files are only supported with {v3_needed}")
+    compression = opts.get("compression-type", "zlib")
+    if compression != "zlib" and version < 3:
+        raise CreateError(f"Non-zlib compression type is only supported with {v3_needed}")
+    if version < 3 or extended_l2 or prealloc != "off" or "data-file" in opts \
+            or compression != "zlib":
         raise CreateError("This qcow2 creation option is not supported by the emulator",
                           errno.ENOTSUP)
     return cluster_size, refcount_bits
+
+
+def _encryption_error(encrypt: dict[str, Any]) -> CreateError:
+    """qcow2_set_up_encryption, once the image is made: the emulator has no secret
+    objects (no object-add), so QEMU's first error is all there is to meet."""
+    if "key-secret" not in encrypt:   # qcrypto_block_{luks,qcow}_create
+        return CreateError("Parameter 'encrypt.key-secret' is required for cipher")
+    return CreateError(f"No secret with id '{encrypt['key-secret']}'")
 
 
 def qcow2_creator(layer: Any, opts: dict[str, Any]) -> Generator[None, None, None]:
@@ -208,6 +229,8 @@ def qcow2_creator(layer: Any, opts: dict[str, Any]) -> Generator[None, None, Non
                               lazy_refcounts=bool(opts.get("lazy-refcounts", False)),
                               refcount_bits=refcount_bits)
             blk.flush()
+            if "encrypt" in opts:
+                raise _encryption_error(opts["encrypt"])
         except Qcow2Error as e:
             raise CreateError(str(e)) from None
         except OSError as e:

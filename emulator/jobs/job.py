@@ -11,6 +11,7 @@ events follows from them (docs/qemu-semantics.md §5).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,6 +21,8 @@ from emulator.qmp.errors import GenericError
 
 if TYPE_CHECKING:
     from emulator.jobs.manager import JobManager
+
+log = logging.getLogger(__name__)
 
 # a job coroutine: yields None to give up the CPU, returns a value (run: 0 or -errno)
 Co = Generator[None, None, Any]
@@ -241,11 +244,19 @@ class Job:
         try:
             self._co.send(None)
         except StopIteration as stop:
-            self._co = None
-            self.ret = int(stop.value or 0)
-            self.deferred_to_main_loop = True
-            self.busy = True
-            self._scheduled = self.manager.bh(self._exit)
+            self._finished(int(stop.value or 0))
+        except Exception as exc:   # a bug of the emulator's: the job fails, nothing hangs
+            log.exception("job %s failed inside the emulator", self.id)
+            self.err = f"internal error in the emulator's {self.job_type} job: {exc!r}"
+            self._finished(-errno.EIO)
+
+    def _finished(self, ret: int) -> None:
+        """The coroutine has returned ``ret``: job_exit runs from the main loop."""
+        self._co = None
+        self.ret = ret
+        self.deferred_to_main_loop = True
+        self.busy = True
+        self._scheduled = self.manager.bh(self._exit)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -170,9 +170,11 @@ class Header:
         ``extensions`` only the header fields (what qcow2_co_create writes first)."""
         body = bytearray(self.header_length)
         exts = self._pack_extensions() if extensions else b""
-        backing = (self.backing_file or "").encode("utf-8", "surrogateescape") if extensions \
-            else b""
-        backing_offset = self.header_length + len(exts) if backing else 0
+        # an empty name is still a backing file name (its offset is written, its size 0)
+        has_backing = extensions and self.backing_file is not None
+        backing = (self.backing_file or "").encode("utf-8", "surrogateescape") \
+            if has_backing else b""
+        backing_offset = self.header_length + len(exts) if has_backing else 0
         _HEADER.pack_into(
             body, 0, QCOW_MAGIC, self.version, backing_offset, len(backing), self.cluster_bits,
             self.size, self.crypt_method, self.l1_size, self.l1_table_offset,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import os
 import struct
 import zlib
 from array import array
@@ -45,6 +46,11 @@ from emulator.qcow2.tables import (
     cluster_type,
     needs_new_alloc,
 )
+
+# block.h: INT64_MAX aligned down to BDRV_MAX_ALIGNMENT (1 GiB), the longest image a
+# truncate accepts; qcow2.h: the largest L1 table, in bytes
+BDRV_MAX_LENGTH = (2**63 - 1) // (1 << 30) * (1 << 30)
+QCOW_MAX_L1_SIZE = 1 << 25
 
 Backing = Callable[[int, int], bytes]
 """Reads the backing chain: ``backing(offset, length)`` returns the guest data there (a short
@@ -140,12 +146,18 @@ class Qcow2Image:
             image.refcounts.adopt([2 * cluster_size], {2 * cluster_size: bytes(cluster_size)})
         image.refcounts.alloc(3 * cluster_size)
         image._write_header()
-        image._grow_l1(size)
-        if backing_file:   # bdrv_change_backing_file, once the image has its size
-            header.backing_file = backing_file
-            header.backing_format = backing_format
-            image._write_header()
-        image.close()
+        try:
+            image._grow_l1(size)
+            if backing_file is not None:   # bdrv_change_backing_file, once it has its size
+                if len(backing_file.encode()) > 1023:   # qcow2_change_backing_file: -EINVAL
+                    raise Qcow2Error(f"Could not assign backing file '{backing_file}' with "
+                                     f"format '{backing_format or '(null)'}': "
+                                     f"{os.strerror(errno.EINVAL)}")
+                header.backing_file = backing_file
+                header.backing_format = backing_format
+                image._write_header()
+        finally:
+            image.close()
 
     @classmethod
     def open(cls, io: BlockIO, *, read_only: bool = False) -> Qcow2Image:
@@ -161,9 +173,19 @@ class Qcow2Image:
         return cls(io, header, read_only=read_only)
 
     def _grow_l1(self, size: int) -> None:
-        """qcow2_co_truncate on a new image: an L1 table of exactly the needed size."""
+        """qcow2_co_truncate on a new image: an L1 table of exactly the needed size (the
+        size is QAPI's uint64, which blk_truncate takes as an int64)."""
+        offset = size - (1 << 64) if size >= 1 << 63 else size
+        if offset < 0:   # bdrv_co_truncate
+            raise Qcow2Error("Could not resize image: Image size cannot be negative")
+        if offset > BDRV_MAX_LENGTH:
+            raise Qcow2Error(f"Could not resize image: offset({offset}) exceeds "
+                             f"maximum({BDRV_MAX_LENGTH})")
         covered = self.cluster_size * (self.cluster_size // 8)
         l1_size = -(-size // covered)
+        if l1_size > QCOW_MAX_L1_SIZE // 8:   # qcow2_grow_l1_table: -EFBIG
+            raise Qcow2Error("Could not resize image: Failed to grow the L1 table: "
+                             f"{os.strerror(errno.EFBIG)}", errno.EFBIG)
         l1_offset = 0
         if l1_size:
             self.io.debug_event("l1_grow_alloc_table")

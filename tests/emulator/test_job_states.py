@@ -335,3 +335,32 @@ def test_sequence_is_deterministic(tmp_path: Path, name: str) -> None:
 def test_sequences_match_qemu(tmp_path: Path, name: str) -> None:
     qemu, emu = run_both(tmp_path, SCRIPTS[name][0], image)
     assert compact(emu) == compact(qemu)
+
+
+def test_a_bug_inside_a_job_fails_the_job_not_the_vm(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception the emulator did not expect, raised in a job's coroutine, concludes the
+    job with an "internal error" (and a logged traceback) instead of leaving it running for
+    ever: the session goes on, the job can be dismissed, the next one works."""
+    from emulator.jobs import create
+
+    def broken(layer: Any, opts: dict[str, Any]) -> Any:
+        yield
+        raise MemoryError()
+
+    monkeypatch.setattr(create, "qcow2_creator", broken)
+    (tmp_path / "f").write_bytes(b"")
+    options = {"driver": "qcow2", "file": "f", "size": 1 << 20}
+    records = run_script([
+        ("cmd", "blockdev-add", {"driver": "file", "filename": "@DIR@/f", "node-name": "f"}),
+        ("cmd", "blockdev-create", {"job-id": "j", "options": options}), ("rest", "j"),
+        ("cmd", "query-jobs", {}), ("cmd", "job-dismiss", {"id": "j"}),
+        ("cmd", "blockdev-create", {"job-id": "k", "options": {
+            "driver": "file", "filename": "@DIR@/g", "size": 1 << 20}}),
+        ("rest", "k"), ("cmd", "query-jobs", {})], tmp_path)
+    jobs = [r[2]["return"] for r in records if r[:2] == ("reply", "query-jobs")]
+    assert jobs[0] == [{"current-progress": 0, "status": "concluded", "total-progress": 1,
+                        "type": "create", "id": "j",
+                        "error": "internal error in the emulator's create job: MemoryError()"}]
+    assert jobs[1] == [{"current-progress": 1, "status": "concluded", "total-progress": 1,
+                        "type": "create", "id": "k"}]
