@@ -149,6 +149,24 @@ class Image:
     def length(self) -> int:
         return self.size
 
+    # ... and what qemu-io's info describes (a BlockDriverState's view of the image)
+    protocol_name = None
+
+    @property
+    def format_name(self) -> str:
+        return self.format
+
+    def get_info(self) -> dict[str, int]:
+        """bdrv_get_info: qcow2's cluster size and VM state offset; a raw file's zeroes."""
+        if self.qcow2 is None:
+            return {"cluster_size": 0, "vm_state_offset": 0}
+        return {"cluster_size": self.qcow2.cluster_size,
+                "vm_state_offset": self.qcow2.vm_state_offset}
+
+    def get_specific_info(self) -> dict[str, Any] | None:
+        return None if self.qcow2 is None else {"type": "qcow2",
+                                                "data": self.qcow2.specific_info()}
+
     def _backing_reader(self) -> Backing | None:
         return self.backing.read if self.backing is not None else None
 

@@ -20,14 +20,19 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
+
+from emulator.qmp.json_writer import qdict_keys
 
 BDRV_REQUEST_MAX_BYTES = 2147483136  # MIN(SIZE_MAX, INT_MAX) rounded down to the alignment
 INT64_MAX = (1 << 63) - 1
 
 
 class IOTarget(Protocol):
-    """What qemu-io talks to: a BlockBackend. Failures are OSError with an errno."""
+    """What qemu-io talks to: a BlockBackend. Failures are OSError with an errno.
+
+    ``info`` describes the backend's root node (``target.bs``; an offline image is its own):
+    its ``format_name``, ``protocol_name``, ``get_info()`` and ``get_specific_info()``."""
 
     def pread(self, offset: int, length: int) -> bytes: ...
 
@@ -55,10 +60,21 @@ def filter_timing(text: str) -> str:
     return _TIMING.sub("X ops; XX:XX:XX.X (XXX YYY/sec and XXX ops/sec)", text)
 
 
+class _Output(list[str]):
+    """What a command prints with printf (the list itself), and ``monitor``: where
+    qemu_printf goes — the current monitor under HMP, else stdout as well."""
+
+    def __init__(self, monitor: list[str] | None) -> None:
+        super().__init__()
+        self.monitor: list[str] = self if monitor is None else monitor
+
+
 def run(target: IOTarget, command: str,
-        clock: Callable[[], float] = time.perf_counter) -> str:
-    """Run one qemu-io command line and return everything qemu-io prints for it."""
-    out: list[str] = []
+        clock: Callable[[], float] = time.perf_counter, *,
+        monitor: list[str] | None = None) -> str:
+    """Run one qemu-io command line and return everything qemu-io prints for it on stdout;
+    with ``monitor``, what it prints with qemu_printf goes there instead."""
+    out = _Output(monitor)
     argv = [word for word in command.split(" ") if word]
     if not argv:
         return ""
@@ -423,12 +439,54 @@ def _length(target: IOTarget, argv: list[str], out: list[str],
         out.append(f"getlength: {os.strerror(exc.errno or errno.EIO)}\n")
 
 
+def _info(target: IOTarget, argv: list[str], out: list[str],
+          clock: Callable[[], float]) -> None:
+    """info_f: names and sizes with printf; the format-specific part with qemu_printf
+    (bdrv_image_info_specific_dump), so under HMP only that part reaches the monitor."""
+    node: Any = getattr(target, "bs", target)
+    if node is None:
+        return
+    for name in (node.format_name, node.protocol_name):
+        if name:
+            out.append(f"format name: {name}\n")
+    bdi = node.get_info()
+    if bdi is None:   # bdrv_get_info: -ENOTSUP, returned without a word
+        return
+    out.append(f"cluster size: {_cvtstr(bdi.get('cluster_size', 0))}\n")
+    out.append(f"vm state offset: {_cvtstr(bdi.get('vm_state_offset', 0))}\n")
+    specific = node.get_specific_info()
+    if specific is not None:
+        out.append("Format specific information:\n")
+        _dump_qobject(getattr(out, "monitor", out), specific["data"], 1)
+
+
+def _dump_qobject(out: list[str], value: Any, indentation: int) -> None:
+    """dump_qobject (block/qapi.c): dict keys in QDict order, dashes as spaces."""
+    if isinstance(value, dict):
+        for key in qdict_keys(value):
+            item = value[key]
+            composite = isinstance(item, dict | list)
+            out.append(f"{'':{indentation * 4}}{key.replace('-', ' ')}:"
+                       f"{chr(10) if composite else ' '}")
+            _dump_qobject(out, item, indentation + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            composite = isinstance(item, dict | list)
+            out.append(f"{'':{indentation * 4}}[{i}]:{chr(10) if composite else ' '}")
+            _dump_qobject(out, item, indentation + 1)
+    elif isinstance(value, bool):
+        out.append("true\n" if value else "false\n")
+    else:
+        out.append(f"{value}\n")
+
+
 _Handler = Callable[[IOTarget, list[str], list[str], Callable[[], float]], None]
 _COMMANDS: dict[str, tuple[int, int, _Handler]] = {}
 for _names, _argmin, _argmax, _handler in ((("read", "r"), 2, -1, _read),
                                            (("write", "w"), 2, -1, _write),
                                            (("discard", "d"), 2, -1, _discard),
                                            (("flush", "f"), 0, 0, _flush),
-                                           (("length", "l"), 0, 0, _length)):
+                                           (("length", "l"), 0, 0, _length),
+                                           (("info", "i"), 0, 0, _info)):
     for _alias in _names:
         _COMMANDS[_alias] = (_argmin, _argmax, _handler)

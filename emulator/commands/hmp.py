@@ -6,9 +6,10 @@ to a copy-before-write filter goes through it). With ``-d`` the name is a qdev i
 command runs, its extra permissions (qemu-io-cmds.c ``.perm``: WRITE for write/writev/
 aio_write/discard, WRITE|RESIZE for truncate) are added to the backend, and they stay.
 qemu-io prints to QEMU's stdout, not into the HMP reply: the emulator logs that text (logger
-``emulator.qemu_io``) and replies "". What qemu-io reports with error_report() goes to the
-current monitor instead — a permission it cannot take ("Block node is read-only") comes back
-in the reply, as do lookup errors ("Error: ...").
+``emulator.qemu_io``) and replies "". What qemu-io prints with qemu_printf (``info``'s
+format-specific part) or reports with error_report() goes to the current monitor instead —
+a permission it cannot take ("Block node is read-only") comes back in the reply, as do
+lookup errors ("Error: ...").
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def run_qemu_io(blk: BlockBackend, command: str) -> tuple[str, str]:
             blk.set_perm(blk.perm | need, blk.shared_perm)
         except GenericError as e:
             return f"{e.desc}\n", ""
-    return "", qemu_io.run(blk, command)
+    monitor: list[str] = []   # qemu_printf's output (info's format-specific part)
+    stdout = qemu_io.run(blk, command, monitor=monitor)
+    return "".join(monitor), stdout
 
 
 @hmp_command("qemu-io", args_type="qdev:-d,device:B,command:s",

@@ -229,6 +229,28 @@ class Qcow2Image:
     def corrupt(self) -> bool:
         return bool(self.header.incompatible_features & INCOMPAT_CORRUPT)
 
+    @property
+    def vm_state_offset(self) -> int:
+        """qcow2_vm_state_offset: where the VM state would go, past the last L1 entry."""
+        covered = self.cluster_size * self.tables.l2_entries
+        return -(-self.size // covered) * covered
+
+    def specific_info(self) -> dict[str, object]:
+        """qcow2_get_specific_info's data (ImageInfoSpecificQCow2), members in QAPI order;
+        ``bitmaps`` only if stored."""
+        if self.header.version == 2:
+            return {"compat": "0.10", "refcount-bits": self.refcount_bits,
+                    "compression-type": "zlib"}
+        data: dict[str, object] = {"compat": "1.1", "extended-l2": False,
+                                   "lazy-refcounts": self.lazy_refcounts,
+                                   "corrupt": self.corrupt, "refcount-bits": self.refcount_bits}
+        stored = self.load_bitmaps()
+        if stored:
+            data["bitmaps"] = [{"flags": list(sb.flags), "name": sb.name,
+                                "granularity": int(sb.granularity)} for sb in stored]
+        data["compression-type"] = "zlib"
+        return data
+
     # -- reading -----------------------------------------------------------------------------
     def block_status(self, offset: int, length: int) -> tuple[Status, int]:
         """The status at `offset` and how far (at most `length`) it extends unchanged."""

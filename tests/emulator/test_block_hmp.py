@@ -1,10 +1,11 @@
 """HMP qemu-io over QMP against real QEMU: lookups (BlockBackend name, then node name
 through a temporary BlockBackend), HMP argument errors, and the "" reply whatever qemu-io
-prints (its output goes to QEMU's stdout)."""
+prints (its output goes to QEMU's stdout) but what it prints with qemu_printf (info)."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,23 @@ def test_discard_punches_the_file_like_qemu(tmp_path: Path) -> None:
             return   # a file system without hole punching: QEMU keeps the data too
     raw = (tmp_path / "emu" / "raw").read_bytes()
     assert raw[4096:69632] == bytes(65536) and raw[100000] == 0 and raw[100001] == 0x11
+
+
+def test_qemu_io_info_replies_its_format_specific_part(tmp_path: Path) -> None:
+    """info prints names and sizes with printf (QEMU's stdout) and the format-specific dump
+    with qemu_printf, which reaches the monitor: stored bitmaps as an indented list, keys in
+    QDict order, dashes as spaces."""
+    def setup(d: Path) -> None:
+        create_qcow2(d / "img", "4M", "-o", "lazy_refcounts=on,refcount_bits=8")
+        for name, more in (("b1", []), ("b2", ["-g", "128k", "--disable"])):
+            subprocess.run(["qemu-img", "bitmap", "--add", *more, d / "img", name],
+                           check=True)
+
+    drives = [{"if": "none", "id": "drive0", "file": "@DIR@/img", "format": "qcow2",
+               "node-name": "fmt"}]
+    cmds = [hmp('qemu-io drive0 "info"'), hmp('qemu-io fmt "i"'),
+            hmp('qemu-io drive0 "info 1"'),
+            ("blockdev-add", {"driver": "null-co", "node-name": "n"}), hmp('qemu-io n "info"'),
+            ("blockdev-add", {"driver": "raw", "node-name": "r", "file": "fmt"}),
+            hmp('qemu-io r "info"')]
+    compare_replies(tmp_path, cmds, drives=drives, setup=setup)

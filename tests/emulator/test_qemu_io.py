@@ -229,3 +229,19 @@ def test_cvtnum_warns_about_suffixed_hex_like_qemu() -> None:
     assert qemu_io.cvtnum("0x1k", warnings.append) == 1024
     assert warnings == ["qemu-io: warning: Using a multiplier suffix on hex numbers is "
                         "deprecated: 0x1k\n"]
+
+
+@requires_qemu_img
+@requires_qemu_io
+@pytest.mark.parametrize("fmt,options", [("qcow2", "lazy_refcounts=on,cluster_size=512"),
+                                         ("qcow2", "refcount_bits=1"), ("raw", "")])
+def test_info_prints_what_the_real_qemu_io_prints(tmp_path: Path, fmt: str,
+                                                  options: str) -> None:
+    path = tmp_path / "img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *(["-o", options] if options else []),
+                    path, "3G"], check=True)
+    real = subprocess.run(["qemu-io", "-f", fmt, "-c", "info", path], capture_output=True,
+                          text=True, check=True).stdout
+    with img.opened(Sandbox(tmp_path), "img", fmt, writable=True) as image:
+        assert qemu_io.run(image, "info") == real
+    assert real.startswith(f"format name: {fmt}\n")

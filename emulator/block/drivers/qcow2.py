@@ -173,28 +173,15 @@ class Qcow2Node(BlockDriverState):
     def get_info(self) -> dict | None:
         """qcow2_get_info: cluster size; dirty = the DIRTY incompatible feature bit."""
         return {"cluster_size": int(self.image.cluster_size),
+                "vm_state_offset": self.image.vm_state_offset,
                 "is_dirty": bool(self.image.header.incompatible_features & 1)}
 
     def _version(self) -> int:
         return int(self.image.header.version)
 
     def get_specific_info(self) -> dict | None:
-        """qcow2_get_specific_info: members in QAPI order; ``bitmaps`` only if stored."""
-        img = self.image
-        if self._version() == 2:
-            return {"type": "qcow2", "data": {"compat": "0.10",
-                                              "refcount-bits": int(img.refcount_bits)}}
-        data: dict[str, Any] = {"compat": "1.1"}
-        data["extended-l2"] = False
-        data["lazy-refcounts"] = bool(img.lazy_refcounts)
-        data["corrupt"] = bool(img.corrupt)
-        data["refcount-bits"] = int(img.refcount_bits)
-        stored = self.image.load_bitmaps()
-        if stored:
-            data["bitmaps"] = [{"flags": list(sb.flags), "name": sb.name,
-                                "granularity": int(sb.granularity)} for sb in stored]
-        data["compression-type"] = "zlib"
-        return {"type": "qcow2", "data": data}
+        """qcow2_get_specific_info."""
+        return {"type": "qcow2", "data": self.image.specific_info()}
 
     # -- persistent dirty bitmaps -----------------------------------------------------------
     def supports_persistent_dirty_bitmap(self) -> bool:
