@@ -167,6 +167,15 @@ class Image:
         return None if self.qcow2 is None else {"type": "qcow2",
                                                 "data": self.qcow2.specific_info()}
 
+    def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
+        """bdrv_is_allocated: does this layer (not its backing) decide the bytes from
+        ``offset`` on, and for how many; nothing past the end."""
+        length = min(length, self.size - offset)
+        if length <= 0:
+            return False, 0
+        extent = self.layer_status(offset, length)
+        return extent.present, extent.length
+
     def _backing_reader(self) -> Backing | None:
         return self.backing.read if self.backing is not None else None
 

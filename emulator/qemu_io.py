@@ -480,6 +480,64 @@ def _dump_qobject(out: list[str], value: Any, indentation: int) -> None:
         out.append(f"{value}\n")
 
 
+def _error_report(out: list[str], message: str) -> None:
+    """error_report: to the monitor under HMP, else "qemu-io: " on stderr."""
+    monitor = getattr(out, "monitor", out)
+    monitor.append(f"qemu-io: {message}\n" if monitor is out else f"{message}\n")
+
+
+def _alloc(target: IOTarget, argv: list[str], out: list[str],
+           clock: Callable[[], float]) -> None:
+    """alloc_f: how many of the bytes from offset on this layer allocates (not its backing);
+    past the end of the image the count shrinks."""
+    node: Any = getattr(target, "bs", target)
+    start = offset = _number(argv[1], out)
+    count = _number(argv[2], out) if len(argv) == 3 else 512
+    remaining, allocated = count, 0
+    while remaining:
+        try:
+            is_allocated, num = node.is_allocated(offset, remaining)
+        except OSError as exc:
+            raise _CommandError(f"is_allocated failed: {os.strerror(exc.errno or errno.EIO)}"
+                                "\n") from None
+        offset += num
+        remaining -= num
+        if is_allocated:
+            allocated += num
+        if num == 0:
+            count -= remaining
+            remaining = 0
+    out.append(f"{allocated}/{count} bytes allocated at offset {_cvtstr(start)}\n")
+
+
+def _map(target: IOTarget, argv: list[str], out: list[str],
+         clock: Callable[[], float]) -> None:
+    """map_f: the image as runs of allocated and unallocated bytes (map_is_allocated
+    merges runs of the same answer)."""
+    node: Any = getattr(target, "bs", target)
+    offset, remaining = 0, target.length()
+    while remaining:
+        try:
+            first, num = node.is_allocated(offset, remaining)
+            while num < remaining:
+                same, more = node.is_allocated(offset + num, remaining - num)
+                if same != first or not more:
+                    break
+                num += more
+        except OSError as exc:
+            _error_report(out, "Failed to get allocation status: "
+                               f"{os.strerror(exc.errno or errno.EIO)}")
+            return
+        if not num:
+            _error_report(out, "Unexpected end of image")
+            return
+        out.append(f"{_cvtstr(num)} (0x{num:x}) bytes "
+                   f"{'    allocated' if first else 'not allocated'} at offset "
+                   f"{_cvtstr(offset)} (0x{offset:x})\n")
+        offset += num
+        remaining -= num
+
+
 _Handler = Callable[[IOTarget, list[str], list[str], Callable[[], float]], None]
 _COMMANDS: dict[str, tuple[int, int, _Handler]] = {}
 for _names, _argmin, _argmax, _handler in ((("read", "r"), 2, -1, _read),
@@ -487,6 +545,8 @@ for _names, _argmin, _argmax, _handler in ((("read", "r"), 2, -1, _read),
                                            (("discard", "d"), 2, -1, _discard),
                                            (("flush", "f"), 0, 0, _flush),
                                            (("length", "l"), 0, 0, _length),
-                                           (("info", "i"), 0, 0, _info)):
+                                           (("info", "i"), 0, 0, _info),
+                                           (("alloc", "a"), 1, 2, _alloc),
+                                           (("map",), 0, 0, _map)):
     for _alias in _names:
         _COMMANDS[_alias] = (_argmin, _argmax, _handler)

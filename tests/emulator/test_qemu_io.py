@@ -245,3 +245,26 @@ def test_info_prints_what_the_real_qemu_io_prints(tmp_path: Path, fmt: str,
     with img.opened(Sandbox(tmp_path), "img", fmt, writable=True) as image:
         assert qemu_io.run(image, "info") == real
     assert real.startswith(f"format name: {fmt}\n")
+
+
+@requires_qemu_img
+@requires_qemu_io
+def test_map_and_alloc_print_what_the_real_qemu_io_prints(tmp_path: Path) -> None:
+    """Allocation in this layer only (the backing file's clusters are not this image's),
+    zero clusters allocated, discarded ones not, runs merged, counts cut at the end."""
+    for who in ("real", "mine"):
+        base = tmp_path / f"{who}-base"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "8M"], check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", "-c",
+                        "write -P 2 4M 64k", base], check=True, capture_output=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F",
+                        "qcow2", tmp_path / f"{who}-top", "6M"], check=True)
+    commands = ["map", "alloc 0", "alloc 0 8M", "alloc 5M 2M", "alloc x", "a 0 64k",
+                "write -P 3 512k 64k", "write -z 2M 128k", "write -z -u 3M 64k", "map",
+                "alloc 0 4M", "discard 512k 64k", "map", "alloc 0 0", "map x"]
+    for command in commands:
+        real = subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, tmp_path / "real-top"],
+                              capture_output=True, text=True)
+        with img.opened(Sandbox(tmp_path), "mine-top", "qcow2", writable=True) as image:
+            assert _stable(qemu_io.run(image, command)) == _stable(real.stderr + real.stdout), \
+                command
