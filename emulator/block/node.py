@@ -33,7 +33,7 @@ from emulator.block.flags import BDRV_REQ_WRITE_UNCHANGED as BDRV_REQ_WRITE_UNCH
 from emulator.block.flags import BDRV_REQ_ZERO_WRITE as BDRV_REQ_ZERO_WRITE
 from emulator.block.flags import BDRV_SECTOR_SIZE as BDRV_SECTOR_SIZE
 from emulator.block.perm import Role
-from emulator.qmp.json_writer import to_json
+from emulator.qmp.json_writer import qdict_keys, to_json
 
 if TYPE_CHECKING:
     from emulator.block.graph import BlockGraph
@@ -556,8 +556,9 @@ class BlockDriverState:
         opts: dict[str, Any] = {}
         generate_json = False
         for key in ("driver", "filename", *self.strong_runtime_opts):
-            if key.endswith("."):
-                found = {k: v for k, v in self.options.items() if k.startswith(key)}
+            if key.endswith("."):   # bs->options walked in QDict order
+                found = {k: self.options[k] for k in qdict_keys(self.options)
+                         if k.startswith(key)}
             else:
                 found = {key: self.options[key]} if key in self.options else {}
             opts.update(found)

@@ -11,6 +11,7 @@ Child options inherit cache, read-only and force-share from the parent and defau
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from emulator.block.errors import GenericError
 from emulator.block.graph import Transaction
 from emulator.block.node import BdrvChild, BlockDriverState
 from emulator.block.perm import Role
+from emulator.qcow2.image import BDRV_MAX_LENGTH
 
 if TYPE_CHECKING:
     from emulator.block.layer import BlockLayer
@@ -167,6 +169,16 @@ class Opener:
         bs.drv_open(drv_opts, ChildOpener(self, bs, opts))
         bs.opened = True
         bs.refresh_limits()
+        if -(-bs.drv_getlength() // 512) * 512 > BDRV_MAX_LENGTH:   # refresh_total_sectors
+            raise GenericError("Could not refresh total sector count: "
+                               f"{os.strerror(errno.EFBIG)}")
+
+    def _open_backing_child(self, ref: dict[str, Any] | str, opts: dict[str, Any],
+                            bs: BlockDriverState) -> BlockDriverState:
+        try:
+            return self.open(ref, parent_opts=opts, role=backing_role(bs))
+        except GenericError as e:
+            raise GenericError(f"Could not open backing file: {e.desc}") from None
 
     def _open_backing(self, bs: BlockDriverState, opts: dict[str, Any]) -> None:
         """bdrv_open_backing_file: the ``backing`` option, else the header's backing file."""
@@ -174,12 +186,12 @@ class Opener:
             value = opts["backing"]
             if value is None:
                 return
-            child = self.open(value, parent_opts=opts, role=backing_role(bs))
+            child = self._open_backing_child(value, opts, bs)
         elif bs.backing_file:
             path = full_backing_filename(bs)
             definition: dict[str, Any] = {"driver": bs.backing_format or "raw",
                                           "file": {"driver": "file", "filename": path}}
-            child = self.open(definition, parent_opts=opts, role=backing_role(bs))
+            child = self._open_backing_child(definition, opts, bs)
             child.refresh_filename()
             bs.auto_backing_file = child.filename
         else:

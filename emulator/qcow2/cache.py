@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from emulator.qcow2.blockio import BlockIO
+from emulator.qcow2.errors import Qcow2Error
 
 # qcow2.h: cache sizes in tables, and the L2 cache's default upper bound in bytes
 MIN_L2_CACHE_SIZE = 2
@@ -27,12 +29,67 @@ MIN_REFCOUNT_CACHE_SIZE = 4
 DEFAULT_L2_CACHE_MAX_SIZE = 32 * 1024 * 1024
 
 
-def l2_cache_tables(virtual_size: int, cluster_size: int) -> int:
-    """read_cache_sizes + qcow2_update_options_prepare with default options: enough L2
-    tables for the whole disk as it is at open (up to 32 MiB of them), at least two."""
+MIN_L2_CACHE_ENTRY_SIZE = 512   # 1 << MIN_CLUSTER_BITS
+INT_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class CacheSizes:
+    """What qcow2_update_options_prepare makes of the cache options: slots of each cache."""
+
+    l2_slots: int           # of ``l2_entry_size`` bytes each
+    l2_entry_size: int
+    refcount_slots: int     # of one cluster each
+
+    def l2_tables(self, cluster_size: int) -> int:
+        """The emulator caches whole L2 tables: as many as the slots cover (QEMU's smaller
+        entries, slices of a table, are not modelled)."""
+        return max(self.l2_slots * self.l2_entry_size // cluster_size, MIN_L2_CACHE_SIZE)
+
+
+def cache_sizes(virtual_size: int, cluster_size: int, *, cache_size: int | None = None,
+                l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None,
+                refcount_cache_size: int | None = None) -> CacheSizes:
+    """read_cache_sizes, then the minimums and limits of qcow2_update_options_prepare, with
+    QEMU's texts. By default: enough L2 for the whole disk as it is at open (up to 32 MiB),
+    at least two tables; four refcount blocks."""
+    min_refcount_cache = MIN_REFCOUNT_CACHE_SIZE * cluster_size
     max_l2_entries = -(-virtual_size // cluster_size)
     max_l2_cache = -(-max_l2_entries * 8 // cluster_size) * cluster_size
-    return max(min(max_l2_cache, DEFAULT_L2_CACHE_MAX_SIZE) // cluster_size, MIN_L2_CACHE_SIZE)
+    l2_max_setting = DEFAULT_L2_CACHE_MAX_SIZE if l2_cache_size is None else l2_cache_size
+    refcount = refcount_cache_size or 0
+    entry = cluster_size if l2_cache_entry_size is None else l2_cache_entry_size
+    l2 = min(max_l2_cache, l2_max_setting)
+    if cache_size is not None:
+        if l2_cache_size is not None and refcount_cache_size is not None:
+            raise Qcow2Error("cache-size, l2-cache-size and refcount-cache-size may not be "
+                             "set at the same time")
+        if l2_cache_size is not None and l2_max_setting > cache_size:
+            raise Qcow2Error("l2-cache-size may not exceed cache-size")
+        if refcount > cache_size:
+            raise Qcow2Error("refcount-cache-size may not exceed cache-size")
+        if l2_cache_size is not None:
+            refcount = cache_size - l2
+        elif refcount_cache_size is not None:
+            l2 = cache_size - refcount
+        elif cache_size >= max_l2_cache + min_refcount_cache:
+            l2 = max_l2_cache
+            refcount = cache_size - l2
+        else:
+            refcount = min(cache_size, min_refcount_cache)
+            l2 = cache_size - refcount
+    if l2 < max_l2_cache and l2_cache_entry_size is None:
+        entry = min(cluster_size, 4096)
+    if not MIN_L2_CACHE_ENTRY_SIZE <= entry <= cluster_size or entry & (entry - 1):
+        raise Qcow2Error("L2 cache entry size must be a power of two between "
+                         f"{MIN_L2_CACHE_ENTRY_SIZE} and the cluster size ({cluster_size})")
+    l2_slots = max(l2 // entry, MIN_L2_CACHE_SIZE)
+    if l2_slots > INT_MAX:
+        raise Qcow2Error("L2 cache size too big")
+    refcount_slots = max(refcount // cluster_size, MIN_REFCOUNT_CACHE_SIZE)
+    if refcount_slots > INT_MAX:
+        raise Qcow2Error("Refcount cache size too big")
+    return CacheSizes(l2_slots, entry, refcount_slots)
 
 
 class Qcow2Cache:
@@ -42,12 +99,20 @@ class Qcow2Cache:
                  load_event: str | None, decode: Callable[[bytes], Any],
                  encode: Callable[[Any], bytes]) -> None:
         self.io = io
-        self.size = size
         self.table_size = table_size
         self.update_event = update_event
         self.load_event = load_event
         self.decode = decode
         self.encode = encode
+        self._slots(size)
+
+    def resize(self, size: int) -> None:
+        """A new number of slots, while nothing is cached yet (the options of an open)."""
+        assert not any(self.dirty)
+        self._slots(size)
+
+    def _slots(self, size: int) -> None:
+        self.size = size
         self.offsets = [0] * size
         self.tables: list[Any] = [None] * size
         self.lru = [0] * size

@@ -15,7 +15,7 @@ from array import array
 from enum import Enum
 
 from emulator.qcow2.blockio import BlockIO
-from emulator.qcow2.cache import Qcow2Cache, l2_cache_tables
+from emulator.qcow2.cache import Qcow2Cache, cache_sizes
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import Header
 from emulator.qcow2.refcounts import Refcounts
@@ -108,7 +108,8 @@ class ClusterTables:
         self.l2_entries = 1 << self.l2_bits
         self.l1 = list(struct.unpack(f">{header.l1_size}Q",
                                      io.pread(header.l1_table_offset, 8 * header.l1_size)))
-        self.cache = Qcow2Cache(io, l2_cache_tables(header.size, self.cluster_size),
+        self.cache = Qcow2Cache(io, cache_sizes(header.size, self.cluster_size).l2_tables(
+                                    self.cluster_size),
                                 self.cluster_size, update_event="l2_update",
                                 load_event="l2_load", decode=_load_entries,
                                 encode=_pack_entries)

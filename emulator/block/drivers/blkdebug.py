@@ -28,8 +28,12 @@ from emulator.block.node import (
     BlockStatus,
 )
 from emulator.block.perm import Role
+from emulator.block.qemu_opts import absorb_sizes
 
 # event and I/O type names: the QAPI enums BlkdebugEvent, BlkdebugIOType (commands/block.py)
+# QEMU_OPT_SIZE options of blkdebug's runtime_opts
+BLKDEBUG_SIZES = ("align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard",
+                  "max-discard")
 DEFAULT_IOTYPES = frozenset({"read", "write", "write-zeroes", "discard", "flush"})
 
 ACTION_INJECT_ERROR = "inject-error"
@@ -76,8 +80,23 @@ class BlkdebugNode(BlockDriverState):
         "config", "inject-error.", "set-state.", "align", "max-transfer", "opt-write-zero",
         "max-write-zero", "opt-discard", "max-discard")
 
+    @staticmethod
+    def _read_config(layer: Any, name: str) -> None:
+        """read_config: the file must be readable; its rules are not emulated."""
+        try:
+            with open(layer.resolve_path(name), "rb"):
+                pass
+        except OSError as e:
+            raise GenericError("Could not read blkdebug config file: "
+                               f"{os.strerror(e.errno or errno_mod.EIO)}") from None
+        raise GenericError("blkdebug config files are not emulated (give the rules as "
+                           "inject-error and set-state)")
+
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
+        absorb_sizes(options, BLKDEBUG_SIZES)
         self.config_file: str | None = options.get("config")
+        if self.config_file is not None:
+            self._read_config(open_child.layer, self.config_file)
         self.rules: dict[str, list[Rule]] = {}
         self.active_rules: list[Rule] = []
         for spec in options.get("inject-error", []):

@@ -42,6 +42,9 @@ class FileNode(BlockDriverState):
         self.filename = filename
         self.aio = options.get("aio", "threads")
         self.locking = options.get("locking", "auto")
+        if "pr-manager" in options:   # pr_manager_lookup: the emulator has no objects
+            raise GenericError("No persistent reservation manager with id "
+                               f"'{options['pr-manager']}'")
         path = open_child.layer.resolve_path(filename)
         self.host_path = path
         flags = os.O_RDONLY if self.read_only else os.O_RDWR
@@ -61,6 +64,9 @@ class FileNode(BlockDriverState):
             self.fd = -1
             raise GenericError(f"Could not open '{filename}': Is a directory")
         self.file_length = st.st_size
+        if self.aio == "native" and not self.cache_direct:   # Linux AIO needs O_DIRECT
+            raise GenericError("aio=native was specified, but it requires cache.direct=on, "
+                               "which was not specified.")
 
     def drv_getlength(self) -> int:
         """The host file's length as of open, then as this node's writes and truncations

@@ -6,12 +6,14 @@ import time
 from typing import Any, ClassVar
 
 from emulator.block.drivers import register
+from emulator.block.errors import GenericError
 from emulator.block.node import (
     BDRV_BLOCK_OFFSET_VALID,
     BDRV_BLOCK_ZERO,
     BlockDriverState,
     BlockStatus,
 )
+from emulator.block.qemu_opts import absorb_sizes, number
 
 
 @register
@@ -22,8 +24,13 @@ class NullCoNode(BlockDriverState):
     has_refresh_filename_hook: ClassVar[bool] = True
 
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
+        # QEMU 7.2 absorbs these options with &error_abort, so a negative size aborts
+        # QEMU there; the emulator answers as the other drivers' QemuOpts do
+        absorb_sizes(options, ("size",))
         self.length = int(options.get("size", 1 << 30))
-        self.latency_ns = int(options.get("latency-ns", 0))
+        self.latency_ns = number(options, "latency-ns", 0)
+        if self.latency_ns >= 1 << 63:   # an int64_t in null_file_open
+            raise GenericError("latency-ns is invalid")
         self.read_zeroes = bool(options.get("read-zeroes", False))
 
     def _latency(self) -> None:

@@ -31,7 +31,10 @@ from emulator.block.node import (
     BlockStatus,
 )
 from emulator.block.perm import Role
+from emulator.block.qemu_opts import absorb_sizes, number
 from emulator.block.subtree import subtree
+from emulator.qcow2 import Qcow2Error
+from emulator.qcow2.cache import cache_sizes
 from emulator.qcow2.image import Status
 
 QCOW2_MAX_BITMAPS = 65535
@@ -41,6 +44,11 @@ BME_MIN_GRANULARITY_BITS = 9
 BME_MAX_NAME_SIZE = 1023
 BME_MAX_TABLE_SIZE = 0x8000000
 BME_MAX_PHYS_SIZE = 0x20000000
+
+
+CACHE_SIZE_OPTIONS = ("cache-size", "l2-cache-size", "l2-cache-entry-size",
+                      "refcount-cache-size")   # QEMU_OPT_SIZE in qcow2_runtime_opts
+UINT_MAX = 2**32 - 1
 
 
 def calc_dir_entry_size(name_size: int, extra_data_size: int = 0) -> int:
@@ -96,15 +104,20 @@ class Qcow2Node(BlockDriverState):
     image: Any = None
 
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
-        from emulator.qcow2 import Qcow2Error, Qcow2Image
+        from emulator.qcow2 import Qcow2Image
 
         self.lazy_refcounts_opt = options.get("lazy-refcounts")
         open_child(options.get("file"), "file", Role.DATA | Role.METADATA | Role.PRIMARY)
         assert self.file is not None and self.file.bs is not None
         try:
             self.image = Qcow2Image.open(ChildIO(self.file), read_only=not self.is_writable())
+            self._update_options(options)
         except Qcow2Error as e:
             raise GenericError(str(e)) from None
+        if "data-file" in options:   # qcow2_do_open: an image without an external data file
+            open_child(options["data-file"], "data-file", Role.DATA)
+            raise GenericError("'data-file' can only be set for images with an external data "
+                               "file")
         passed = self.image.refcounts.pass_discard   # qcow2_update_options_prepare
         for kind, default in (("request", self.discard == "unmap"), ("snapshot", True),
                               ("other", False)):
@@ -116,6 +129,22 @@ class Qcow2Node(BlockDriverState):
         self.backing_format = self.image.backing_format or ""
         self.auto_backing_file = self.backing_file
         self._load_dirty_bitmaps()
+
+    def _update_options(self, options: dict[str, Any]) -> None:
+        """qcow2_update_options_prepare's checks, in its order; the cache sizes taken."""
+        absorb_sizes(options, CACHE_SIZE_OPTIONS)
+        img = self.image
+        sizes = cache_sizes(img.size, img.cluster_size,
+                            **{key.replace("-", "_"): options[key]
+                               for key in CACHE_SIZE_OPTIONS if key in options})
+        img.tables.cache.resize(sizes.l2_tables(img.cluster_size))
+        img.refcounts.cache.resize(sizes.refcount_slots)
+        if number(options, "cache-clean-interval", 600) > UINT_MAX:
+            raise Qcow2Error("Cache clean interval too big")
+        encrypt = options.get("encrypt")
+        if encrypt is not None and not img.header.crypt_method:
+            raise Qcow2Error("No encryption in image header, but options specified format "
+                             f"'{encrypt['format']}'")
 
     def drv_refresh_limits(self) -> None:
         self.request_alignment = 1

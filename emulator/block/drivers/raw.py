@@ -18,6 +18,7 @@ from emulator.block.node import (
     BlockStatus,
 )
 from emulator.block.perm import Role
+from emulator.block.qemu_opts import absorb_sizes
 
 
 @register
@@ -30,6 +31,7 @@ class RawNode(BlockDriverState):
     size: int | None = None
 
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
+        absorb_sizes(options, ("offset", "size"))   # raw_read_options, before the file
         self.offset = int(options.get("offset", 0))
         self.size = int(options["size"]) if "size" in options else None
         windowed = bool(self.offset) or self.size is not None
@@ -38,12 +40,14 @@ class RawNode(BlockDriverState):
         assert self.file is not None and self.file.bs is not None
         real = self.file.bs.getlength()
         if self.offset > real:
-            raise GenericError(f"Offset ({self.offset}) cannot be greater than size of image "
-                               f"({real})")
+            raise GenericError(f"Offset ({self.offset}) cannot be greater than size of the "
+                               f"containing file ({real})")
         if self.size is not None and real - self.offset < self.size:
             raise GenericError(f"The sum of offset ({self.offset}) and size ({self.size}) has "
                                f"to be smaller or equal to the  actual size of the containing "
                                f"file ({real})")
+        if self.size is not None and self.size % 512:
+            raise GenericError("Specified size is not multiple of 512")
 
     def child_perm(self, child: BdrvChild | None, role: int, perm: int,
                    shared: int) -> tuple[int, int]:
