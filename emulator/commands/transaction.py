@@ -123,6 +123,7 @@ def run_transaction(vm: Machine, actions: list[dict[str, Any]],
     txn = TransactionState(vm, (properties or {}).get("completion-mode", "individual"))
     if txn.completion_mode != "individual" and on_grouped is not None:
         on_grouped(txn)
+    vm.jobs.drain_all()   # "drain all i/o before any operations"
     states: list[TransactionAction] = []
     try:
         try:

@@ -401,6 +401,8 @@ class BlockCopyState:
         while nbytes and (status == 0 or in_flight > 0) and not cs.cancelled \
                 and not cancelled():
             in_flight -= 1
+            if self.copy_bitmap.next_dirty(offset, nbytes) < 0:
+                break   # no task to create: QEMU's loop ends here without yielding
             yield from zeroes.before_yield(before_task, failed)
             if cs.cancelled or cancelled():
                 break

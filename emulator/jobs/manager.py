@@ -153,10 +153,14 @@ class JobManager:
             job.pause()
 
     def drained_end(self, bs: BlockDriverState) -> None:
+        """bdrv_drained_end: the jobs paused resume in the order the graph reaches them now
+        (newest parent first), which puts a job that attached during the section first."""
         for i in range(len(self._drained) - 1, -1, -1):
             if self._drained[i][0] is bs:
                 _, jobs = self._drained.pop(i)
-                for job in jobs:
+                above = self._jobs_above(bs)
+                for job in sorted(jobs, key=lambda j: above.index(j) if j in above
+                                  else len(above)):
                     if job.pause_count > 0:
                         job.resume()
                 return
@@ -172,6 +176,18 @@ class JobManager:
             for c in bs.parents:
                 if isinstance(c.parent, Job):
                     c.parent.pause()
+
+    def drain_all(self) -> None:
+        """bdrv_drain_all (begin, then end): every job with a node pauses and resumes; a
+        job that is not at rest says so with a paused and a running JOB_STATUS_CHANGE."""
+        block = getattr(self.vm, "block", None)
+        if block is None:
+            return
+        self.drain_all_begin()
+        for bs in block.graph.all_nodes:
+            for c in bs.parents:
+                if isinstance(c.parent, Job) and c.parent.pause_count > 0:
+                    c.parent.resume()
 
     def on_attach(self, job: Job, bs: BlockDriverState) -> None:
         """A job took a node: a node above a drained one is quiesced, so the job pauses."""
