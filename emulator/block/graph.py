@@ -408,6 +408,9 @@ class BlockGraph:
     def set_backing_hd(self, bs: BlockDriverState, backing_bs: BlockDriverState | None) -> None:
         """bdrv_set_backing_hd: replace (or drop) the backing child."""
         from emulator.block.open import backing_role
+        if not bs.supports_backing:   # bdrv_set_file_or_backing_noperm
+            raise GenericError(f"Driver '{bs.format_name}' of node '{bs.node_name}' does not "
+                               "support backing files")
         old = bs.backing
         if old is not None:
             self.detach_child(old)

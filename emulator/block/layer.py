@@ -130,6 +130,8 @@ class BlockLayer:
 
     def probe_format(self, filename: str) -> str:
         """bdrv_find_protocol + format probing: qcow2 by its magic, else raw."""
+        if not filename:   # the file driver's bdrv_needs_filename, before any probing
+            raise GenericError("The 'file' block driver requires a file name")
         try:
             with open(self.resolve_path(filename), "rb") as f:
                 head = f.read(4)
@@ -230,13 +232,16 @@ class BlockLayer:
 
     def create_image(self, filename: str, fmt: str, size: int, *, backing_file: str | None = None,
                      backing_format: str | None = None) -> None:
-        """bdrv_img_create, with its checks and texts; the emulator writes qcow2 and raw."""
-        from emulator.block.drivers import IMAGE_CREATORS, QEMU_DRIVERS
+        """bdrv_img_create, with its checks and texts; the emulator writes qcow2 and raw
+        images (and files, as the file protocol driver creates them: raw)."""
+        from emulator.block.drivers import BACKING_CREATORS, IMAGE_CREATORS, QEMU_DRIVERS
         if fmt not in QEMU_DRIVERS:
             raise GenericError(f"Unknown file format '{fmt}'")
         if fmt not in IMAGE_CREATORS:
             raise GenericError(f"Format driver '{fmt}' does not support image creation")
-        if fmt not in ("qcow2", "raw"):
+        if backing_file is not None and fmt not in BACKING_CREATORS:
+            raise GenericError(f"Backing file not supported for file format '{fmt}'")
+        if fmt not in ("qcow2", "raw", "file"):
             raise GenericError(f"Creating {fmt} images is not emulated")
         path = self.resolve_path(filename, for_create=True)
         try:

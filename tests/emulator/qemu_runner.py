@@ -241,9 +241,29 @@ def _subst(value: Any, test_dir: Path) -> Any:
     return json.loads(json.dumps(value).replace("@DIR@", str(test_dir)))
 
 
+def _outside_paths(value: Any, test_dir: Path) -> list[str]:
+    """Absolute paths outside ``test_dir`` in a JSON value: real QEMU runs as whoever runs
+    the tests (root in CI) with no sandbox, so a drive-backup to "/etc/passwd" would
+    overwrite it. The emulator refuses such paths; tests send them to the emulator only."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _outside_paths(v, test_dir)]
+    if isinstance(value, list):
+        return [p for v in value for p in _outside_paths(v, test_dir)]
+    if isinstance(value, str) and value.startswith("/") and not (
+            value == str(test_dir) or value.startswith(f"{test_dir}/")):
+        return [value]
+    return []
+
+
 def _run(steps: Sequence[Step], test_dir: Path, qemu: bool,
          drives: Sequence[Drive] | None) -> list[Record]:
     real = [s if s[0] == "img" else (s[0], *_subst(list(s[1:]), test_dir)) for s in steps]
+    if qemu:
+        outside = _outside_paths([list(s[1:]) for s in real if s[0] in ("cmd", "hmp")],
+                                 test_dir)
+        if outside:
+            raise ValueError(f"refusing to send paths outside the test directory to real "
+                             f"QEMU: {sorted(set(outside))}")
 
     async def go() -> list[Record]:
         async with vm(test_dir, qemu=qemu, drives=_subst(list(drives or []), test_dir)) as c:

@@ -36,7 +36,7 @@ VALUES: dict[str, list[Any]] = {
     "extended-l2": [True, False],
     "compression-type": ["zlib", "zstd"],
     "preallocation": ["off", "metadata", "falloc", "full"],
-    "backing-file": ["", "b", "a" * 1023, "a" * 1024, "/etc/passwd"],
+    "backing-file": ["", "b", "a" * 1023, "a" * 1024, "../outside/b"],
     "backing-fmt": ["qcow2", "raw", "vmdk"],
     "data-file-raw": [True, False],
     "encrypt": [{"format": "luks"}, {"format": "qcow"}, {"format": "luks", "key-secret": "s"},

@@ -22,6 +22,8 @@ QEMU_DRIVERS = (
 IMAGE_CREATORS = frozenset({
     "file", "host_device", "host_cdrom", "gluster", "iscsi", "nbd", "nfs", "nvme", "luks",
     "parallels", "qcow", "qcow2", "qed", "raw", "rbd", "ssh", "vdi", "vhdx", "vmdk", "vpc"})
+# those whose creation options take a backing file (BLOCK_OPT_BACKING_FILE)
+BACKING_CREATORS = frozenset({"qcow", "qcow2", "qed", "vmdk"})
 
 T = TypeVar("T", bound=type[BlockDriverState])
 

@@ -26,6 +26,8 @@ class NullCoNode(BlockDriverState):
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
         # QEMU 7.2 absorbs these options with &error_abort, so a negative size aborts
         # QEMU there; the emulator answers as the other drivers' QemuOpts do
+        if options.get("filename", "null-co://") != "null-co://":   # null_co_parse_filename
+            raise GenericError("The only allowed filename for this driver is 'null-co://'")
         absorb_sizes(options, ("size",))
         self.length = int(options.get("size", 1 << 30))
         self.latency_ns = number(options, "latency-ns", 0)

@@ -1,0 +1,90 @@
+"""drive-backup and drive-mirror creating (or opening) their target, on the emulator and on
+QEMU 7.2: every combination of format, mode, target name and sync mode, replies compared.
+
+bdrv_img_create's checks (format, backing file support, file creation errors), the open of
+an existing target (probing, a filename a driver refuses, backing support for sync=none)
+and the job's own checks come in QEMU's order. vmdk and the other formats QEMU can create
+but the emulator cannot are left out (the emulator's boundary); targets are relative names,
+so real QEMU only writes inside its test directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import requires_qemu, requires_qemu_img
+from tests.emulator.qemu_runner import create_qcow2, run_both, run_script, without_host_details
+
+pytestmark = [requires_qemu, requires_qemu_img]
+
+FORMATS = [None, "qcow2", "raw", "file", "", "null-co", "nosuch"]
+MODES = [None, "absolute-paths", "existing"]
+TARGETS = ["new", "exists-qcow2", "exists-raw", "", "sub/x", "a" * 300]
+SYNCS = ["full", "top", "none"]
+
+
+def variants() -> list[dict[str, Any]]:
+    out = []
+    for fmt, mode, target, sync in itertools.product(FORMATS, MODES, TARGETS, SYNCS):
+        v: dict[str, Any] = {"device": "top", "sync": sync, "target": target}
+        if fmt is not None:
+            v["format"] = fmt
+        if mode is not None:
+            v["mode"] = mode
+        out.append(v)
+    return out
+
+
+def script(command: str, ended: set[str] | None, cancelled: frozenset[str] = frozenset()
+           ) -> list[tuple[Any, ...]]:
+    steps: list[tuple[Any, ...]] = [("cmd", "blockdev-add", {
+        "driver": "qcow2", "node-name": "top", "file": {"driver": "file",
+                                                        "filename": "@DIR@/top"}})]
+    for i, variant in enumerate(variants()):
+        args = {**variant, "job-id": f"j{i}"}
+        if args["target"] in ("new", "exists-qcow2", "exists-raw"):
+            args["target"] = f"{args['target']}{i}"
+        job = args["job-id"]
+        steps.append(("cmd", command, args))
+        if ended is None:   # the probe: time to end, then a cancel for what goes on
+            steps += [("sleep", 0.01), ("cmd", "job-cancel", {"id": job}), ("sleep", 0.01),
+                      ("cmd", "job-dismiss", {"id": job})]
+        elif job in cancelled:
+            steps += [("cmd", "job-cancel", {"id": job}), ("rest", job),
+                      ("cmd", "job-dismiss", {"id": job})]
+        elif job in ended:
+            steps += [("rest", job), ("cmd", "job-dismiss", {"id": job})]
+    steps.append(("cmd", "query-named-block-nodes", {"flat": True}))
+    return steps
+
+
+@pytest.mark.parametrize("command", ["drive-backup", "drive-mirror"])
+def test_drive_targets_like_qemu(tmp_path: Path, command: str) -> None:
+    def setup(d: Path) -> None:
+        create_qcow2(d / "base", "4M")
+        create_qcow2(d / "top", "4M", backing=Path("base"))
+        create_qcow2(d / "exists-qcow2", "4M")
+        for i in range(len(variants())):
+            shutil.copyfile(d / "exists-qcow2", d / f"exists-qcow2{i}")
+            (d / f"exists-raw{i}").write_bytes(bytes(1 << 20))
+
+    (tmp_path / "probe").mkdir()
+    setup(tmp_path / "probe")
+    probe = run_script(script(command, None), tmp_path / "probe")
+    seen = {(r[2]["id"], r[2]["status"]) for r in probe
+            if r[:2] == ("event", "JOB_STATUS_CHANGE")}
+    ended = {job for job, status in seen if status == "pending"}
+    cancelled = frozenset(job for job, status in seen if status == "aborting")
+    assert len(ended | cancelled) > 30
+    qemu, emu = run_both(tmp_path, script(command, ended, cancelled), setup)
+    replies = [[r for r in without_host_details(records) if r[0] == "reply"]
+               for records in (qemu, emu)]
+    errors = {r[2]["error"]["desc"] for r in replies[0] if "error" in r[2]}
+    assert len(errors) > 10   # many different checks are met
+    differ = [f"{q}\n  emulator {e}" for q, e in zip(*replies, strict=True) if q != e]
+    assert not differ, "\n".join(differ[:5])
