@@ -114,6 +114,8 @@ class Header:
          incompat, compat, autoclear, refcount_order, header_length) = _HEADER.unpack_from(cluster0)
         if magic != QCOW_MAGIC:
             raise Qcow2Error("Image is not in qcow2 format")
+        if version == 2:   # QEMU reads them; the emulator's boundary
+            raise Qcow2Error("qcow2 version 2 (compat=0.10) images are not emulated")
         if version != 3:
             raise Qcow2Error(f"Unsupported qcow2 version {version}")
         if not 9 <= cluster_bits <= 21:
