@@ -169,9 +169,11 @@ class BlockLayer:
             "direct": _onoff(node_opts.pop("cache.direct", direct), "cache.direct"),
             "no-flush": _onoff(node_opts.pop("cache.no-flush", no_flush), "cache.no-flush")}
         node_opts["read-only"] = read_only
-        for key in ("detect-zeroes", "discard"):
-            if key in node_opts:
-                node_opts[key] = str(node_opts[key])
+        # blockdev_init takes detect-zeroes for the drive itself: unlike blockdev-add, it
+        # does not ask for discard=unmap with "unmap"
+        detect_zeroes = str(node_opts.pop("detect-zeroes", "off"))
+        if "discard" in node_opts:
+            node_opts["discard"] = str(node_opts["discard"])
         blk = BlockBackend(self.graph, name=name)
         blk.enable_write_cache = writeback
         blk.legacy_dinfo = dict(options)
@@ -188,6 +190,7 @@ class BlockLayer:
         blk.perm = P.CONSISTENT_READ | (0 if read_only else P.WRITE)
         blk.shared_perm = P.ALL
         bs = Opener(self).open(node_opts)
+        bs.detect_zeroes = detect_zeroes
         try:
             blk.insert_bs(bs)
         finally:

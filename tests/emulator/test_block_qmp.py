@@ -154,3 +154,19 @@ def test_node_name_conflicts_with_drive_id(tmp_path: Path) -> None:
             ("human-monitor-command", {"command-line": 'qemu-io drive0 "read 0 512"'})]
     drives = [{"if": "none", "id": "drive0"}]
     compare_replies(tmp_path, cmds, drives=drives)
+
+
+@pytest.mark.parametrize("detect_zeroes", ["unmap", "on"])
+def test_drive_detect_zeroes_needs_no_discard(tmp_path: Path, detect_zeroes: str) -> None:
+    """-drive takes detect-zeroes for the drive (blockdev_init), without blockdev-add's
+    "not allowed without setting discard operation to unmap"; zero writes then behave as
+    the setting says."""
+    drives = [{"if": "none", "id": "d0", "file": "@DIR@/img", "format": "qcow2",
+               "detect-zeroes": detect_zeroes}]
+    compare_replies(tmp_path, [
+        ("query-block", None),
+        ("human-monitor-command", {"command-line": 'qemu-io d0 "write -P 0 0 64k"'}),
+        ("human-monitor-command", {"command-line": 'qemu-io d0 "write -P 1 64k 64k"'}),
+        ("query-named-block-nodes", {"flat": True}),
+    ], drives=drives, setup=lambda d: create_qcow2(d / "img", "1M"))
+    assert (tmp_path / "emu" / "img").read_bytes() == (tmp_path / "qemu" / "img").read_bytes()
