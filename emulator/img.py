@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from emulator import qemu_io
+from emulator.block import create as create_image
+from emulator.block.errors import GenericError
 from emulator.qcow2 import Backing, CheckResult, FileIO, Qcow2Error, Qcow2Image, Status
-from emulator.qcow2.errors import img_create_message
 from emulator.qcow2.header import QCOW_MAGIC
 from emulator.qmp.json_writer import qdict_keys, quote
 from emulator.sandbox import Sandbox, SandboxError
@@ -156,12 +157,11 @@ class Image:
     def format_name(self) -> str:
         return self.format
 
-    def get_info(self) -> dict[str, int]:
-        """bdrv_get_info: qcow2's cluster size and VM state offset; a raw file's zeroes."""
+    def get_info(self) -> dict[str, int | bool]:
+        """bdrv_get_info: qcow2's, or a raw file's (raw_get_info: nothing but zeroes)."""
         if self.qcow2 is None:
-            return {"cluster_size": 0, "vm_state_offset": 0}
-        return {"cluster_size": self.qcow2.cluster_size,
-                "vm_state_offset": self.qcow2.vm_state_offset}
+            return {"cluster_size": 0, "vm_state_offset": 0, "is_dirty": False}
+        return self.qcow2.get_info()
 
     def get_specific_info(self) -> dict[str, Any] | None:
         return None if self.qcow2 is None else {"type": "qcow2",
@@ -268,15 +268,10 @@ def create(sandbox: Sandbox, filename: str, fmt: str, size: int | None, *,
            refcount_bits: int = 16) -> str:
     """img_create: make the image and return the "Formatting ..." line qemu-img prints.
     Without a size, a qcow2 image takes its backing file's."""
-    if fmt not in ("qcow2", "raw"):
-        raise ImgError(f"{filename}: Unknown file format '{fmt}'")
-    if backing_file and fmt != "qcow2":
-        raise ImgError(f"{filename}: Backing file not supported for file format '{fmt}'")
-    if backing_file == filename:
-        raise ImgError(f"{filename}: Error: Trying to create an image with the same filename "
-                       "as the backing file")
-    if backing_file == "":
-        raise ImgError(f"{filename}: Expected backing file name, got empty string")
+    try:
+        create_image.check(filename, fmt, backing_file)
+    except GenericError as exc:
+        raise ImgError(f"{filename}: {exc.desc}") from None
     if backing_file and not backing_format:
         message = f"{filename}: Backing file specified without backing format"
         try:
@@ -309,26 +304,15 @@ def create(sandbox: Sandbox, filename: str, fmt: str, size: int | None, *,
         options += f" lazy_refcounts={'on' if lazy_refcounts else 'off'} " \
                    f"refcount_bits={refcount_bits}"
     else:
-        options = f"fmt=raw size={size}"
+        options = f"fmt={fmt} size={size}"
     line = f"Formatting '{filename}', {options}\n"
+    qcow2 = dict(cluster_size=cluster_size, backing_file=backing_file,
+                 backing_format=backing_format, lazy_refcounts=lazy_refcounts,
+                 refcount_bits=refcount_bits) if fmt == "qcow2" else {}
     try:
-        io = FileIO.create(path)
-    except OSError as exc:
-        raise ImgError(f"{filename}: Could not create '{filename}': "
-                       f"{os.strerror(exc.errno or errno.EIO)}", stdout=line) from None
-    try:
-        if fmt == "qcow2":
-            Qcow2Image.create(io, size, cluster_size=cluster_size, backing_file=backing_file,
-                              backing_format=backing_format, lazy_refcounts=lazy_refcounts,
-                              refcount_bits=refcount_bits)
-        else:
-            io.truncate(size)
-            # file-posix's allocate_first_block: so that later probing of the alignment works
-            io.pwrite(0, bytes(min(size, 4096)))
-    except Qcow2Error as exc:
-        raise ImgError(f"{filename}: {img_create_message(exc)}", stdout=line) from None
-    finally:
-        io.close()
+        create_image.write(path, filename, fmt, size, **qcow2)
+    except GenericError as exc:
+        raise ImgError(f"{filename}: {exc.desc}", stdout=line) from None
     return line
 
 

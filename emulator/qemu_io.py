@@ -439,7 +439,7 @@ def _length(target: IOTarget, argv: list[str], out: list[str],
         out.append(f"getlength: {os.strerror(exc.errno or errno.EIO)}\n")
 
 
-def _info(target: IOTarget, argv: list[str], out: list[str],
+def _info(target: IOTarget, argv: list[str], out: _Output,
           clock: Callable[[], float]) -> None:
     """info_f: names and sizes with printf; the format-specific part with qemu_printf
     (bdrv_image_info_specific_dump), so under HMP only that part reaches the monitor."""
@@ -457,7 +457,7 @@ def _info(target: IOTarget, argv: list[str], out: list[str],
     specific = node.get_specific_info()
     if specific is not None:
         out.append("Format specific information:\n")
-        _dump_qobject(getattr(out, "monitor", out), specific["data"], 1)
+        _dump_qobject(out.monitor, specific["data"], 1)
 
 
 def _dump_qobject(out: list[str], value: Any, indentation: int) -> None:
@@ -480,10 +480,9 @@ def _dump_qobject(out: list[str], value: Any, indentation: int) -> None:
         out.append(f"{value}\n")
 
 
-def _error_report(out: list[str], message: str) -> None:
+def _error_report(out: _Output, message: str) -> None:
     """error_report: to the monitor under HMP, else "qemu-io: " on stderr."""
-    monitor = getattr(out, "monitor", out)
-    monitor.append(f"qemu-io: {message}\n" if monitor is out else f"{message}\n")
+    out.monitor.append(f"qemu-io: {message}\n" if out.monitor is out else f"{message}\n")
 
 
 def _alloc(target: IOTarget, argv: list[str], out: list[str],
@@ -510,7 +509,7 @@ def _alloc(target: IOTarget, argv: list[str], out: list[str],
     out.append(f"{allocated}/{count} bytes allocated at offset {_cvtstr(start)}\n")
 
 
-def _map(target: IOTarget, argv: list[str], out: list[str],
+def _map(target: IOTarget, argv: list[str], out: _Output,
          clock: Callable[[], float]) -> None:
     """map_f: the image as runs of allocated and unallocated bytes (map_is_allocated
     merges runs of the same answer)."""
@@ -538,7 +537,7 @@ def _map(target: IOTarget, argv: list[str], out: list[str],
         remaining -= num
 
 
-_Handler = Callable[[IOTarget, list[str], list[str], Callable[[], float]], None]
+_Handler = Callable[[IOTarget, list[str], _Output, Callable[[], float]], None]
 _COMMANDS: dict[str, tuple[int, int, _Handler]] = {}
 for _names, _argmin, _argmax, _handler in ((("read", "r"), 2, -1, _read),
                                            (("write", "w"), 2, -1, _write),

@@ -8,7 +8,6 @@ Entry points mirror QEMU's: :meth:`add_drive` (``-drive``), :meth:`add_blockdev`
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -131,7 +130,8 @@ class BlockLayer:
     def probe_format(self, filename: str) -> str:
         """bdrv_find_protocol + format probing: qcow2 by its magic, else raw."""
         if not filename:   # the file driver's bdrv_needs_filename, before any probing
-            raise GenericError("The 'file' block driver requires a file name")
+            from emulator.block.drivers.file import NEEDS_FILENAME
+            raise GenericError(NEEDS_FILENAME)
         try:
             with open(self.resolve_path(filename), "rb") as f:
                 head = f.read(4)
@@ -235,39 +235,13 @@ class BlockLayer:
 
     def create_image(self, filename: str, fmt: str, size: int, *, backing_file: str | None = None,
                      backing_format: str | None = None) -> None:
-        """bdrv_img_create, with its checks and texts; the emulator writes qcow2 and raw
-        images (and files, as the file protocol driver creates them: raw)."""
-        from emulator.block.drivers import BACKING_CREATORS, IMAGE_CREATORS, QEMU_DRIVERS
-        if fmt not in QEMU_DRIVERS:
-            raise GenericError(f"Unknown file format '{fmt}'")
-        if fmt not in IMAGE_CREATORS:
-            raise GenericError(f"Format driver '{fmt}' does not support image creation")
-        if backing_file is not None and fmt not in BACKING_CREATORS:
-            raise GenericError(f"Backing file not supported for file format '{fmt}'")
-        if fmt not in ("qcow2", "raw", "file"):
-            raise GenericError(f"Creating {fmt} images is not emulated")
+        """bdrv_img_create for an image a command makes (emulator/block/create.py)."""
+        from emulator.block import create
+        create.check(filename, fmt, backing_file)
         path = self.resolve_path(filename, for_create=True)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        except OSError as e:   # qemu_create
-            raise GenericError(f"Could not create '{filename}': "
-                               f"{os.strerror(e.errno or errno.EIO)}") from None
-        os.close(fd)
-        if fmt == "qcow2":
-            from emulator.qcow2 import Qcow2Error, Qcow2Image
-            from emulator.qcow2.blockio import FileIO
-            from emulator.qcow2.errors import img_create_message
-
-            io = FileIO(path)
-            try:
-                Qcow2Image.create(io, size, backing_file=backing_file,
-                                  backing_format=backing_format)
-            except Qcow2Error as e:
-                raise GenericError(img_create_message(e)) from None
-            finally:
-                io.close()
-        else:
-            os.truncate(path, size)
+        qcow2 = ({"backing_file": backing_file, "backing_format": backing_format}
+                 if fmt == "qcow2" else {})
+        create.write(path, filename, fmt, size, **qcow2)
 
     def external_snapshot(self, old_bs: BlockDriverState, snapshot_file: str, fmt: str,
                           node_name: str | None, mode: str) -> BlockDriverState:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from emulator.block.create import NOT_EMULATED
 from emulator.commands._unemulated import UNEMULATED_CREATE_BRANCHES
 from emulator.jobs.blockjob import BlockJob
-from emulator.jobs.create import CREATE_DRIVERS, UNEMULATED_CREATE, CreateJob
+from emulator.jobs.create import CREATE_DRIVERS, CreateJob
 from emulator.jobs.manager import flushing
 from emulator.qmp import schema
 from emulator.qmp.errors import GenericError
@@ -173,13 +174,14 @@ def blockdev_create(vm: Machine, job_id: str, options: dict[str, Any]) -> None:
     """qmp_blockdev_create: the driver must support creation; the job starts at once."""
     fmt = options["driver"]
     # every BlockdevDriver exists in Debian's build ("Block driver '%s' not found or not
-    # supported" cannot happen); of those with .bdrv_co_create the emulator creates file and
-    # qcow2 only: the others (UNEMULATED_CREATE) pass QEMU's checks, then are refused
-    if fmt not in CREATE_DRIVERS | UNEMULATED_CREATE:
+    # supported" cannot happen); of those with .bdrv_co_create (a BlockdevCreateOptions
+    # branch) the emulator creates file and qcow2 only: the others pass QEMU's checks,
+    # then are refused
+    if fmt not in CREATE_DRIVERS and fmt not in UNEMULATED_CREATE_BRANCHES:
         raise GenericError("Driver does not support blockdev-create")
     vm.jobs.check_new_id(job_id)
-    if fmt in UNEMULATED_CREATE:
-        raise GenericError(f"Creating {fmt} images is not emulated")
+    if fmt not in CREATE_DRIVERS:
+        raise GenericError(NOT_EMULATED.format(fmt))
     job = CreateJob(vm.jobs, job_id, vm.block, dict(options))
     vm.jobs.register(job, None)
     job.start()

@@ -25,9 +25,6 @@ UINT32_MAX = 2**32 - 1
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
 MIN_EXTL2_CLUSTER_SIZE = (1 << MIN_CLUSTER_BITS) * 32   # QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER
 
-# drivers of the Debian build that have .bdrv_co_create but that the emulator cannot create
-UNEMULATED_CREATE = frozenset({"luks", "parallels", "qcow", "qed", "vdi", "vhdx", "vmdk",
-                               "vpc", "gluster", "nfs", "rbd", "ssh"})
 CREATE_DRIVERS = frozenset({"file", "qcow2"})
 
 

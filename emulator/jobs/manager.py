@@ -165,29 +165,29 @@ class JobManager:
                         job.resume()
                 return
 
-    def drain_all_begin(self) -> None:
-        """bdrv_drain_all_begin as jobs see it: node by node in creation order, each job's
-        edge to the node pauses the job (job_pause per edge). At quit, QEMU 7.2 never ends
-        this section: job_cancel_sync_all re-enters the paused jobs to cancel them."""
+    def _job_edges(self) -> list[Job]:
+        """The job of every job edge, node by node in creation order (a job once per edge:
+        bdrv_drain_all pauses and resumes per edge)."""
         block = getattr(self.vm, "block", None)
         if block is None:
-            return
-        for bs in block.graph.all_nodes:
-            for c in bs.parents:
-                if isinstance(c.parent, Job):
-                    c.parent.pause()
+            return []
+        return [c.parent for bs in block.graph.all_nodes for c in bs.parents
+                if isinstance(c.parent, Job)]
+
+    def drain_all_begin(self) -> None:
+        """bdrv_drain_all_begin as jobs see it: each job's edge to a node pauses the job
+        (job_pause per edge). At quit, QEMU 7.2 never ends this section:
+        job_cancel_sync_all re-enters the paused jobs to cancel them."""
+        for job in self._job_edges():
+            job.pause()
 
     def drain_all(self) -> None:
         """bdrv_drain_all (begin, then end): every job with a node pauses and resumes; a
         job that is not at rest says so with a paused and a running JOB_STATUS_CHANGE."""
-        block = getattr(self.vm, "block", None)
-        if block is None:
-            return
         self.drain_all_begin()
-        for bs in block.graph.all_nodes:
-            for c in bs.parents:
-                if isinstance(c.parent, Job) and c.parent.pause_count > 0:
-                    c.parent.resume()
+        for job in self._job_edges():
+            if job.pause_count > 0:
+                job.resume()
 
     def on_attach(self, job: Job, bs: BlockDriverState) -> None:
         """A job took a node: a node above a drained one is quiesced, so the job pauses."""

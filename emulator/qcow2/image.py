@@ -235,6 +235,12 @@ class Qcow2Image:
         covered = self.cluster_size * self.tables.l2_entries
         return -(-self.size // covered) * covered
 
+    def get_info(self) -> dict[str, int | bool]:
+        """qcow2_get_info (BlockDriverInfo): cluster size, VM state offset, and dirty: the
+        DIRTY incompatible feature bit."""
+        return {"cluster_size": self.cluster_size, "vm_state_offset": self.vm_state_offset,
+                "is_dirty": bool(self.header.incompatible_features & INCOMPAT_DIRTY)}
+
     def specific_info(self) -> dict[str, object]:
         """qcow2_get_specific_info's data (ImageInfoSpecificQCow2), members in QAPI order;
         ``bitmaps`` only if stored."""

@@ -290,6 +290,42 @@ def run_script(steps: Sequence[Step], test_dir: Path, *, qemu: bool = False,
     return [tuple(r) for r in records]  # type: ignore[misc]
 
 
+# -- scripts of many jobs: wait for each, never sleep ------------------------------------------
+JobFates = tuple[set[str], set[str]]   # (jobs that end by themselves, jobs that go on)
+
+
+def job_fates(test_dir: Path, script: Callable[[JobFates | None], list[Step]],
+              setup: Callable[[Path], None]) -> JobFates:
+    """Which jobs of ``script`` end by themselves and which go on until cancelled, from a
+    probe of ``script(None)`` on the emulator (in test_dir/probe; see :func:`settle`); the
+    comparison against QEMU then waits for each job instead of sleeping."""
+    probe = test_dir / "probe"
+    probe.mkdir()
+    setup(probe)
+    seen = {(r[2]["id"], r[2]["status"]) for r in run_script(script(None), probe)
+            if r[:2] == ("event", "JOB_STATUS_CHANGE")}
+    return ({job for job, status in seen if status == "pending"},
+            {job for job, status in seen if status == "aborting"})
+
+
+def settle(job: str, fates: JobFates | None) -> list[Step]:
+    """The steps after a command that may have started ``job``: a job that ends is waited
+    for (listed, finalized, dismissed), one that goes on is cancelled; in the probe
+    (``fates`` None) the job gets time to end, then a finalize, a dismiss and a cancel."""
+    if fates is None:
+        return [("sleep", 0.01), ("cmd", "job-finalize", {"id": job}), ("sleep", 0.01),
+                ("cmd", "job-dismiss", {"id": job}), ("cmd", "job-cancel", {"id": job}),
+                ("sleep", 0.01)]
+    ended, going_on = fates
+    if job in going_on:
+        return [("cmd", "job-cancel", {"id": job}), ("rest", job),
+                ("cmd", "job-dismiss", {"id": job})]
+    if job in ended:
+        return [("rest", job), ("cmd", "query-jobs", {}), ("cmd", "job-finalize", {"id": job}),
+                ("rest", job), ("cmd", "job-dismiss", {"id": job})]
+    return []
+
+
 def run_commands(test_dir: Path, commands: Sequence[Command], *, qemu: bool = False,
                  drives: Sequence[Drive] | None = None) -> list[dict]:
     """``commands`` on a fresh emulator (or real QEMU) in ``test_dir``; the replies as

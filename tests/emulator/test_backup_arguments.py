@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import requires_qemu, requires_qemu_img
-from tests.emulator.qemu_runner import create_qcow2, run_both, run_script, without_host_details
+from tests.emulator.qemu_runner import (
+    JobFates,
+    create_qcow2,
+    job_fates,
+    run_both,
+    settle,
+    without_host_details,
+)
 
 pytestmark = [requires_qemu, requires_qemu_img]
 
@@ -62,11 +69,8 @@ def variants() -> list[dict[str, Any]]:
     return out
 
 
-def script(started: set[str] | None,
-           cancelled: frozenset[str] = frozenset()) -> list[tuple[Any, ...]]:
-    """The variants, each job that comes to an end waited for until at rest, each that
-    would go on (sync=none) cancelled (``started`` None: a probe that gives every variant's
-    job time to end, then cancels it)."""
+def script(fates: JobFates | None) -> list[tuple[Any, ...]]:
+    """The variants, each followed by what its job needs (see qemu_runner.settle)."""
     steps: list[tuple[Any, ...]] = list(SETUP)
     for i, variant in enumerate(variants()):
         args = {"job-id": f"j{i}", **variant}
@@ -74,18 +78,9 @@ def script(started: set[str] | None,
             args["target"] = f"t{i}"
             steps.append(("cmd", "blockdev-add", {"driver": "null-co", "node-name": f"t{i}",
                                                   "size": 4 << 20}))
-        job = args["job-id"]
         steps.append(("cmd", "blockdev-backup", args))
-        if started is None:
-            steps += [("sleep", 0.02), ("cmd", "job-finalize", {"id": job}), ("sleep", 0.02),
-                      ("cmd", "job-dismiss", {"id": job}), ("cmd", "job-cancel", {"id": job}),
-                      ("sleep", 0.02)]
-        elif job in cancelled:
-            steps += [("cmd", "job-cancel", {"id": job}), ("rest", job)]
-        elif job in started:
-            steps += [("rest", job), ("cmd", "query-jobs", {}),
-                      ("cmd", "job-finalize", {"id": job}), ("rest", job),
-                      ("cmd", "job-dismiss", {"id": job})]
+        if args["job-id"] == f"j{i}":   # ("slow" stays: its duplicate's job never starts)
+            steps += settle(args["job-id"], fates)
         steps.append(("cmd", "query-named-block-nodes", {"flat": True}))
     return steps
 
@@ -95,16 +90,9 @@ def test_backup_arguments_like_qemu(tmp_path: Path) -> None:
         create_qcow2(d / "src", "4M")
         create_qcow2(d / "src2", "4M")
 
-    # which variants start a job: the emulator's answer, checked against QEMU's below
-    (tmp_path / "probe").mkdir()
-    setup(tmp_path / "probe")
-    probe = run_script(script(None), tmp_path / "probe")
-    seen = {(r[2]["id"], r[2]["status"]) for r in probe
-            if r[:2] == ("event", "JOB_STATUS_CHANGE")}
-    started = {job for job, status in seen if status == "pending"}      # came to an end
-    cancelled = frozenset(job for job, status in seen if status == "aborting")  # went on
-    assert len(started) > 20
-    qemu, emu = run_both(tmp_path, script(started, cancelled), setup)
+    fates = job_fates(tmp_path, script, setup)
+    assert len(fates[0]) > 20
+    qemu, emu = run_both(tmp_path, script(fates), setup)
     qemu, emu = without_host_details(qemu), without_host_details(emu)
     pauses = sum(1 for r in qemu if r[1] == "JOB_STATUS_CHANGE"
                  and r[2] == {"status": "paused", "id": "slow"})

@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import requires_qemu, requires_qemu_img
-from tests.emulator.qemu_runner import create_qcow2, run_both, run_script, without_host_details
+from tests.emulator.qemu_runner import (
+    JobFates,
+    create_qcow2,
+    job_fates,
+    run_both,
+    settle,
+    without_host_details,
+)
 
 pytestmark = [requires_qemu, requires_qemu_img]
 
@@ -40,8 +47,7 @@ def variants() -> list[dict[str, Any]]:
     return out
 
 
-def script(command: str, ended: set[str] | None, cancelled: frozenset[str] = frozenset()
-           ) -> list[tuple[Any, ...]]:
+def script(command: str, fates: JobFates | None) -> list[tuple[Any, ...]]:
     steps: list[tuple[Any, ...]] = [("cmd", "blockdev-add", {
         "driver": "qcow2", "node-name": "top", "file": {"driver": "file",
                                                         "filename": "@DIR@/top"}})]
@@ -49,16 +55,8 @@ def script(command: str, ended: set[str] | None, cancelled: frozenset[str] = fro
         args = {**variant, "job-id": f"j{i}"}
         if args["target"] in ("new", "exists-qcow2", "exists-raw"):
             args["target"] = f"{args['target']}{i}"
-        job = args["job-id"]
         steps.append(("cmd", command, args))
-        if ended is None:   # the probe: time to end, then a cancel for what goes on
-            steps += [("sleep", 0.01), ("cmd", "job-cancel", {"id": job}), ("sleep", 0.01),
-                      ("cmd", "job-dismiss", {"id": job})]
-        elif job in cancelled:
-            steps += [("cmd", "job-cancel", {"id": job}), ("rest", job),
-                      ("cmd", "job-dismiss", {"id": job})]
-        elif job in ended:
-            steps += [("rest", job), ("cmd", "job-dismiss", {"id": job})]
+        steps += settle(args["job-id"], fates)
     steps.append(("cmd", "query-named-block-nodes", {"flat": True}))
     return steps
 
@@ -73,15 +71,9 @@ def test_drive_targets_like_qemu(tmp_path: Path, command: str) -> None:
             shutil.copyfile(d / "exists-qcow2", d / f"exists-qcow2{i}")
             (d / f"exists-raw{i}").write_bytes(bytes(1 << 20))
 
-    (tmp_path / "probe").mkdir()
-    setup(tmp_path / "probe")
-    probe = run_script(script(command, None), tmp_path / "probe")
-    seen = {(r[2]["id"], r[2]["status"]) for r in probe
-            if r[:2] == ("event", "JOB_STATUS_CHANGE")}
-    ended = {job for job, status in seen if status == "pending"}
-    cancelled = frozenset(job for job, status in seen if status == "aborting")
-    assert len(ended | cancelled) > 30
-    qemu, emu = run_both(tmp_path, script(command, ended, cancelled), setup)
+    fates = job_fates(tmp_path, lambda f: script(command, f), setup)
+    assert len(fates[0] | fates[1]) > 30
+    qemu, emu = run_both(tmp_path, script(command, fates), setup)
     replies = [[r for r in without_host_details(records) if r[0] == "reply"]
                for records in (qemu, emu)]
     errors = {r[2]["error"]["desc"] for r in replies[0] if "error" in r[2]}

@@ -23,6 +23,9 @@ from emulator.block.node import (
 )
 from emulator.qcow2.blockio import punch_hole
 
+# bdrv_open_common's text for a driver with .bdrv_needs_filename given none
+NEEDS_FILENAME = "The 'file' block driver requires a file name"
+
 
 @register
 class FileNode(BlockDriverState):
@@ -37,7 +40,7 @@ class FileNode(BlockDriverState):
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
         filename = options["filename"]
         if not filename:   # bdrv_open_common: .bdrv_needs_filename
-            raise GenericError("The 'file' block driver requires a file name")
+            raise GenericError(NEEDS_FILENAME)
         self.exact_filename = filename
         self.filename = filename
         self.aio = options.get("aio", "threads")

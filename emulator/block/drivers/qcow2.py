@@ -200,10 +200,8 @@ class Qcow2Node(BlockDriverState):
 
     # -- information ----------------------------------------------------------------------------
     def get_info(self) -> dict | None:
-        """qcow2_get_info: cluster size; dirty = the DIRTY incompatible feature bit."""
-        return {"cluster_size": int(self.image.cluster_size),
-                "vm_state_offset": self.image.vm_state_offset,
-                "is_dirty": bool(self.image.header.incompatible_features & 1)}
+        """qcow2_get_info."""
+        return self.image.get_info()
 
     def _version(self) -> int:
         return int(self.image.header.version)
