@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from emulator import qemu_io
 from emulator.block import create as create_image
+from emulator.block.create_opts import UINT64_MAX, CreateOpts, help_text, split_options
 from emulator.block.errors import GenericError
 from emulator.qcow2 import Backing, CheckResult, FileIO, Qcow2Error, Qcow2Image, Status
 from emulator.qcow2.header import QCOW_MAGIC
@@ -137,7 +138,7 @@ class Image:
         """qemu-io opens images with discard=unmap: the discard reaches qcow2, or punches a
         raw file's range out."""
         if self.qcow2 is not None:
-            self.qcow2.discard(offset, length)
+            self.qcow2.discard(offset, length, self._backing_reader())
         else:
             self.io.pdiscard(offset, length)
 
@@ -264,56 +265,74 @@ def opened(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
 # -- create -------------------------------------------------------------------------------------
 def create(sandbox: Sandbox, filename: str, fmt: str, size: int | None, *,
            backing_file: str | None = None, backing_format: str | None = None,
-           cluster_size: int = 65536, lazy_refcounts: bool = False,
-           refcount_bits: int = 16) -> str:
-    """img_create: make the image and return the "Formatting ..." line qemu-img prints.
-    Without a size, a qcow2 image takes its backing file's."""
+           options: str | None = None, no_backing: bool = False) -> str:
+    """bdrv_img_create for qemu-img create: make the image and return the "Formatting ..."
+    line qemu-img prints. ``options`` is the ``-o`` text; ``no_backing`` is ``-u`` (the
+    backing file is not opened). Without a size, the image takes its backing file's."""
     try:
-        create_image.check(filename, fmt, backing_file)
+        return _create(sandbox, filename, fmt, size, backing_file, backing_format, options,
+                       no_backing)
     except GenericError as exc:
         raise ImgError(f"{filename}: {exc.desc}") from None
-    if backing_file and not backing_format:
-        message = f"{filename}: Backing file specified without backing format"
-        try:
-            path = sandbox.resolve_backing(Path(filename), backing_file)
-            probe = Image(sandbox, path, backing_file, None, open_backing=False)
-        except (SandboxError, OpenError):
-            raise ImgError(message) from None
-        probe.close()
-        raise ImgError(f"{message}\nDetected format of {probe.format}.", newline=False)
-    if backing_file:
-        try:
-            path = sandbox.resolve_backing(Path(filename), backing_file)
-            backing = Image(sandbox, path, backing_file, backing_format)
-        except (SandboxError, OpenError) as exc:
-            detail = exc.desc if isinstance(exc, SandboxError) else str(exc)
-            raise ImgError(f"{filename}: {detail}\nCould not open backing image.") from None
-        size = backing.size if size is None else size
-        backing.close()
-    if size is None:
-        raise ImgError(f"{filename}: Image creation needs a size parameter")
+
+
+def _create(sandbox: Sandbox, filename: str, fmt: str, size: int | None,
+            backing_file: str | None, backing_format: str | None, options: str | None,
+            no_backing: bool) -> str:
+    create_image.check_format(fmt)
+    create_image.check_emulated(fmt)   # (the emulator knows the options of these alone)
+    opts = CreateOpts(fmt)
+    if options:
+        opts.parse(options)
+    if opts.get("size") is None:
+        opts.set_number("size", size if size is not None else UINT64_MAX)
+    elif size is not None:
+        raise GenericError("The image size must be specified only once")
+    for name, value, what in (("backing_file", backing_file, "Backing file"),
+                              ("backing_fmt", backing_format, "Backing file format")):
+        if value is not None:
+            if not opts.has(name):
+                raise GenericError(f"{what} not supported for file format '{fmt}'")
+            opts.set(name, value)
+    backing_file, backing_format = opts.get("backing_file"), opts.get("backing_fmt")
+    create_image.check_backing(filename, backing_file)
+    image_size = opts.get_size("size")
+    if backing_file and not no_backing:
+        image_size = _backing_size(sandbox, filename, backing_file, backing_format, image_size)
+        opts.set_number("size", image_size)
+    elif backing_file and not backing_format:
+        raise GenericError("Backing file specified without backing format")
+    if image_size == UINT64_MAX:
+        raise GenericError("Image creation needs a size parameter")
+    line = f"Formatting '{filename}', fmt={fmt} {opts.line()}\n"
     try:
+        qcow2 = opts.qcow2_options() if fmt == "qcow2" else {}
         path = sandbox.resolve(filename, for_create=True)
-    except SandboxError as exc:
-        raise ImgError(f"{filename}: {exc.desc}") from None
-    if fmt == "qcow2":
-        options = (f"fmt=qcow2 cluster_size={cluster_size} extended_l2=off "
-                   f"compression_type=zlib size={size}")
-        if backing_file:
-            options += f" backing_file={backing_file} backing_fmt={backing_format}"
-        options += f" lazy_refcounts={'on' if lazy_refcounts else 'off'} " \
-                   f"refcount_bits={refcount_bits}"
-    else:
-        options = f"fmt={fmt} size={size}"
-    line = f"Formatting '{filename}', {options}\n"
-    qcow2 = dict(cluster_size=cluster_size, backing_file=backing_file,
-                 backing_format=backing_format, lazy_refcounts=lazy_refcounts,
-                 refcount_bits=refcount_bits) if fmt == "qcow2" else {}
-    try:
-        create_image.write(path, filename, fmt, size, **qcow2)
-    except GenericError as exc:
+        size = int(qcow2.get("size", -(-image_size // 512) * 512))   # ROUND_UP to sectors
+        hint = opts.get_size("extent_size_hint")
+        create_image.write(path, filename, fmt, size, qcow2,
+                           preallocation=None if fmt == "qcow2" else opts.get("preallocation"),
+                           extent_size_hint=None if hint == UINT64_MAX else hint)
+    except (SandboxError, GenericError) as exc:
         raise ImgError(f"{filename}: {exc.desc}", stdout=line) from None
     return line
+
+
+def _backing_size(sandbox: Sandbox, filename: str, backing_file: str,
+                  backing_format: str | None, size: int) -> int:
+    """bdrv_img_create's look at the backing file (opened without I/O): its format must be
+    given, and it gives the size when there is none."""
+    try:
+        path = sandbox.resolve_backing(Path(filename), backing_file)
+        backing = Image(sandbox, path, backing_file, backing_format, open_backing=False)
+    except (SandboxError, OpenError) as exc:
+        detail = exc.desc if isinstance(exc, SandboxError) else str(exc)
+        raise ImgError(f"{filename}: {detail}\nCould not open backing image.") from None
+    backing.close()
+    if not backing_format:
+        raise ImgError(f"{filename}: Backing file specified without backing format\n"
+                       f"Detected format of {backing.format}.", newline=False)
+    return backing.size if size == UINT64_MAX else size
 
 
 # -- compare ------------------------------------------------------------------------------------
@@ -625,10 +644,11 @@ def _usage_error(message: str) -> ImgError:
 
 
 def _main_create(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
-    options, operands = getopt.gnu_getopt(args, "F:b:f:ho:quS:", ["object=", "image-opts"])
-    values = {"fmt": "raw", "backing_file": None, "backing_format": None}
-    create_opts: dict[str, str] = {}
-    quiet = False
+    options, operands = getopt.gnu_getopt(args, "F:b:f:ho:qu", ["object=", "help"])
+    values: dict[str, str | None] = {"fmt": "raw", "backing_file": None,
+                                     "backing_format": None}
+    create_opts: str | None = None
+    quiet = no_backing = False
     for flag, value in options:
         if flag == "-f":
             values["fmt"] = value
@@ -636,12 +656,24 @@ def _main_create(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int
             values["backing_file"] = value
         elif flag == "-F":
             values["backing_format"] = value
-        elif flag == "-o":
-            for item in value.split(","):
-                key, _, setting = item.partition("=")
-                create_opts[key] = setting
+        elif flag == "-o":   # accumulate_options
+            trailing = len(value) - len(value.rstrip(","))
+            if not value or value[0] == "," or trailing % 2:
+                raise ImgError(f"Invalid option list: {value}")
+            create_opts = value if create_opts is None else f"{create_opts},{value}"
         elif flag == "-q":
             quiet = True
+        elif flag == "-u":
+            no_backing = True
+    fmt = str(values["fmt"])
+    if create_opts and any(name in ("help", "?") for name, _ in split_options(create_opts)):
+        try:   # print_block_option_help
+            create_image.check_format(fmt)
+            create_image.check_emulated(fmt)
+        except GenericError as exc:
+            raise ImgError(exc.desc) from None
+        out.write(help_text(fmt, operands[0] if operands else None))
+        return 0
     if not operands:
         raise _usage_error("Expecting image file name")
     if len(operands) > 2:
@@ -653,17 +685,9 @@ def _main_create(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int
             raise ImgError("Invalid image size specified. You may use k, M, G, T, P or E "
                            "suffixes for\nqemu-img: kilobytes, megabytes, gigabytes, "
                            "terabytes, petabytes and exabytes.")
-    kwargs: dict[str, Any] = {}
-    if "cluster_size" in create_opts:
-        kwargs["cluster_size"] = qemu_io.cvtnum(create_opts["cluster_size"])
-    if "refcount_bits" in create_opts:
-        kwargs["refcount_bits"] = int(create_opts["refcount_bits"])
-    if "lazy_refcounts" in create_opts:
-        kwargs["lazy_refcounts"] = create_opts["lazy_refcounts"] == "on"
-    backing_file = create_opts.get("backing_file", values["backing_file"])
-    backing_format = create_opts.get("backing_fmt", values["backing_format"])
-    line = create(box, operands[0], str(values["fmt"]), size, backing_file=backing_file,
-                  backing_format=backing_format, **kwargs)
+    line = create(box, operands[0], fmt, size, backing_file=values["backing_file"],
+                  backing_format=values["backing_format"], options=create_opts,
+                  no_backing=no_backing)
     if not quiet:
         out.write(line)
     return 0

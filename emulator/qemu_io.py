@@ -126,6 +126,13 @@ def _is_digit(text: str, base: int) -> bool:
 def cvtnum(text: str, warn: Callable[[str], None] | None = None) -> int:
     """qemu-io's cvtnum: qemu_strtosz (default unit bytes) limited to INT64_MAX; returns
     -EINVAL / -ERANGE like QEMU. `warn` gets QEMU's warning about suffixed hex numbers."""
+    value = strtosz(text, warn)
+    return -errno.ERANGE if value > INT64_MAX else value
+
+
+def strtosz(text: str, warn: Callable[[str], None] | None = None) -> int:
+    """qemu_strtosz: a size below 2^64 with an optional k/M/G/T/P/E suffix (a decimal
+    fraction allowed with one), or -EINVAL / -ERANGE."""
     parsed = _strtoull(text, 10)
     if parsed is None:
         return -errno.EINVAL
@@ -173,7 +180,7 @@ def cvtnum(text: str, warn: Callable[[str], None] | None = None) -> int:
         value = value * multiplier + (scaled >> 64) + ((scaled >> 63) & 1)
         if value >= 1 << 64:
             return -errno.ERANGE
-    return -errno.ERANGE if value > INT64_MAX else value
+    return value
 
 
 def _number(text: str, out: list[str]) -> int:

@@ -17,46 +17,181 @@ from emulator.block.drivers import BACKING_CREATORS, IMAGE_CREATORS, QEMU_DRIVER
 from emulator.block.errors import GenericError
 
 EMULATED = ("qcow2", "raw", "file")
+PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+UINT32_MAX = 2**32 - 1
+MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
+MIN_EXTL2_CLUSTER_SIZE = (1 << MIN_CLUSTER_BITS) * 32   # QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER
 NOT_EMULATED = "Creating {} images is not emulated"   # the emulator's boundary
 
 
 def check(filename: str, fmt: str, backing_file: str | None) -> None:
-    """The format and backing-file checks of bdrv_img_create."""
+    """The format and backing-file checks of bdrv_img_create (no -o options)."""
+    check_format(fmt)
+    if backing_file is not None and fmt not in BACKING_CREATORS:
+        raise GenericError(f"Backing file not supported for file format '{fmt}'")
+    check_backing(filename, backing_file)
+    check_emulated(fmt)
+
+
+def check_format(fmt: str) -> None:
+    """bdrv_img_create's first checks: a known format that can create images."""
     if fmt not in QEMU_DRIVERS:
         raise GenericError(f"Unknown file format '{fmt}'")
     if fmt not in IMAGE_CREATORS:
         raise GenericError(f"Format driver '{fmt}' does not support image creation")
-    if backing_file is not None and fmt not in BACKING_CREATORS:
-        raise GenericError(f"Backing file not supported for file format '{fmt}'")
+
+
+def check_backing(filename: str, backing_file: str | None) -> None:
+    """bdrv_img_create's checks of the backing file name."""
     if backing_file == filename:
         raise GenericError("Error: Trying to create an image with the same filename as the "
                            "backing file")
     if backing_file == "":
         raise GenericError("Expected backing file name, got empty string")
+
+
+def check_emulated(fmt: str) -> None:
+    """The emulator's boundary: it writes qcow2 images and raw and plain files."""
     if fmt not in EMULATED:
         raise GenericError(NOT_EMULATED.format(fmt))
 
 
 def write(path: str | os.PathLike[str], filename: str, fmt: str, size: int,
-          **qcow2_options: Any) -> None:
-    """bdrv_create: the host file created (or truncated), then a qcow2 image of ``size``
-    written into it, or a raw file of that size with its first block allocated
-    (file-posix's allocate_first_block)."""
+          options: dict[str, Any] | None = None, *, preallocation: str | None = None,
+          extent_size_hint: int | None = None) -> None:
+    """bdrv_create. The protocol layer (file-posix's raw_co_create_opts) creates the host
+    file with ``preallocation`` and ``extent_size_hint``; a raw image is that file, of
+    ``size``. A qcow2 image is written into the empty file, ``options`` being blockdev-create's
+    qcow2 options (backing-file, version, ...): qcow2_co_create_opts checks them as
+    blockdev-create does, and deletes the file when the image cannot be made."""
     from emulator.qcow2 import FileIO, Qcow2Error, Qcow2Image
     from emulator.qcow2.errors import img_create_message
 
+    if fmt != "qcow2" and preallocation not in (None, *PREALLOC_MODES):
+        raise GenericError(f"invalid parameter value: {preallocation}")   # qapi_enum_parse
+    if extent_size_hint is not None and extent_size_hint > UINT32_MAX:
+        raise GenericError("Extent size hint is too large")
     try:
-        io = FileIO.create(path)
-    except OSError as e:   # qemu_create
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:   # raw_co_create
         raise GenericError(f"Could not create '{filename}': "
                            f"{os.strerror(e.errno or errno.EIO)}") from None
     try:
-        if fmt == "qcow2":
-            Qcow2Image.create(io, size, **qcow2_options)
-        else:
-            io.truncate(size)
-            io.pwrite(0, bytes(min(size, 4096)))
-    except Qcow2Error as e:
-        raise GenericError(img_create_message(e)) from None
+        os.ftruncate(fd, 0)
+        if fmt != "qcow2":
+            file_truncate(fd, size, preallocation or "off")
+    except CreateError as e:
+        raise GenericError(e.desc) from None
+    finally:
+        os.close(fd)
+    if fmt != "qcow2":
+        return
+    io = FileIO(path)
+    try:
+        opts = {**(options or {}), "size": size}
+        cluster_size, refcount_bits, version = qcow2_create_checks(opts)
+        Qcow2Image.create(io, size, cluster_size=cluster_size,
+                          backing_file=opts.get("backing-file"),
+                          backing_format=opts.get("backing-fmt"),
+                          lazy_refcounts=bool(opts.get("lazy-refcounts", False)),
+                          refcount_bits=refcount_bits, version=version)
+        if "encrypt" in opts:
+            raise encryption_error(opts["encrypt"])
+    except (Qcow2Error, CreateError) as e:
+        io.close()
+        os.unlink(path)   # bdrv_co_delete_file_noerr
+        raise GenericError(img_create_message(e) if isinstance(e, Qcow2Error)
+                           else e.desc) from None
     finally:
         io.close()
+
+
+def file_truncate(fd: int, size: int, prealloc: str) -> None:
+    """raw_regular_truncate of a file just emptied (handle_aiocb_truncate from length 0):
+    the new size, preallocated as asked; off and falloc allocate the first block, to make
+    the next open's alignment probe cheap (allocate_first_block)."""
+    try:
+        if prealloc == "full":
+            os.ftruncate(fd, size)
+            for offset in range(0, size, 65536):
+                os.pwrite(fd, bytes(min(65536, size - offset)), offset)
+            os.fsync(fd)
+        elif prealloc == "falloc":
+            if size:
+                os.posix_fallocate(fd, 0, size)
+                _allocate_first_block(fd, size)
+        elif prealloc == "off":
+            os.ftruncate(fd, size)
+            if size:
+                _allocate_first_block(fd, size)
+        else:
+            raise CreateError(f"Unsupported preallocation mode: {prealloc}", errno.ENOTSUP)
+    except OSError as e:
+        code = e.errno or errno.EIO
+        raise CreateError(f"Could not resize file: {os.strerror(code)}", code) from None
+
+
+def _allocate_first_block(fd: int, size: int) -> None:
+    os.pwrite(fd, bytes(512 if size < 4096 else 4096), 0)
+
+
+class CreateError(GenericError):
+    def __init__(self, desc: str, err: int = errno.EINVAL) -> None:
+        super().__init__(desc)
+        self.errno = err
+
+
+def qcow2_create_checks(opts: dict[str, Any]) -> tuple[int, int, int]:
+    """qcow2_co_create's option checks, in QEMU's order: (cluster size, refcount bits,
+    version). Options the emulator cannot write (extended L2 entries, preallocation, an
+    external data file, zstd) pass QEMU's checks first, then are refused."""
+    if opts["size"] % 512:
+        raise CreateError("Image size must be a multiple of 512 bytes")
+    version = 2 if opts.get("version") == "v2" else 3
+    v3_needed = "compatibility level 1.1 and above (use version=v3 or greater)"
+    cluster_size = int(opts.get("cluster-size", 65536))
+    extended_l2 = bool(opts.get("extended-l2", False))
+    if extended_l2 and version < 3:
+        raise CreateError(f"Extended L2 entries are only supported with {v3_needed}")
+    bits = (cluster_size & -cluster_size).bit_length() - 1
+    if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS or 1 << bits != cluster_size:
+        raise CreateError(f"Cluster size must be a power of two between "
+                          f"{1 << MIN_CLUSTER_BITS} and {1 << (MAX_CLUSTER_BITS - 10)}k")
+    if extended_l2 and cluster_size < MIN_EXTL2_CLUSTER_SIZE:
+        raise CreateError("Extended L2 entries are only supported with cluster sizes of at "
+                          f"least {MIN_EXTL2_CLUSTER_SIZE} bytes")
+    prealloc = opts.get("preallocation", "off")
+    if "backing-file" in opts and prealloc != "off" and not extended_l2:
+        raise CreateError("Backing file and preallocation can only be used at the same "
+                          "time if extended_l2 is on")
+    if "backing-fmt" in opts and "backing-file" not in opts:
+        raise CreateError("Backing format cannot be used without backing file")
+    if version < 3 and opts.get("lazy-refcounts"):
+        raise CreateError(f"Lazy refcounts only supported with {v3_needed}")
+    refcount_bits = int(opts.get("refcount-bits", 16))
+    if refcount_bits > 64 or refcount_bits <= 0 or refcount_bits & (refcount_bits - 1):
+        raise CreateError("Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and refcount_bits != 16:
+        raise CreateError("Different refcount widths than 16 bits require compatibility "
+                          "level 1.1 or above (use version=v3 or greater)")
+    if opts.get("data-file-raw") and "data-file" not in opts:
+        raise CreateError("data-file-raw requires data-file")
+    if opts.get("data-file-raw") and "backing-file" in opts:
+        raise CreateError("Backing file and data-file-raw cannot be used at the same time")
+    if "data-file" in opts and version < 3:
+        raise CreateError(f"External data files are only supported with {v3_needed}")
+    compression = opts.get("compression-type", "zlib")
+    if compression != "zlib" and version < 3:
+        raise CreateError(f"Non-zlib compression type is only supported with {v3_needed}")
+    if extended_l2 or prealloc != "off" or "data-file" in opts or compression != "zlib":
+        raise CreateError("This qcow2 creation option is not supported by the emulator",
+                          errno.ENOTSUP)
+    return cluster_size, refcount_bits, version
+
+
+def encryption_error(encrypt: dict[str, Any]) -> CreateError:
+    """qcow2_set_up_encryption, once the image is made: the emulator has no secret
+    objects (no object-add), so QEMU's first error is all there is to meet."""
+    if "key-secret" not in encrypt:   # qcrypto_block_{luks,qcow}_create
+        return CreateError("Parameter 'encrypt.key-secret' is required for cipher")
+    return CreateError(f"No secret with id '{encrypt['key-secret']}'")

@@ -242,10 +242,7 @@ def block_status(bs: BlockDriverState, offset: int, length: int, *,
         ret |= BDRV_BLOCK_ALLOCATED
     elif bs.supports_backing:
         cow = bs.cow_child()
-        if cow is None or cow.bs is None:
-            if want_zero:
-                ret |= BDRV_BLOCK_ZERO
-        elif want_zero and offset >= cow.bs.getlength():
+        if cow is None or cow.bs is None or (want_zero and offset >= cow.bs.getlength()):
             ret |= BDRV_BLOCK_ZERO
     if want_zero and ret & BDRV_BLOCK_RECURSE and file is not None:
         ret2, pnum2 = block_status(file, mapped, pnum, want_zero=True)

@@ -239,9 +239,9 @@ class BlockLayer:
         from emulator.block import create
         create.check(filename, fmt, backing_file)
         path = self.resolve_path(filename, for_create=True)
-        qcow2 = ({"backing_file": backing_file, "backing_format": backing_format}
-                 if fmt == "qcow2" else {})
-        create.write(path, filename, fmt, size, **qcow2)
+        options = {"backing-file": backing_file, "backing-fmt": backing_format}
+        create.write(path, filename, fmt, size,
+                     {k: v for k, v in options.items() if v is not None})
 
     def external_snapshot(self, old_bs: BlockDriverState, snapshot_file: str, fmt: str,
                           node_name: str | None, mode: str) -> BlockDriverState:

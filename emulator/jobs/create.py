@@ -15,15 +15,18 @@ from typing import Any
 
 from emulator.block import perm as P
 from emulator.block.backend import BlockBackend
+from emulator.block.create import (
+    UINT32_MAX,
+    CreateError,
+    encryption_error,
+    file_truncate,
+    qcow2_create_checks,
+)
 from emulator.block.errors import GenericError
 from emulator.block.flags import BDRV_REQ_NO_FALLBACK
 from emulator.block.node import BlockDriverState
 from emulator.block.subtree import subtree
 from emulator.jobs.job import Co, Job
-
-UINT32_MAX = 2**32 - 1
-MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
-MIN_EXTL2_CLUSTER_SIZE = (1 << MIN_CLUSTER_BITS) * 32   # QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER
 
 CREATE_DRIVERS = frozenset({"file", "qcow2"})
 
@@ -62,12 +65,6 @@ class CreateJob(Job):
         return ret
 
 
-class CreateError(GenericError):
-    def __init__(self, desc: str, err: int = errno.EINVAL) -> None:
-        super().__init__(desc)
-        self.errno = err
-
-
 def _oserror(prefix: str, e: OSError) -> CreateError:
     code = e.errno or errno.EIO
     return CreateError(f"{prefix}: {os.strerror(code)}", code)
@@ -89,20 +86,11 @@ def file_creator(layer: Any, opts: dict[str, Any]) -> Generator[None, None, None
         raise _oserror(f"Could not create '{filename}'", e) from None
     try:
         yield
-        os.ftruncate(fd, 0)
-        size = int(opts["size"])
-        prealloc = opts.get("preallocation", "off")
-        if prealloc == "full":
-            step = 1 << 20
-            for off in range(0, size, step):
-                os.pwrite(fd, bytes(min(step, size - off)), off)
-        elif prealloc == "falloc":
-            os.posix_fallocate(fd, 0, size) if size else None
-        elif prealloc != "off":
-            raise CreateError(f"Unsupported preallocation mode: {prealloc}", errno.ENOTSUP)
-        os.ftruncate(fd, size)
-    except OSError as e:
-        raise _oserror("Could not resize file", e) from None
+        try:
+            os.ftruncate(fd, 0)
+        except OSError as e:
+            raise _oserror("Could not resize file", e) from None
+        file_truncate(fd, int(opts["size"]), opts.get("preallocation", "off"))
     finally:
         os.close(fd)
 
@@ -142,63 +130,6 @@ class _BackendIO:
         self.bs.drv_debug_event(event)
 
 
-def _validate_qcow2(opts: dict[str, Any]) -> tuple[int, int]:
-    """qcow2_co_create's option checks, in QEMU's order: (cluster size, refcount bits).
-    Options the emulator cannot write (version 2, extended L2 entries, preallocation, an
-    external data file, zstd) pass QEMU's checks first, then are refused."""
-    if opts["size"] % 512:
-        raise CreateError("Image size must be a multiple of 512 bytes")
-    version = 2 if opts.get("version") == "v2" else 3
-    v3_needed = "compatibility level 1.1 and above (use version=v3 or greater)"
-    cluster_size = int(opts.get("cluster-size", 65536))
-    extended_l2 = bool(opts.get("extended-l2", False))
-    if extended_l2 and version < 3:
-        raise CreateError(f"Extended L2 entries are only supported with {v3_needed}")
-    bits = (cluster_size & -cluster_size).bit_length() - 1
-    if not MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS or 1 << bits != cluster_size:
-        raise CreateError(f"Cluster size must be a power of two between "
-                          f"{1 << MIN_CLUSTER_BITS} and {1 << (MAX_CLUSTER_BITS - 10)}k")
-    if extended_l2 and cluster_size < MIN_EXTL2_CLUSTER_SIZE:
-        raise CreateError("Extended L2 entries are only supported with cluster sizes of at "
-                          f"least {MIN_EXTL2_CLUSTER_SIZE} bytes")
-    prealloc = opts.get("preallocation", "off")
-    if "backing-file" in opts and prealloc != "off" and not extended_l2:
-        raise CreateError("Backing file and preallocation can only be used at the same "
-                          "time if extended_l2 is on")
-    if "backing-fmt" in opts and "backing-file" not in opts:
-        raise CreateError("Backing format cannot be used without backing file")
-    if version < 3 and opts.get("lazy-refcounts"):
-        raise CreateError(f"Lazy refcounts only supported with {v3_needed}")
-    refcount_bits = int(opts.get("refcount-bits", 16))
-    if refcount_bits > 64 or refcount_bits <= 0 or refcount_bits & (refcount_bits - 1):
-        raise CreateError("Refcount width must be a power of two and may not exceed 64 bits")
-    if version < 3 and refcount_bits != 16:
-        raise CreateError("Different refcount widths than 16 bits require compatibility "
-                          "level 1.1 or above (use version=v3 or greater)")
-    if opts.get("data-file-raw") and "data-file" not in opts:
-        raise CreateError("data-file-raw requires data-file")
-    if opts.get("data-file-raw") and "backing-file" in opts:
-        raise CreateError("Backing file and data-file-raw cannot be used at the same time")
-    if "data-file" in opts and version < 3:
-        raise CreateError(f"External data files are only supported with {v3_needed}")
-    compression = opts.get("compression-type", "zlib")
-    if compression != "zlib" and version < 3:
-        raise CreateError(f"Non-zlib compression type is only supported with {v3_needed}")
-    if version < 3 or extended_l2 or prealloc != "off" or "data-file" in opts \
-            or compression != "zlib":
-        raise CreateError("This qcow2 creation option is not supported by the emulator",
-                          errno.ENOTSUP)
-    return cluster_size, refcount_bits
-
-
-def _encryption_error(encrypt: dict[str, Any]) -> CreateError:
-    """qcow2_set_up_encryption, once the image is made: the emulator has no secret
-    objects (no object-add), so QEMU's first error is all there is to meet."""
-    if "key-secret" not in encrypt:   # qcrypto_block_{luks,qcow}_create
-        return CreateError("Parameter 'encrypt.key-secret' is required for cipher")
-    return CreateError(f"No secret with id '{encrypt['key-secret']}'")
-
-
 def qcow2_creator(layer: Any, opts: dict[str, Any]) -> Generator[None, None, None]:
     """qcow2_co_create on the node ``file`` (a reference or a definition); stops once
     before the first write."""
@@ -210,7 +141,7 @@ def qcow2_creator(layer: Any, opts: dict[str, Any]) -> Generator[None, None, Non
         raise CreateError(e.desc, errno.EIO) from None
     blk: BlockBackend | None = None
     try:
-        cluster_size, refcount_bits = _validate_qcow2(opts)
+        cluster_size, refcount_bits, version = qcow2_create_checks(opts)
         blk = BlockBackend(layer.graph, perm=P.WRITE | P.RESIZE, shared_perm=P.ALL)
         try:
             blk.insert_bs(bs)
@@ -224,10 +155,10 @@ def qcow2_creator(layer: Any, opts: dict[str, Any]) -> Generator[None, None, Non
                               backing_file=opts.get("backing-file"),
                               backing_format=opts.get("backing-fmt"),
                               lazy_refcounts=bool(opts.get("lazy-refcounts", False)),
-                              refcount_bits=refcount_bits)
+                              refcount_bits=refcount_bits, version=version)
             blk.flush()
             if "encrypt" in opts:
-                raise _encryption_error(opts["encrypt"])
+                raise encryption_error(opts["encrypt"])
         except Qcow2Error as e:
             raise CreateError(str(e)) from None
         except OSError as e:

@@ -1,9 +1,11 @@
-"""The qcow2 header (version 3) and its header extensions, as in docs/interop/qcow2.txt.
+"""The qcow2 header (versions 2 and 3) and its header extensions, as in
+docs/interop/qcow2.txt.
 
-`Header.pack` lays cluster 0 out the way qcow2_update_header does: the 112-byte header, the
-backing format extension, the feature name table (clusters of 8 KiB and more), the bitmaps
-extension, extensions this code
-does not know (kept verbatim), the end marker, then the backing file name.
+`Header.pack` lays cluster 0 out the way qcow2_update_header does: the header (112 bytes; 72
+for version 2, which has no feature bits, refcount order or header length), the backing
+format extension, the feature name table (version 3, clusters of 8 KiB and more), the bitmaps
+extension, extensions this code does not know (kept verbatim), the end marker, then the
+backing file name.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from emulator.qcow2.errors import Qcow2Error
 
 QCOW_MAGIC = 0x514649FB
 HEADER_V3_LENGTH = 112  # sizeof(QCowHeader) in QEMU 7.2, compression_type byte + padding
+HEADER_V2_LENGTH = 72   # offsetof(QCowHeader, incompatible_features)
 
 _HEADER = struct.Struct(">IIQIIQIIQQIIQQQQII")  # up to and including header_length
+_HEADER_V2 = struct.Struct(">IIQIIQIIQQIIQ")     # the version 2 fields
 _COMPRESSION_TYPE_OFFSET = 104
 
 EXT_END = 0x00000000
@@ -114,15 +118,17 @@ class Header:
          incompat, compat, autoclear, refcount_order, header_length) = _HEADER.unpack_from(cluster0)
         if magic != QCOW_MAGIC:
             raise Qcow2Error("Image is not in qcow2 format")
-        if version == 2:   # QEMU reads them; the emulator's boundary
-            raise Qcow2Error("qcow2 version 2 (compat=0.10) images are not emulated")
-        if version != 3:
+        if version not in (2, 3):
             raise Qcow2Error(f"Unsupported qcow2 version {version}")
         if not 9 <= cluster_bits <= 21:
             raise Qcow2Error(f"Unsupported cluster size: 2^{cluster_bits}")
-        if header_length < 104 or header_length > (1 << cluster_bits):
-            raise Qcow2Error("qcow2 header too short" if header_length < 104
-                             else "qcow2 header exceeds cluster size")
+        if version == 2:   # qcow2_do_open: the version 3 fields' values for version 2
+            incompat = compat = autoclear = 0
+            refcount_order, header_length = 4, HEADER_V2_LENGTH
+        elif header_length < 104:
+            raise Qcow2Error("qcow2 header too short")
+        if header_length > (1 << cluster_bits):
+            raise Qcow2Error("qcow2 header exceeds cluster size")
         unsupported = incompat & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION)
         if unsupported:
             raise Qcow2Error("Unsupported qcow2 feature(s): " + ", ".join(
@@ -169,22 +175,29 @@ class Header:
 
     def pack(self, *, extensions: bool = True) -> bytes:
         """Cluster 0 as qcow2_update_header writes it (a whole cluster, zero-padded); without
-        ``extensions`` only the header fields (what qcow2_co_create writes first)."""
-        body = bytearray(self.header_length)
+        ``extensions`` the whole QCowHeader struct whatever the version (what
+        qcow2_co_create writes first, before it opens the image)."""
+        short = extensions and self.version == 2
+        body = bytearray(HEADER_V2_LENGTH if short
+                         else self.header_length if extensions else HEADER_V3_LENGTH)
         exts = self._pack_extensions() if extensions else b""
         # an empty name is still a backing file name (its offset is written, its size 0)
         has_backing = extensions and self.backing_file is not None
         backing = (self.backing_file or "").encode("utf-8", "surrogateescape") \
             if has_backing else b""
-        backing_offset = self.header_length + len(exts) if has_backing else 0
-        _HEADER.pack_into(
-            body, 0, QCOW_MAGIC, self.version, backing_offset, len(backing), self.cluster_bits,
-            self.size, self.crypt_method, self.l1_size, self.l1_table_offset,
-            self.refcount_table_offset, self.refcount_table_clusters, self.nb_snapshots,
-            self.snapshots_offset, self.incompatible_features, self.compatible_features,
-            self.autoclear_features, self.refcount_order, self.header_length)
-        if self.header_length > 104:
-            body[_COMPRESSION_TYPE_OFFSET] = self.compression_type
+        backing_offset = len(body) + len(exts) if has_backing else 0
+        fields = (QCOW_MAGIC, self.version, backing_offset, len(backing), self.cluster_bits,
+                  self.size, self.crypt_method, self.l1_size, self.l1_table_offset,
+                  self.refcount_table_offset, self.refcount_table_clusters, self.nb_snapshots,
+                  self.snapshots_offset)
+        if short:
+            _HEADER_V2.pack_into(body, 0, *fields)
+        else:
+            _HEADER.pack_into(body, 0, *fields, self.incompatible_features,
+                              self.compatible_features, self.autoclear_features,
+                              self.refcount_order, len(body))
+            if len(body) > 104:
+                body[_COMPRESSION_TYPE_OFFSET] = self.compression_type
         body += exts
         body += backing
         if len(body) > self.cluster_size:
@@ -196,7 +209,7 @@ class Header:
         exts = bytearray()
         if self.backing_format:
             exts += _extension(EXT_BACKING_FORMAT, self.backing_format.encode())
-        if self.cluster_size >= FEATURE_TABLE_MIN_CLUSTER_SIZE:
+        if self.version >= 3 and self.cluster_size >= FEATURE_TABLE_MIN_CLUSTER_SIZE:
             exts += _FEATURE_TABLE_EXTENSION
         if self.bitmaps is not None and self.bitmaps.nb_bitmaps:
             exts += _extension(EXT_BITMAPS, _BITMAPS_EXT.pack(

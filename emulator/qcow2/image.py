@@ -30,6 +30,7 @@ from emulator.qcow2.check import CheckResult, check_image
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import (
     COMPAT_LAZY_REFCOUNTS,
+    HEADER_V2_LENGTH,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     OFFSET_L1,
@@ -55,6 +56,12 @@ QCOW_MAX_L1_SIZE = 1 << 25
 Backing = Callable[[int, int], bytes]
 """Reads the backing chain: ``backing(offset, length)`` returns the guest data there (a short
 result is padded with zeroes, as reads past the end of a shorter backing file are)."""
+
+ZeroStatus = Callable[[int, int, bool], bool]
+"""The block layer's answer to "does [offset, +length) of this node read as zeroes?" from
+block status: ``zero_status(offset, length, fast)`` — qcow2's is_zero (``fast`` false:
+bdrv_block_status_above, looping over its extents) or bdrv_co_is_zero_fast (one extent,
+without want_zero). Data that merely happens to be zero is not zero to it."""
 
 
 class Status(Enum):
@@ -108,7 +115,9 @@ class _Allocation:
 
 
 class Qcow2Image:
-    """An open qcow2 image (version 3, no internal snapshots, no external data file)."""
+    """An open qcow2 image (version 2 or 3, no internal snapshots, no external data
+    file). Version 2 has no zero flag: zero writes and discards unallocate clusters where
+    nothing shows through from a backing file, and are refused (-ENOTSUP) where it would."""
 
     def __init__(self, io: BlockIO, header: Header, *, read_only: bool) -> None:
         self.io = io
@@ -117,12 +126,16 @@ class Qcow2Image:
         self.cluster_size = header.cluster_size   # fixed for the life of the image
         self.refcounts = Refcounts(io, header)
         self.tables = ClusterTables(io, header, self.refcounts)
+        # set by a block node over this image; without one (an image opened on its own,
+        # as qemu-img and offline qemu-io do here) the backing data is read instead
+        self.zero_status: ZeroStatus | None = None
 
     # -- creating and opening ----------------------------------------------------------------
     @classmethod
     def create(cls, io: BlockIO, size: int, *, cluster_size: int = 65536,
                backing_file: str | None = None, backing_format: str | None = None,
-               lazy_refcounts: bool = False, refcount_bits: int = 16) -> None:
+               lazy_refcounts: bool = False, refcount_bits: int = 16,
+               version: int = 3) -> None:
         """qcow2_co_create on an empty file: the same steps, so the same bytes, as
         ``qemu-img create -f qcow2``: header cluster, refcount table and block, the first
         clusters referenced, the full header, the L1 table sized for `size`, then the
@@ -136,9 +149,11 @@ class Qcow2Image:
             raise Qcow2Error("Backing format cannot be used without backing file")
         header = Header(cluster_bits=cluster_size.bit_length() - 1, size=0,
                         refcount_table_offset=cluster_size, refcount_table_clusters=1,
-                        refcount_order=refcount_bits.bit_length() - 1,
+                        refcount_order=refcount_bits.bit_length() - 1, version=version,
                         compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0)
         io.pwrite(0, header.pack(extensions=False))
+        if version == 2:   # as qcow2_open reads it back
+            header.header_length = HEADER_V2_LENGTH
         io.pwrite(cluster_size, _empty_refcount_structures(cluster_size))
         image = cls(io, header, read_only=False)
         if getattr(io, "unobserved", False):
@@ -318,9 +333,13 @@ class Qcow2Image:
         sectors = ((entry >> csize_shift) & ((1 << (self.header.cluster_bits - 8)) - 1)) + 1
         return coffset, sectors * 512 - (coffset & 511)
 
-    def _reads_as_zero(self, offset: int, length: int, backing: Backing | None) -> bool:
-        """is_zero: the range reads as zeroes. QEMU asks block status of the backing chain;
-        here an unallocated range with a backing file is read and checked instead."""
+    def _reads_as_zero(self, offset: int, length: int, backing: Backing | None, *,
+                       fast: bool) -> bool:
+        """is_zero (``fast``: is_zero_cow's bdrv_co_is_zero_fast): the block layer's
+        `zero_status` where there is one; else an unallocated range with a backing file is
+        read and checked."""
+        if self.zero_status is not None:
+            return not length or self.zero_status(offset, length, fast)
         end = min(offset + length, self.size)
         pos = offset
         while pos < end:
@@ -446,7 +465,7 @@ class Qcow2Image:
         for alloc in allocations:
             if not alloc.has_cow:
                 continue
-            if all(self._reads_as_zero(alloc.guest + start, stop - start, backing)
+            if all(self._reads_as_zero(alloc.guest + start, stop - start, backing, fast=True)
                    for start, stop in alloc.cow_regions()):
                 # handle_alloc_space: the whole clusters zeroed at once, data area included
                 self.io.debug_event("cluster_alloc_space")
@@ -542,8 +561,8 @@ class Qcow2Image:
         if offset + length == self.size:
             tail = 0
         if head or tail:
-            if not (self._reads_as_zero(offset - head, head, backing)
-                    and self._reads_as_zero(offset + length, tail, backing)):
+            if not (self._reads_as_zero(offset - head, head, backing, fast=False)
+                    and self._reads_as_zero(offset + length, tail, backing, fast=False)):
                 return False
             offset -= head
             length = self.cluster_size
@@ -551,24 +570,33 @@ class Qcow2Image:
             if kind not in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN,
                             ClusterType.ZERO_ALLOC):
                 return False
-        self._update_clusters(offset, min(length, self.size - offset),
-                              lambda entry: _zeroed(entry, may_unmap))
+        length = min(length, self.size - offset)
+        if self.header.version == 2:   # qcow2_subcluster_zeroize: no zero flag
+            if backing is not None:
+                return False
+            self._update_clusters(offset, length, lambda entry: _discarded(entry, False, 0))
+        else:
+            self._update_clusters(offset, length, lambda entry: _zeroed(entry, may_unmap))
         return True
 
-    def discard(self, offset: int, length: int) -> None:
+    def discard(self, offset: int, length: int, backing: Backing | None = None) -> None:
         """bdrv_co_pdiscard + qcow2_co_pdiscard: only whole clusters (or the partial last
-        one) are discarded; they read as zeroes afterwards (zero flag), and their host clusters
+        one) are discarded; they read as zeroes afterwards (zero flag; version 2: unallocated,
+        and nothing at all where a backing file would show through), and their host clusters
         are freed."""
         self._check_writable(offset, length)
+        if self.header.version == 2 and backing is not None:
+            return   # -ENOTSUP, which bdrv_co_pdiscard does not report
         start = -(-offset // self.cluster_size) * self.cluster_size
         end = offset + length
         if end != self.size:
             end -= end & (self.cluster_size - 1)
         if start >= end:
             return
-        has_backing = self.backing_file is not None
+        has_backing = backing is not None
+        zero = OFLAG_ZERO if self.header.version >= 3 else 0
         self._update_clusters(start, end - start,
-                              lambda entry: _discarded(entry, has_backing))
+                              lambda entry: _discarded(entry, has_backing, zero))
 
     def _update_clusters(self, offset: int, length: int,
                          new_entry: Callable[[int], int]) -> None:
@@ -705,12 +733,12 @@ def _zeroed(entry: int, may_unmap: bool) -> int:
     return (0 if unmap else entry) | OFLAG_ZERO
 
 
-def _discarded(entry: int, has_backing: bool) -> int:
-    """discard_in_l2_slice (v3, no full discard): allocated clusters, and every cluster of an
-    image with a backing file, become zero clusters."""
+def _discarded(entry: int, has_backing: bool, zero: int) -> int:
+    """discard_in_l2_slice (no full discard): allocated clusters, and every cluster of an
+    image with a backing file, become ``zero`` (the zero flag; 0 in version 2)."""
     kind = cluster_type(entry)
     if has_backing or kind not in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN):
-        return OFLAG_ZERO
+        return zero
     return entry
 
 

@@ -116,3 +116,35 @@ def test_qemu_io_info_replies_its_format_specific_part(tmp_path: Path) -> None:
             ("blockdev-add", {"driver": "raw", "node-name": "r", "file": "fmt"}),
             hmp('qemu-io r "info"')]
     compare_replies(tmp_path, cmds, drives=drives, setup=setup)
+
+
+@pytest.mark.parametrize("version", ["1.1", "0.10"])
+def test_partial_zero_writes_keep_the_backing_data(tmp_path: Path, version: str) -> None:
+    """qcow2_co_pwrite_zeroes on an overlay: a partial cluster becomes a zero cluster only
+    if the rest of it reads as zero by block status of the whole chain (is_zero), else
+    zeroes are written and the backing data around them stays. A backing cluster written
+    with zeroes is data, not zero; past the end of a short backing file is zero. (The
+    emulator once checked the overlay alone and zeroed the backing file's data away.)"""
+    def setup(d: Path) -> None:
+        for argv in (["create", "-f", "qcow2", "base", "512k"],
+                     ["create", "-f", "qcow2", "-o", f"compat={version}", "-b", "base",
+                      "-F", "qcow2", "top", "1M"]):
+            subprocess.run(["qemu-img", *argv], cwd=d, check=True, capture_output=True)
+        subprocess.run(["qemu-io", "-c", "write -P 0x11 0 128k", "-c", "write -P 0 256k 64k",
+                        "base"], cwd=d, check=True, capture_output=True)
+
+    writes = ["write -z 0 4k", "write -z 68k 4k", "write -z 130k 2k", "write -z 256k 4k",
+              "write -z 448k 128k", "write -z 700k 1k", "write -z 768k 64k",
+              "discard 192k 64k", "write -z 200k 8k"]
+    steps: list[tuple[Any, ...]] = [
+        ("cmd", "blockdev-add", {"driver": "qcow2", "node-name": "top", "discard": "unmap",
+                                 "file": {"driver": "file", "filename": "@DIR@/top"}}),
+        *(("hmp", f'qemu-io top "{w}"') for w in writes),
+        ("cmd", "blockdev-del", {"node-name": "top"}),
+    ]
+    real, mine = run_both(tmp_path, steps, setup)
+    assert mine == real
+    assert (tmp_path / "emu" / "top").read_bytes() == (tmp_path / "qemu" / "top").read_bytes()
+    check = subprocess.run(["qemu-io", "-c", "read -P 0x11 4k 60k", "top"],
+                           cwd=tmp_path / "emu", capture_output=True, text=True)
+    assert "failed" not in check.stdout, check.stdout

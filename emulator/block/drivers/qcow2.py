@@ -106,11 +106,11 @@ class Qcow2Node(BlockDriverState):
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
         from emulator.qcow2 import Qcow2Image
 
-        self.lazy_refcounts_opt = options.get("lazy-refcounts")
         open_child(options.get("file"), "file", Role.DATA | Role.METADATA | Role.PRIMARY)
         assert self.file is not None and self.file.bs is not None
         try:
             self.image = Qcow2Image.open(ChildIO(self.file), read_only=not self.is_writable())
+            self.image.zero_status = self._zero_status
             self._update_options(options)
         except Qcow2Error as e:
             raise GenericError(str(e)) from None
@@ -141,6 +141,9 @@ class Qcow2Node(BlockDriverState):
         img.refcounts.cache.resize(sizes.refcount_slots)
         if number(options, "cache-clean-interval", 600) > UINT_MAX:
             raise Qcow2Error("Cache clean interval too big")
+        if options.get("lazy-refcounts", img.lazy_refcounts) and img.header.version < 3:
+            raise Qcow2Error("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                             "compatibility level")
         encrypt = options.get("encrypt")
         if encrypt is not None and not img.header.crypt_method:
             raise Qcow2Error("No encryption in image header, but options specified format "
@@ -176,11 +179,29 @@ class Qcow2Node(BlockDriverState):
     def drv_pwritev(self, offset: int, data: bytes, flags: int) -> None:
         self.image.write(offset, data, self._backing_reader())
 
+    def _zero_status(self, offset: int, length: int, fast: bool) -> bool:
+        """qcow2's is_zero (clamped to the image, a loop over extents) and is_zero_cow's
+        bdrv_co_is_zero_fast (one extent, no want_zero), on this node and its chain."""
+        from emulator.block.io import block_status_above
+        if fast:
+            ret, pnum = block_status_above(self, None, offset, length, want_zero=False)
+            return pnum == length and bool(ret & BDRV_BLOCK_ZERO)
+        length = min(length, self.getlength() - offset)
+        while length > 0:
+            ret, pnum = block_status_above(self, None, offset, length)
+            if not ret & BDRV_BLOCK_ZERO or not pnum:
+                return False
+            offset, length = offset + pnum, length - pnum
+        return True
+
     def drv_pwrite_zeroes(self, offset: int, length: int, flags: int) -> None:
-        self.image.write_zeroes(offset, length, may_unmap=bool(flags & BDRV_REQ_MAY_UNMAP))
+        if flags & BDRV_REQ_NO_FALLBACK and self._version() < 3:
+            raise NotImplementedError   # not in version 2's supported_zero_flags
+        self.image.write_zeroes(offset, length, may_unmap=bool(flags & BDRV_REQ_MAY_UNMAP),
+                                backing=self._backing_reader())
 
     def drv_pdiscard(self, offset: int, length: int) -> None:
-        self.image.discard(offset, length)
+        self.image.discard(offset, length, self._backing_reader())
 
     def drv_flush_to_os(self) -> None:
         self.image.flush()
