@@ -527,16 +527,7 @@ def info(sandbox: Sandbox, filename: str, fmt: str | None = None) -> dict[str, A
                                                                      qcow2.backing_file)
             if qcow2.backing_format:
                 fields["backing-filename-format"] = qcow2.backing_format
-        data: dict[str, Any] = {"compat": "1.1", "extended-l2": False,
-                                "lazy-refcounts": qcow2.lazy_refcounts,
-                                "corrupt": qcow2.corrupt,
-                                "refcount-bits": qcow2.refcount_bits}
-        bitmaps = qcow2.load_bitmaps()
-        if bitmaps:
-            data["bitmaps"] = [{"name": b.name, "granularity": b.granularity,
-                                "flags": b.flags} for b in bitmaps]
-        data["compression-type"] = "zlib" if qcow2.header.compression_type == 0 else "zstd"
-        fields["format-specific"] = {"type": "qcow2", "data": data}
+        fields["format-specific"] = {"type": "qcow2", "data": qcow2.specific_info()}
         return fields
 
 

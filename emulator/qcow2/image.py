@@ -259,9 +259,10 @@ class Qcow2Image:
     def specific_info(self) -> dict[str, object]:
         """qcow2_get_specific_info's data (ImageInfoSpecificQCow2), members in QAPI order;
         ``bitmaps`` only if stored."""
+        compression = "zlib" if self.header.compression_type == 0 else "zstd"
         if self.header.version == 2:
             return {"compat": "0.10", "refcount-bits": self.refcount_bits,
-                    "compression-type": "zlib"}
+                    "compression-type": compression}
         data: dict[str, object] = {"compat": "1.1", "extended-l2": False,
                                    "lazy-refcounts": self.lazy_refcounts,
                                    "corrupt": self.corrupt, "refcount-bits": self.refcount_bits}
@@ -269,7 +270,7 @@ class Qcow2Image:
         if stored:
             data["bitmaps"] = [{"flags": list(sb.flags), "name": sb.name,
                                 "granularity": int(sb.granularity)} for sb in stored]
-        data["compression-type"] = "zlib"
+        data["compression-type"] = compression
         return data
 
     # -- reading -----------------------------------------------------------------------------
