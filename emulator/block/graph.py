@@ -15,6 +15,7 @@ import random
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from emulator.block import io as blockio
 from emulator.block import perm as P
 from emulator.block.errors import GenericError
 from emulator.block.node import BdrvChild, BlockDriverState, Parent, node_name_is_valid
@@ -245,14 +246,27 @@ class BlockGraph:
     def _replace_child_noperm(self, c: BdrvChild, new_bs: BlockDriverState | None) -> None:
         """bdrv_replace_child_noperm: move the edge; the new parent entry goes to the head.
         Only a node parent's filename changes with it (a BlockBackend's or a job's edge is
-        no node's child), so only then are the cached filenames stale."""
+        no node's child), so only then are the cached filenames stale.
+
+        The parent keeps the drained sections of the node it now uses (drain_saldo): if the
+        new node is in more of them, the parent's drained_begin runs before the move (a job
+        pauses); if in fewer, its drained_end runs after it (a job resumes)."""
         if isinstance(c.parent, BlockDriverState):
             self.generation += 1
+        new_count = new_bs.quiesce_counter if new_bs is not None else 0
+        drain_saldo = new_count - c.parent_quiesce_counter
+        while drain_saldo > 0:
+            blockio.parent_drained_begin_single(c)
+            drain_saldo -= 1
         if c.bs is not None:
             c.bs.parents.remove(c)
         c.bs = new_bs
         if new_bs is not None:
             new_bs.parents.insert(0, c)
+            drain_saldo += new_bs.quiesce_counter - new_count
+        while drain_saldo < 0:
+            blockio.parent_drained_end_single(c)
+            drain_saldo += 1
 
     def _attach_common(self, parent: Parent, child_bs: BlockDriverState, name: str, role: int,
                        perm: int, shared: int, tran: Transaction) -> BdrvChild:
@@ -326,8 +340,12 @@ class BlockGraph:
 
     def replace_node(self, from_bs: BlockDriverState, to_bs: BlockDriverState, *,
                      auto_skip: bool = True) -> None:
-        """bdrv_replace_node: every parent of ``from_bs`` (except ``to_bs``'s own chain and
-        jobs that must keep it) now points to ``to_bs``; undone on a permission conflict."""
+        """bdrv_replace_node (bdrv_replace_node_common): every parent of ``from_bs`` (except
+        ``to_bs``'s own chain and jobs that must keep it) now points to ``to_bs``; undone on
+        a permission conflict. All of it inside a drained section of ``from_bs``: whatever
+        is above it pauses, and what moved to an undrained ``to_bs`` resumes as it moves."""
+        from_bs.refcnt += 1
+        blockio.drained_begin(from_bs)
         tran = Transaction()
         try:
             self._replace_node_noperm(from_bs, to_bs, auto_skip, tran)
@@ -338,7 +356,11 @@ class BlockGraph:
         except GenericError:
             tran.abort()
             raise
-        tran.commit()
+        else:
+            tran.commit()
+        finally:
+            blockio.drained_end(from_bs)
+            self.unref(from_bs)
 
     def _replace_node_noperm(self, from_bs: BlockDriverState, to_bs: BlockDriverState,
                              auto_skip: bool, tran: Transaction) -> None:

@@ -25,13 +25,14 @@ from emulator.block.flags import (
     BDRV_BLOCK_RAW,
     BDRV_BLOCK_RECURSE,
     BDRV_BLOCK_ZERO,
+    BDRV_REQ_FUA,
     BDRV_REQ_MAY_UNMAP,
     BDRV_REQ_NO_FALLBACK,
     BDRV_REQ_ZERO_WRITE,
 )
 
 if TYPE_CHECKING:
-    from emulator.block.node import BlockDriverState
+    from emulator.block.node import BdrvChild, BlockDriverState
 
 _ZERO_CHUNK = 1 << 20
 
@@ -221,6 +222,78 @@ def flush(bs: BlockDriverState) -> None:
     if first_error is not None:
         raise first_error
     bs.flushed_gen = current_gen
+
+
+# -- drained sections ----------------------------------------------------------------------------
+# A drained node is quiesced for its parents: bdrv_drained_begin(bs) counts up
+# bs->quiesce_counter and calls each parent edge's .drained_begin (the edge counts up its
+# parent_quiesce_counter); a node parent quiesces itself and so passes the section on to its
+# own parents, a block job pauses (child_job_drained_begin). bdrv_drained_end undoes it in the
+# same walk. An edge that moves between nodes of different quiesce counts starts or ends
+# sections for its parent then (BlockGraph._replace_child_noperm's drain_saldo).
+def parent_drained_begin_single(c: BdrvChild) -> None:
+    """bdrv_parent_drained_begin_single (the emulator's jobs stop at once: no poll)."""
+    c.parent_quiesce_counter += 1
+    cb = getattr(c.parent, "child_cb_drained_begin", None)
+    if cb is not None:
+        cb(c)
+
+
+def parent_drained_end_single(c: BdrvChild) -> None:
+    """bdrv_parent_drained_end_single."""
+    assert c.parent_quiesce_counter > 0
+    c.parent_quiesce_counter -= 1
+    cb = getattr(c.parent, "child_cb_drained_end", None)
+    if cb is not None:
+        cb(c)
+
+
+def _drain_parents(bs: BlockDriverState, ignore: BdrvChild | None,
+                   ignore_bds_parents: bool) -> list[BdrvChild]:
+    """bs's parent edges in list order (newest first), as bdrv_parent_drained_begin/end
+    walk them."""
+    return [c for c in list(bs.parents)
+            if c is not ignore and not (ignore_bds_parents and c.parent_bs is not None)]
+
+
+def do_drained_begin_quiesce(bs: BlockDriverState, parent: BdrvChild | None = None,
+                             ignore_bds_parents: bool = False) -> None:
+    """bdrv_do_drained_begin_quiesce: stop things in parent-to-child order."""
+    bs.quiesce_counter += 1
+    for c in _drain_parents(bs, parent, ignore_bds_parents):
+        parent_drained_begin_single(c)
+
+
+def do_drained_end(bs: BlockDriverState, parent: BdrvChild | None = None,
+                   ignore_bds_parents: bool = False) -> None:
+    """bdrv_do_drained_end: re-enable things in child-to-parent order."""
+    assert bs.quiesce_counter > 0
+    for c in _drain_parents(bs, parent, ignore_bds_parents):
+        parent_drained_end_single(c)
+    bs.quiesce_counter -= 1
+
+
+def drained_begin(bs: BlockDriverState) -> None:
+    """bdrv_drained_begin (not recursive: bs and everything above it)."""
+    do_drained_begin_quiesce(bs)
+
+
+def drained_end(bs: BlockDriverState) -> None:
+    """bdrv_drained_end."""
+    do_drained_end(bs)
+
+
+def drain_all_begin(nodes: list[BlockDriverState]) -> None:
+    """bdrv_drain_all_begin: every node (in creation order) is drained for its parents that
+    are not nodes (ignore_bds_parents): a job pauses once per edge."""
+    for bs in list(nodes):
+        do_drained_begin_quiesce(bs, None, True)
+
+
+def drain_all_end(nodes: list[BlockDriverState]) -> None:
+    """bdrv_drain_all_end."""
+    for bs in list(nodes):
+        do_drained_end(bs, None, True)
 
 
 # -- block status --------------------------------------------------------------------------------

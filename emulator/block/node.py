@@ -78,6 +78,7 @@ class BdrvChild:
         self.perm = perm
         self.shared_perm = shared_perm
         self.frozen = False
+        self.parent_quiesce_counter = 0   # drained sections of bs this edge passed on
 
     def __repr__(self) -> str:
         return (f"<BdrvChild {self.parent_desc()} -> {self.bs and self.bs.node_name!r} "
@@ -178,6 +179,7 @@ class BlockDriverState:
         self.opened = False          # drv_open completed (bs->drv set in QEMU)
         self.op_blockers: dict[str, list[str]] = {}   # BLOCK_OP_TYPE -> reasons, newest first
         self.backing_blocker: OpBlocker | None = None
+        self.quiesce_counter = 0     # drained sections this node is in (block/io.c)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.node_name!r}>"
@@ -250,6 +252,14 @@ class BlockDriverState:
             self.file_child = None
         if self.backing_child is c:
             self.backing_child = None
+
+    def child_cb_drained_begin(self, c: BdrvChild) -> None:
+        """bdrv_child_cb_drained_begin: a drained child quiesces its parent node too."""
+        blockio.do_drained_begin_quiesce(self)
+
+    def child_cb_drained_end(self, c: BdrvChild) -> None:
+        """bdrv_child_cb_drained_end (bdrv_drained_end_no_poll)."""
+        blockio.do_drained_end(self)
 
     def primary_child(self) -> BdrvChild | None:
         """bdrv_primary_child."""

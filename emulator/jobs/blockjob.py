@@ -81,7 +81,15 @@ class BlockJob(Job):
         c = self.graph.root_attach_child(self, bs, name, 0, perm, shared)
         self.nodes.insert(0, c)
         self.graph.op_block_all(bs, self.blocker)
-        self.manager.on_attach(self, bs)
+
+    def child_cb_drained_begin(self, c: BdrvChild) -> None:
+        """child_job_drained_begin: a drained section reaching one of the job's nodes
+        pauses it (once per edge; an edge to an already drained node pauses it on attach)."""
+        self.pause()
+
+    def child_cb_drained_end(self, c: BdrvChild) -> None:
+        """child_job_drained_end."""
+        self.resume()
 
     def remove_all_bdrv(self) -> None:
         """block_job_remove_all_bdrv."""

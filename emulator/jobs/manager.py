@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from emulator.block import io as blockio
 from emulator.block.node import BlockDriverState, node_name_is_valid
 from emulator.jobs.job import Job, JobTxn
 from emulator.qmp.errors import DeviceNotActive, GenericError
@@ -72,8 +73,6 @@ class JobManager:
         self.jobs: list[Job] = []
         self._queue: list[Scheduled] = []
         self._bhs: list[Scheduled] = []
-        # drained sections (bdrv_drained_begin/end): the node, and the jobs it paused
-        self._drained: list[tuple[BlockDriverState, list[Job]]] = []
         if vm is not None and getattr(vm, "block", None) is not None:
             vm.block.before_close_all = self.cancel_sync_all
 
@@ -126,75 +125,37 @@ class JobManager:
         return s
 
     # -- drained sections ------------------------------------------------------------------
-    def _jobs_above(self, bs: BlockDriverState) -> list[Job]:
-        """Block jobs holding bs or a node above it (drain reaches every ancestor)."""
-        out: list[Job] = []
-        seen: set[int] = set()
-        todo = [bs]
-        while todo:
-            node = todo.pop(0)
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            for c in node.parents:
-                parent = c.parent
-                if isinstance(parent, BlockDriverState):
-                    todo.append(parent)
-                elif isinstance(parent, Job) and parent not in out:
-                    out.append(parent)
-        return out
+    # bdrv_drained_begin/end live in the block layer (emulator.block.io): nodes count their
+    # drained sections and pass them on to their parents; a job is a parent that pauses
+    # (BlockJob.child_cb_drained_begin). These are the entry points the jobs code uses.
+    @staticmethod
+    def drained_begin(bs: BlockDriverState) -> None:
+        """bdrv_drained_begin(bs): every job above bs pauses (once per edge), and so does
+        a job that attaches above bs before drained_end."""
+        blockio.drained_begin(bs)
 
-    def drained_begin(self, bs: BlockDriverState) -> None:
-        """bdrv_drained_begin as jobs see it: every job above bs pauses (child_job's
-        drained_begin), including jobs that attach above bs before drained_end."""
-        jobs = self._jobs_above(bs)
-        self._drained.append((bs, jobs))
-        for job in jobs:
-            job.pause()
+    @staticmethod
+    def drained_end(bs: BlockDriverState) -> None:
+        """bdrv_drained_end(bs): the jobs above bs now resume, in the order the graph
+        reaches them (newest parent first, depth first)."""
+        blockio.drained_end(bs)
 
-    def drained_end(self, bs: BlockDriverState) -> None:
-        """bdrv_drained_end: the jobs paused resume in the order the graph reaches them now
-        (newest parent first), which puts a job that attached during the section first."""
-        for i in range(len(self._drained) - 1, -1, -1):
-            if self._drained[i][0] is bs:
-                _, jobs = self._drained.pop(i)
-                above = self._jobs_above(bs)
-                for job in sorted(jobs, key=lambda j: above.index(j) if j in above
-                                  else len(above)):
-                    if job.pause_count > 0:
-                        job.resume()
-                return
-
-    def _job_edges(self) -> list[Job]:
-        """The job of every job edge, node by node in creation order (a job once per edge:
-        bdrv_drain_all pauses and resumes per edge)."""
+    def _all_nodes(self) -> list[BlockDriverState]:
         block = getattr(self.vm, "block", None)
-        if block is None:
-            return []
-        return [c.parent for bs in block.graph.all_nodes for c in bs.parents
-                if isinstance(c.parent, Job)]
+        return list(block.graph.all_nodes) if block is not None else []
 
     def drain_all_begin(self) -> None:
-        """bdrv_drain_all_begin as jobs see it: each job's edge to a node pauses the job
-        (job_pause per edge). At quit, QEMU 7.2 never ends this section:
-        job_cancel_sync_all re-enters the paused jobs to cancel them."""
-        for job in self._job_edges():
-            job.pause()
+        """bdrv_drain_all_begin: each job's edge to a node pauses the job (job_pause per
+        edge). At quit, QEMU 7.2 never ends this section: job_cancel_sync_all re-enters
+        the paused jobs to cancel them."""
+        blockio.drain_all_begin(self._all_nodes())
 
     def drain_all(self) -> None:
         """bdrv_drain_all (begin, then end): every job with a node pauses and resumes; a
         job that is not at rest says so with a paused and a running JOB_STATUS_CHANGE."""
-        self.drain_all_begin()
-        for job in self._job_edges():
-            if job.pause_count > 0:
-                job.resume()
-
-    def on_attach(self, job: Job, bs: BlockDriverState) -> None:
-        """A job took a node: a node above a drained one is quiesced, so the job pauses."""
-        for drained, jobs in self._drained:
-            if job not in jobs and bs.subtree_contains(drained):
-                jobs.append(job)
-                job.pause()
+        nodes = self._all_nodes()
+        blockio.drain_all_begin(nodes)
+        blockio.drain_all_end(nodes)
 
     def run_pending(self) -> None:
         """Run queued callbacks (only used without a running loop)."""

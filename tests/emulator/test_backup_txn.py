@@ -78,6 +78,17 @@ SCRIPTS: dict[str, list[Step]] = {
             {"type": "block-dirty-bitmap-add", "data": {"node": "a", "name": "b0"}}],
             "properties": {"completion-mode": "grouped"}}),
         ("cmd", "query-jobs", None)],
+    # the second backup's filter sits between "a" and the first one's: dropping it when jb
+    # ends (bdrv_cbw_drop's bdrv_replace_node drains it) pauses and resumes ja once
+    "two-backups-of-one-source": [
+        node("a"), node("ta"), node("tb"), ("hmp", 'qemu-io a "write -P5 0 1M"'),
+        ("cmd", "blockdev-backup", {"device": "a", "target": "ta", "sync": "full",
+                                    "job-id": "ja", "speed": 65536}),
+        ("sleep", 0.2),
+        ("cmd", "blockdev-backup", {"device": "a", "target": "tb", "sync": "full",
+                                    "job-id": "jb"}),
+        ("rest", "jb"), ("sleep", 0.2),
+        ("cmd", "job-cancel", {"id": "ja"}), ("rest", "ja")],
     "drive-backup": [
         node("a"), ("hmp", 'qemu-io a "write -P7 1M 64k"'),
         ("cmd", "drive-backup", {"device": "a", "target": "@DIR@/db.qcow2", "sync": "full",

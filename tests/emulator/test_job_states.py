@@ -10,6 +10,11 @@ installed. Facts beyond §5 they pin down (job.c, blockdev.c, block/create.c):
 * a job that finishes without leaving its coroutine (null-co never yields; blockdev-create
   failing its checks) is completed by a bottom half that runs before the reply;
 * file I/O yields (thread pool): qcow2 backups and successful creates end after the reply;
+* a drained section follows the graph (block/io.c): bdrv_replace_node drains the node it
+  replaces, and an edge that moves to a node in fewer drained sections ends them for its
+  parent — so when a backup's filter is dropped while another backup of the same source runs
+  above it, the other job pauses and resumes once (between BLOCK_JOB_PENDING and
+  BLOCK_JOB_COMPLETED of the ending job);
 * quit (qemu_cleanup) drains every node without ending the drain, so each job still running
   pauses, in the order of its first node; job_cancel_sync_all then cancels the jobs newest
   first (a paused job runs again to see the cancel, a concluded one is dismissed) — all
@@ -257,6 +262,75 @@ SCRIPTS: dict[str, tuple[list[Step], list[Any]]] = {
         ("BLOCK_JOB_CANCELLED", {"device": "s", "len": 67108864, "offset": 1048576,
                                  "speed": 1048576, "type": "backup"}),
         "s:concluded", "s:null", ("job-cancel", OK),
+    ]),
+    # two backups of one source: the second one's filter goes between the source and the
+    # first one's filter; when it is dropped (backup_clean -> bdrv_cbw_drop ->
+    # bdrv_replace_node), the drained section of the dropped filter reaches the other job,
+    # which pauses, and resumes as its filter's edge moves to the undrained source
+    "backup-ends-beside-another-of-its-source": ([
+        *[("cmd", "blockdev-add", {"driver": "null-co", "node-name": n, "size": 67108864})
+          for n in ("src", "d1", "d2")],
+        ("cmd", "blockdev-backup", {"device": "src", "target": "d1", "sync": "full",
+                                    "job-id": "slow", "speed": 1048576}),
+        ("sleep", 0.25),
+        ("cmd", "blockdev-backup", {"device": "src", "target": "d2", "sync": "full",
+                                    "job-id": "fast", "auto-finalize": False}),
+        ("cmd", "job-finalize", {"id": "fast"}),
+        ("cmd", "job-cancel", {"id": "slow"}),
+    ], [
+        ("blockdev-add", OK), ("blockdev-add", OK), ("blockdev-add", OK),
+        "slow:created", "slow:running", "slow:paused", "slow:running", ("blockdev-backup", OK),
+        # the transaction's bdrv_drain_all, then the drained source
+        "slow:paused", "slow:running", "slow:paused",
+        "fast:created", "fast:running", "fast:paused", "fast:running", "slow:running",
+        "fast:waiting", "fast:pending", ("BLOCK_JOB_PENDING", {"id": "fast", "type": "backup"}),
+        ("blockdev-backup", OK),
+        "slow:paused", "slow:running",
+        ("BLOCK_JOB_COMPLETED", {"device": "fast", "len": 67108864, "offset": 67108864,
+                                 "speed": 0, "type": "backup"}),
+        "fast:concluded", "fast:null", ("job-finalize", OK),
+        "slow:aborting",
+        ("BLOCK_JOB_CANCELLED", {"device": "slow", "len": 67108864, "offset": 1048576,
+                                 "speed": 1048576, "type": "backup"}),
+        "slow:concluded", "slow:null", ("job-cancel", OK),
+    ]),
+    # three filters stacked on one source (newest nearest the source): the ending one's
+    # drained section reaches both others, depth first through the filters above it
+    "backup-ends-beside-two-others-of-its-source": ([
+        *[("cmd", "blockdev-add", {"driver": "null-co", "node-name": n, "size": 67108864})
+          for n in ("src", "d1", "d2", "d3")],
+        ("cmd", "blockdev-backup", {"device": "src", "target": "d1", "sync": "full",
+                                    "job-id": "s1", "speed": 1048576}),
+        ("cmd", "blockdev-backup", {"device": "src", "target": "d2", "sync": "none",
+                                    "job-id": "s2"}),
+        ("sleep", 0.2),
+        ("cmd", "blockdev-backup", {"device": "src", "target": "d3", "sync": "full",
+                                    "job-id": "f", "auto-finalize": False}),
+        ("cmd", "job-finalize", {"id": "f"}),
+        ("cmd", "job-cancel", {"id": "s1"}),
+        ("cmd", "job-cancel", {"id": "s2"}),
+    ], [
+        *[("blockdev-add", OK)] * 4,
+        "s1:created", "s1:running", "s1:paused", "s1:running", ("blockdev-backup", OK),
+        "s1:paused", "s1:running", "s1:paused",
+        "s2:created", "s2:running", "s2:paused", "s2:running", "s1:running",
+        ("blockdev-backup", OK),
+        "s1:paused", "s2:paused", "s1:running", "s2:running", "s2:paused", "s1:paused",
+        "f:created", "f:running", "f:paused", "f:running", "s2:running", "s1:running",
+        "f:waiting", "f:pending", ("BLOCK_JOB_PENDING", {"id": "f", "type": "backup"}),
+        ("blockdev-backup", OK),
+        "s2:paused", "s1:paused", "s2:running", "s1:running",
+        ("BLOCK_JOB_COMPLETED", {"device": "f", "len": 67108864, "offset": 67108864,
+                                 "speed": 0, "type": "backup"}),
+        "f:concluded", "f:null", ("job-finalize", OK),
+        "s1:aborting",
+        ("BLOCK_JOB_CANCELLED", {"device": "s1", "len": 67108864, "offset": 1048576,
+                                 "speed": 1048576, "type": "backup"}),
+        "s1:concluded", "s1:null", ("job-cancel", OK),
+        "s2:aborting",
+        ("BLOCK_JOB_CANCELLED", {"device": "s2", "len": 67108864, "offset": 0, "speed": 0,
+                                 "type": "backup"}),
+        "s2:concluded", "s2:null", ("job-cancel", OK),
     ]),
     "quit-cancels-running-jobs": ([
         *[("cmd", "blockdev-add", {"driver": "null-co", "node-name": n, "size": 67108864})
