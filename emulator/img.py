@@ -78,8 +78,6 @@ class Image:
             self.format = fmt or _probe(self.io)
             if self.format == "qcow2":
                 self.qcow2 = Qcow2Image.open(self.io, read_only=not writable)
-                # qemu-io (the one writer of guest discards here) opens with discard=unmap
-                self.qcow2.refcounts.pass_discard.add("request")
             elif self.format != "raw":
                 raise OpenError(f"Unknown driver '{self.format}'")
             if open_backing and self.qcow2 is not None and self.qcow2.backing_file:
@@ -116,66 +114,6 @@ class Image:
         else:
             data = self.io.pread(offset, inside)
         return data + bytes(length - inside)
-
-    # The IOTarget interface, so qemu_io.run can work on an image as qemu-io does.
-    def pread(self, offset: int, length: int) -> bytes:
-        return self.read(offset, length)
-
-    def pwrite(self, offset: int, data: bytes) -> None:
-        if self.qcow2 is None:
-            self.io.pwrite(offset, data)
-        else:
-            self.qcow2.write(offset, data, self._backing_reader())
-
-    def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
-        if self.qcow2 is None:
-            self.io.pwrite(offset, bytes(length))
-        else:
-            self.qcow2.write_zeroes(offset, length, may_unmap=may_unmap,
-                                    backing=self._backing_reader())
-
-    def pdiscard(self, offset: int, length: int) -> None:
-        """qemu-io opens images with discard=unmap: the discard reaches qcow2, or punches a
-        raw file's range out."""
-        if self.qcow2 is not None:
-            self.qcow2.discard(offset, length, self._backing_reader())
-        else:
-            self.io.pdiscard(offset, length)
-
-    def flush(self) -> None:
-        if self.qcow2 is not None:
-            self.qcow2.flush_caches()
-        else:
-            self.io.flush()
-
-    def length(self) -> int:
-        return self.size
-
-    # ... and what qemu-io's info describes (a BlockDriverState's view of the image)
-    protocol_name = None
-
-    @property
-    def format_name(self) -> str:
-        return self.format
-
-    def get_info(self) -> dict[str, int | bool]:
-        """bdrv_get_info: qcow2's, or a raw file's (raw_get_info: nothing but zeroes)."""
-        if self.qcow2 is None:
-            return {"cluster_size": 0, "vm_state_offset": 0, "is_dirty": False}
-        return self.qcow2.get_info()
-
-    def get_specific_info(self) -> dict[str, Any] | None:
-        return None if self.qcow2 is None else {"type": "qcow2",
-                                                "data": self.qcow2.specific_info()}
-
-    def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
-        """bdrv_is_allocated: does this layer (not its backing) decide the bytes from
-        ``offset`` on, and for how many; nothing past the end."""
-        length = min(length, self.size - offset)
-        if length <= 0:
-            return False, 0
-        extent = self.layer_status(offset, length)
-        return extent.present, extent.length
 
     def _backing_reader(self) -> Backing | None:
         return self.backing.read if self.backing is not None else None
@@ -306,11 +244,10 @@ def _create(sandbox: Sandbox, filename: str, fmt: str, size: int | None,
         raise GenericError("Image creation needs a size parameter")
     line = f"Formatting '{filename}', fmt={fmt} {opts.line()}\n"
     try:
-        qcow2 = opts.qcow2_options() if fmt == "qcow2" else {}
+        qcow2 = opts.qcow2_options() if fmt == "qcow2" else None   # the renames' checks
         path = sandbox.resolve(filename, for_create=True)
-        size = int(qcow2.get("size", -(-image_size // 512) * 512))   # ROUND_UP to sectors
         hint = opts.get_size("extent_size_hint")
-        create_image.write(path, filename, fmt, size, qcow2,
+        create_image.write(path, filename, fmt, -(-image_size // 512) * 512, qcow2,
                            preallocation=None if fmt == "qcow2" else opts.get("preallocation"),
                            extent_size_hint=None if hint == UINT64_MAX else hint)
     except (SandboxError, GenericError) as exc:

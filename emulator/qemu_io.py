@@ -19,7 +19,7 @@ import errno
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from emulator.qmp.json_writer import qdict_keys
@@ -556,3 +556,25 @@ for _names, _argmin, _argmax, _handler in ((("read", "r"), 2, -1, _read),
                                            (("map",), 0, 0, _map)):
     for _alias in _names:
         _COMMANDS[_alias] = (_argmin, _argmax, _handler)
+
+
+def offline(sandbox: Any, filename: str, fmt: str | None, commands: Sequence[str], *,
+            cache: str = "writethrough") -> tuple[int, str]:
+    """``qemu-io [-f fmt] [-t cache] -c CMD... FILENAME`` without a VM: the image opened as
+    qemu-io opens it (blk_new_open read-write with BDRV_O_UNMAP, writethrough unless told)
+    on a block layer of its own, so the commands meet the same nodes a VM's drive has;
+    closed at the end. Returns the exit status and everything printed."""
+    from emulator.block.errors import GenericError
+    from emulator.block.layer import BlockLayer
+
+    layer = BlockLayer(sandbox)
+    options = {"id": "qemu-io", "if": "none", "file": filename, "discard": "unmap",
+               "cache": cache, **({"format": fmt} if fmt else {})}
+    try:
+        blk = layer.add_drive(options)
+    except GenericError as e:
+        return 1, f"qemu-io: can't open device {filename}: {e.desc}\n"
+    try:
+        return 0, "".join(run(blk, command) for command in commands)
+    finally:
+        layer.close_all()

@@ -121,6 +121,8 @@ class BlockBackend:
                       may_unmap: bool = False) -> None:
         if may_unmap:
             flags |= BDRV_REQ_MAY_UNMAP
+        if not self.enable_write_cache:   # blk_co_do_pwritev_part, zero writes included
+            flags |= BDRV_REQ_FUA
         self._check(offset, length).pwrite_zeroes(offset, length, flags)
 
     def pdiscard(self, offset: int, length: int) -> None:

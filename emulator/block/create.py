@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import Any
 
 from emulator.block.drivers import BACKING_CREATORS, IMAGE_CREATORS, QEMU_DRIVERS
@@ -57,13 +58,14 @@ def check_emulated(fmt: str) -> None:
 
 
 def write(path: str | os.PathLike[str], filename: str, fmt: str, size: int,
-          options: dict[str, Any] | None = None, *, preallocation: str | None = None,
-          extent_size_hint: int | None = None) -> None:
+          options: dict[str, Any] | Callable[[], dict[str, Any]] | None = None, *,
+          preallocation: str | None = None, extent_size_hint: int | None = None) -> None:
     """bdrv_create. The protocol layer (file-posix's raw_co_create_opts) creates the host
     file with ``preallocation`` and ``extent_size_hint``; a raw image is that file, of
     ``size``. A qcow2 image is written into the empty file, ``options`` being blockdev-create's
-    qcow2 options (backing-file, version, ...): qcow2_co_create_opts checks them as
-    blockdev-create does, and deletes the file when the image cannot be made."""
+    qcow2 options (backing-file, version, ...) or the function that reads them, which
+    qcow2_co_create_opts does only once the file is made: they are checked as blockdev-create
+    does, and the file is deleted when the image cannot be made."""
     from emulator.qcow2 import FileIO, Qcow2Error, Qcow2Image
     from emulator.qcow2.errors import img_create_message
 
@@ -88,7 +90,8 @@ def write(path: str | os.PathLike[str], filename: str, fmt: str, size: int,
         return
     io = FileIO(path)
     try:
-        opts = {**(options or {}), "size": size}
+        opts = {"size": size, **(options() if callable(options) else options or {})}
+        size = int(opts["size"])
         cluster_size, refcount_bits, version = qcow2_create_checks(opts)
         Qcow2Image.create(io, size, cluster_size=cluster_size,
                           backing_file=opts.get("backing-file"),
@@ -97,7 +100,7 @@ def write(path: str | os.PathLike[str], filename: str, fmt: str, size: int,
                           refcount_bits=refcount_bits, version=version)
         if "encrypt" in opts:
             raise encryption_error(opts["encrypt"])
-    except (Qcow2Error, CreateError) as e:
+    except (Qcow2Error, GenericError) as e:
         io.close()
         os.unlink(path)   # bdrv_co_delete_file_noerr
         raise GenericError(img_create_message(e) if isinstance(e, Qcow2Error)

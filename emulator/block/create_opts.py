@@ -12,7 +12,9 @@ the result goes through the same checks as blockdev-create.
 from __future__ import annotations
 
 import errno
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,16 +253,21 @@ class CreateOpts:
             words.append(f"{desc.name}={text}")
         return " ".join(words)
 
-    def qcow2_options(self) -> dict[str, Any]:
-        """qcow2_co_create_opts: the options set, renamed, read as blockdev-create's qcow2
-        branch (enum values checked, members in QAPI order); the size rounded up to a
-        sector, as it "silently" is."""
+    def qcow2_options(self) -> Callable[[], dict[str, Any]]:
+        """qcow2_co_create_opts in its two steps: the options set, renamed, now (the one
+        error there: encryption and encrypt.format together); the returned function then
+        reads them as blockdev-create's qcow2 branch (enum values checked, members in QAPI
+        order, the size rounded up to a sector as it "silently" is), which QEMU does only
+        once the file is made."""
+        encrypt = self._encrypt()
+        return functools.partial(self._visit_qcow2, encrypt)
+
+    def _visit_qcow2(self, encrypt: dict[str, str] | None) -> dict[str, Any]:
         options: dict[str, Any] = {}
         for key, member, kind in _QCOW2_MEMBERS:
             if kind == "encrypt":
-                encrypt = self._encrypt()
                 if encrypt is not None:
-                    options[member] = encrypt
+                    options[member] = _visit_encrypt(encrypt)
                 continue
             text = self.get(key)
             if text is None:
@@ -284,9 +291,9 @@ class CreateOpts:
             options["size"] = -(-size // 512) * 512
         return options
 
-    def _encrypt(self) -> dict[str, object] | None:
-        """The encrypt member, QCryptoBlockCreateOptions, from the encrypt.* options and
-        the deprecated ``encryption`` (on: format "qcow", which "aes" also means)."""
+    def _encrypt(self) -> dict[str, str] | None:
+        """The encrypt.* options, the deprecated ``encryption`` among them (on: format
+        "qcow"), as qdict_rename_keys leaves them."""
         given = {name[len("encrypt."):]: text for name, (text, _) in self.values.items()
                  if name.startswith("encrypt.")}
         alias = self.get("encryption")
@@ -295,12 +302,16 @@ class CreateOpts:
                 raise GenericError("'encrypt.format' and its alias 'encryption' can't be used "
                                    "at the same time")
             given["format"] = "qcow" if alias == "on" else alias
-        if not given:
-            return None
-        fmt = given.pop("format", None)
-        if fmt is None:
-            raise GenericError("Parameter 'encrypt.format' is missing")
-        fmt = "qcow" if fmt == "aes" else fmt
-        if fmt not in ("qcow", "luks"):
-            raise GenericError(f"Parameter 'format' does not accept value '{fmt}'")
-        return {"format": fmt, **given}
+        return given or None
+
+
+def _visit_encrypt(given: dict[str, str]) -> dict[str, object]:
+    """QCryptoBlockCreateOptions: the format picks the branch ("aes" is qcow)."""
+    given = dict(given)
+    fmt = given.pop("format", None)
+    if fmt is None:
+        raise GenericError("Parameter 'encrypt.format' is missing")
+    fmt = "qcow" if fmt == "aes" else fmt
+    if fmt not in ("qcow", "luks"):
+        raise GenericError(f"Parameter 'format' does not accept value '{fmt}'")
+    return {"format": fmt, **given}

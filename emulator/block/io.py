@@ -130,6 +130,15 @@ def pwritev(bs: BlockDriverState, offset: int, data: bytes, flags: int = 0) -> N
     _aligned_pwritev(bs, offset, data, flags, align)
 
 
+def supports_fua(bs: BlockDriverState) -> bool:
+    """BDRV_REQ_FUA in bs->supported_write_flags (and supported_zero_flags)."""
+    while bs.fua_support == "file":
+        if bs.file is None or bs.file.bs is None:
+            return False
+        bs = bs.file.bs
+    return bs.fua_support == "native"
+
+
 def _aligned_pwritev(bs: BlockDriverState, offset: int, data: bytes, flags: int,
                      align: int) -> None:
     length = len(data)
@@ -141,27 +150,39 @@ def _aligned_pwritev(bs: BlockDriverState, offset: int, data: bytes, flags: int,
             if bs.detect_zeroes == "unmap" and bs.discard == "unmap":
                 zflags |= BDRV_REQ_MAY_UNMAP
             _do_pwrite_zeroes(bs, offset, length, zflags)
-        elif not bs.max_transfer or length <= bs.max_transfer:
-            bs.drv_pwritev(offset, data, flags)
         else:
-            for o, n in _chunks(offset, length, bs.max_transfer, align):
-                bs.drv_pwritev(o, data[o - offset:o - offset + n], flags)
+            # bdrv_driver_pwritev: a FUA the driver lacks is a flush after the (last) write
+            emulate_fua = bool(flags & BDRV_REQ_FUA) and not supports_fua(bs)
+            if emulate_fua:
+                flags &= ~BDRV_REQ_FUA
+            if not bs.max_transfer or length <= bs.max_transfer:
+                bs.drv_pwritev(offset, data, flags)
+            else:
+                for o, n in _chunks(offset, length, bs.max_transfer, align):
+                    bs.drv_pwritev(o, data[o - offset:o - offset + n], flags)
+            if emulate_fua:
+                flush(bs)
     finally:
         _write_req_finish(bs, offset, length)
 
 
 def _do_pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: int) -> None:
-    """bdrv_co_do_pwrite_zeroes: the driver's efficient path, else a zero-buffer fallback."""
+    """bdrv_co_do_pwrite_zeroes: the driver's efficient path, else a zero-buffer fallback;
+    a FUA the driver lacks is one flush at the end."""
+    need_flush = bool(flags & BDRV_REQ_FUA) and not supports_fua(bs)
+    if need_flush:
+        flags &= ~BDRV_REQ_FUA
     try:
         bs.drv_pwrite_zeroes(offset, length, flags)
-        return
     except NotImplementedError:
         if flags & BDRV_REQ_NO_FALLBACK:
             raise _eio(errno.ENOTSUP) from None
-    step = bs.max_transfer or _ZERO_CHUNK
-    for o in range(offset, offset + length, step):
-        n = min(step, offset + length - o)
-        bs.drv_pwritev(o, bytes(n), 0)
+        step = bs.max_transfer or _ZERO_CHUNK
+        for o in range(offset, offset + length, step):
+            n = min(step, offset + length - o)
+            bs.drv_pwritev(o, bytes(n), flags & BDRV_REQ_FUA)
+    if need_flush:
+        flush(bs)
 
 
 def pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: int = 0) -> None:

@@ -134,6 +134,10 @@ class BlockDriverState:
     # rules, no copies, no side channels): nothing can tell one big request from several
     plain_io: ClassVar[bool] = False
     filtered_child_is_backing: ClassVar[bool] = False
+    # BDRV_REQ_FUA in supported_write_flags/supported_zero_flags: "native" (the driver's
+    # own), "file" (its file child's, as raw, blkdebug and copy-before-write pass it on) or
+    # None — the generic layer then emulates FUA with a flush of the node (file-posix, qcow2)
+    fua_support: ClassVar[str | None] = None
 
     def __init__(self, graph: BlockGraph) -> None:
         self.graph = graph

@@ -151,13 +151,7 @@ class EmulatorBackend(Backend):
         return ToolResult(status, out.getvalue() + err.getvalue(), ("qemu-img", *argv))
 
     async def qemu_io(self, fmt: str, path: str, *commands: str) -> ToolResult:
-        from emulator import img, qemu_io
-        output = []
-        try:
-            with img.opened(self.sandbox, path, fmt, writable=True) as image:
-                for command in commands:
-                    output.append(qemu_io.run(image, command))
-        except img.ImgError as exc:
-            return ToolResult(1, f"qemu-io: {exc}", ("qemu-io", "-f", fmt, path))
+        from emulator import qemu_io
+        status, output = qemu_io.offline(self.sandbox, path, fmt, commands)
         argv = ("qemu-io", "-f", fmt, *(a for c in commands for a in ("-c", shlex.quote(c))))
-        return ToolResult(0, "".join(output), (*argv, path))
+        return ToolResult(status, output, (*argv, path))

@@ -40,8 +40,7 @@ def _qemu_img(root: Path, *argv: str) -> None:
 
 def _qemu_io(root: Path, name: str, command: str) -> None:
     from emulator import qemu_io
-    with img.opened(Sandbox(root), str(root / name), "qcow2", writable=True) as image:
-        qemu_io.run(image, command)
+    assert qemu_io.offline(Sandbox(root), str(root / name), "qcow2", [command])[0] == 0
 
 
 def _node(root: Path, name: str, rule: dict[str, Any] | None) -> dict[str, Any]:

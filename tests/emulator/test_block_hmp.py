@@ -148,3 +148,25 @@ def test_partial_zero_writes_keep_the_backing_data(tmp_path: Path, version: str)
     check = subprocess.run(["qemu-io", "-c", "read -P 0x11 4k 60k", "top"],
                            cwd=tmp_path / "emu", capture_output=True, text=True)
     assert "failed" not in check.stdout, check.stdout
+
+
+@pytest.mark.parametrize("cache", ["writeback", "writethrough"])
+def test_writethrough_drives_flush_each_write_like_qemu(tmp_path: Path, cache: str) -> None:
+    """A write to a drive without a write cache carries FUA; qcow2 and file-posix lack it, so
+    the block layer flushes the node after the write (bdrv_driver_pwritev's emulate_fua): the
+    image's L2 tables and refcounts are on disk at once. With writeback they wait in qcow2's
+    caches. The file is read while the VM still runs."""
+    seen: dict[str, bytes] = {}
+
+    def snapshot(d: Path) -> None:
+        seen[d.name] = (d / "img").read_bytes()
+
+    steps: list[tuple[Any, ...]] = [("hmp", 'qemu-io drive0 "write -P 0x11 0 64k"'),
+                                    ("hmp", 'qemu-io drive0 "write -z 1M 128k"'),
+                                    ("img", snapshot)]
+    real, mine = run_both(tmp_path, steps, lambda d: create_qcow2(d / "img", "4M"),
+                          drives=[{"id": "drive0", "file": "@DIR@/img", "format": "qcow2",
+                                   "if": "none", "cache": cache}])
+    assert mine == real
+    assert seen["emu"] == seen["qemu"]
+    assert (seen["emu"] == (tmp_path / "emu" / "img").read_bytes()) == (cache == "writethrough")

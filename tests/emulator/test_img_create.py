@@ -2,7 +2,8 @@
 unknown names, typed values, flags, ",," escapes, repeated -o), the "Formatting" line, the
 qcow2 options read as blockdev-create's (compat=0.10 makes a version 2 image; enum values
 checked after the line is printed, in QAPI member order), file-posix's preallocation, -o
-help, and which file is left behind: stdout, stderr, exit code and file bytes must match."""
+help, and which files are left behind (a failed qcow2 creation deletes even a file that was
+there): stdout, stderr, exit code and the bytes of every file must match."""
 
 from __future__ import annotations
 
@@ -115,12 +116,20 @@ CASES = [
     ('-f', 'qcow2', '-o', 'backing_file=', '-F', 'qcow2', 'x', '1M'),
     ('-f', 'qcow2', '-o', 'backing_file=x', '-F', 'qcow2', 'x', '1M'),
     ('-q', '-f', 'qcow2', '-o', 'compat=0.9', 'x', '1M'),
+    ('-f', 'qcow2', '-o', 'compat=0.9', 'base', '1M'),
+    ('-f', 'qcow2', '-o', 'cluster_size=3k', 'base', '1M'),
+    ('-f', 'qcow2', '-o', 'encryption=on,encrypt.format=luks', 'base', '1M'),
+    ('-f', 'qcow2', '-o', 'extent_size_hint=8G', 'base', '1M'),
+    ('-f', 'raw', '-o', 'preallocation=metadata', 'base', '1M'),
+    ('-f', 'raw', '-o', 'preallocation=bogus', 'base', '1M'),
+    ('-f', 'qcow2', '-o', 'encryption=yes', 'x', '1M'),
+    ('-f', 'qcow2', '-o', 'encryption=off,encrypt.format=luks', 'x', '1M'),
+    ('-f', 'qcow2', '-o', 'encryption=on,encrypt.key-secret=s', 'x', '1M'),
 ]
 
 
 def _files(root: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(root.iterdir())
-            if f.name != "base"}
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(root.iterdir())}
 
 
 @requires_qemu_img

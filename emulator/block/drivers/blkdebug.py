@@ -72,6 +72,7 @@ def _constraint(options: dict[str, Any], key: str, align: int) -> int:
 
 @register
 class BlkdebugNode(BlockDriverState):
+    fua_support: ClassVar[str | None] = "file"
     format_name: ClassVar[str] = "blkdebug"
     protocol_name: ClassVar[str | None] = "blkdebug"
     is_filter: ClassVar[bool] = True

@@ -23,6 +23,7 @@ from emulator.jobs.block_copy import BlockCopyState
 
 @register
 class CopyBeforeWriteNode(SourceFilter):
+    fua_support: ClassVar[str | None] = "file"
     format_name: ClassVar[str] = "copy-before-write"
 
     bcs: BlockCopyState | None = None

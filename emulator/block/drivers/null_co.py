@@ -22,6 +22,7 @@ class NullCoNode(BlockDriverState):
     protocol_name: ClassVar[str | None] = "null-co"
     strong_runtime_opts: ClassVar[tuple[str, ...]] = ("size", "read-zeroes")
     has_refresh_filename_hook: ClassVar[bool] = True
+    fua_support: ClassVar[str | None] = "native"
 
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
         # QEMU 7.2 absorbs these options with &error_abort, so a negative size aborts

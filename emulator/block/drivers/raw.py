@@ -23,6 +23,7 @@ from emulator.block.qemu_opts import absorb_sizes
 
 @register
 class RawNode(BlockDriverState):
+    fua_support: ClassVar[str | None] = "file"
     format_name: ClassVar[str] = "raw"
     plain_io: ClassVar[bool] = True
     strong_runtime_opts: ClassVar[tuple[str, ...]] = ("offset", "size")
