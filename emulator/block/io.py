@@ -204,13 +204,14 @@ def pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: int = 0
 
 
 def pdiscard(bs: BlockDriverState, offset: int, length: int) -> None:
-    """bdrv_co_pdiscard: ignored unless discard=unmap; dirties bitmaps like a write."""
+    """bdrv_co_pdiscard: nothing at all on a node without discard=unmap ("Do nothing if
+    disabled", before the request is tracked: no dirty bitmap sees it); else the driver's
+    discard, and the bitmaps dirtied like a write."""
     _check_writable(bs)
-    if length == 0:
+    if length == 0 or bs.discard != "unmap":
         return
     try:
-        if bs.discard == "unmap" or bs.protocol_name is None or bs.is_filter:
-            bs.drv_pdiscard(offset, length)
+        bs.drv_pdiscard(offset, length)
     finally:
         _write_req_finish(bs, offset, length, discard=True)
 

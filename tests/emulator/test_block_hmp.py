@@ -170,3 +170,31 @@ def test_writethrough_drives_flush_each_write_like_qemu(tmp_path: Path, cache: s
     assert mine == real
     assert seen["emu"] == seen["qemu"]
     assert (seen["emu"] == (tmp_path / "emu" / "img").read_bytes()) == (cache == "writethrough")
+
+
+@pytest.mark.parametrize("discard", [None, "ignore", "unmap"])
+def test_discard_does_nothing_on_a_node_without_unmap(tmp_path: Path,
+                                                      discard: str | None) -> None:
+    """bdrv_co_pdiscard returns before anything when the node lacks BDRV_O_UNMAP (blockdev-add
+    defaults to discard=ignore, children opened with it to unmap): no cluster freed, and no
+    dirty bitmap marked — for a format node and a filter alike."""
+    def setup(d: Path) -> None:
+        create_qcow2(d / "img", "4M")
+        subprocess.run(["qemu-io", "-c", "write -P 0x11 0 1M", "img"], cwd=d, check=True,
+                       capture_output=True)
+
+    extra = {"discard": discard} if discard else {}
+    node = {"driver": "blkdebug", "node-name": "top", **extra,
+            "image": {"driver": "qcow2", "node-name": "d", **extra,
+                      "file": {"driver": "file", "filename": "@DIR@/img"}}}
+    steps = [("cmd", "blockdev-add", node),
+             ("cmd", "block-dirty-bitmap-add", {"node": "d", "name": "a"}),
+             ("hmp", 'qemu-io top "discard 0 128k"'),
+             ("hmp", 'qemu-io d "discard 256k 64k"'),
+             ("hmp", 'qemu-io d "discard 300k 1k"'),
+             ("cmd", "x-debug-block-dirty-bitmap-sha256", {"node": "d", "name": "a"}),
+             ("cmd", "query-named-block-nodes", {"flat": True}),
+             ("cmd", "blockdev-del", {"node-name": "top"})]
+    real, mine = run_both(tmp_path, steps, setup)
+    assert mine == real
+    assert (tmp_path / "emu" / "img").read_bytes() == (tmp_path / "qemu" / "img").read_bytes()
