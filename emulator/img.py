@@ -1,9 +1,9 @@
 """The qemu-img subset the harness needs, so the emulator backend needs no QEMU binary.
 
-Verbs: ``create`` (qcow2, raw), ``compare``, ``rebase -u``, ``check``, ``info --output=json``
-and ``map --output=json``, as Python functions taking a `Sandbox` (every path, backing files
-included, is resolved through it) and as `main(argv)`, which mirrors qemu-img's command line,
-messages and exit codes for those verbs.
+Verbs: ``create`` (qcow2, raw), ``compare``, ``rebase -u``, ``check``, ``info --output=json``,
+``map --output=json`` and ``bitmap``, as Python functions taking a `Sandbox` (every path,
+backing files included, is resolved through it) and as `main(argv)`, which mirrors qemu-img's
+command line, messages and exit codes for those verbs.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from emulator import qemu_io
 from emulator.block import create as create_image
 from emulator.block.create_opts import UINT64_MAX, CreateOpts, help_text, split_options
 from emulator.block.errors import GenericError
+from emulator.block.probe import BLOCK_PROBE_BUF_SIZE, probe
 from emulator.qcow2 import Backing, CheckResult, FileIO, Qcow2Error, Qcow2Image, Status
-from emulator.qcow2.header import QCOW_MAGIC
 from emulator.qmp.json_writer import qdict_keys, quote
 from emulator.sandbox import Sandbox, SandboxError
 
@@ -167,9 +167,10 @@ class Image:
 
 
 def _probe(io: FileIO) -> str:
-    """bdrv_probe_all for the two formats the emulator knows."""
-    head = io.pread(0, 4)
-    return "qcow2" if int.from_bytes(head, "big") == QCOW_MAGIC else "raw"
+    """find_image_format: an empty file is raw, else its first bytes decide."""
+    if io.length() == 0:
+        return "raw"
+    return probe(io.pread(0, BLOCK_PROBE_BUF_SIZE))
 
 
 class OpenError(Exception):
@@ -608,11 +609,7 @@ def _main_create(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int
         raise _usage_error("Unexpected argument: " + operands[2])
     size = None
     if len(operands) == 2:
-        size = qemu_io.cvtnum(operands[1])
-        if size < 0:
-            raise ImgError("Invalid image size specified. You may use k, M, G, T, P or E "
-                           "suffixes for\nqemu-img: kilobytes, megabytes, gigabytes, "
-                           "terabytes, petabytes and exabytes.")
+        size = _cvtnum("image size", operands[1])
     line = create(box, operands[0], fmt, size, backing_file=values["backing_file"],
                   backing_format=values["backing_format"], options=create_opts,
                   no_backing=no_backing)
@@ -695,5 +692,89 @@ def _main_map(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _main_bitmap(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
+    """img_bitmap: the actions, in command-line order, are the QMP bitmap commands on the
+    image's node (opened read-write without its backing chain, on a block layer of its
+    own); persistent bitmaps are stored as the image closes."""
+    from types import SimpleNamespace
+
+    from emulator.block.layer import BlockLayer
+    from emulator.commands import bitmap as qmp
+
+    options, operands = getopt.gnu_getopt(args, "b:f:F:g:h", [
+        "help", "object=", "image-opts", "add", "remove", "clear", "enable", "disable",
+        "merge=", "granularity=", "source-file=", "source-format="])
+    actions: list[tuple[str, str | None]] = []
+    flags: dict[str, str] = {}
+    granularity = 0
+    for flag, value in options:
+        if flag.startswith("--") and flag[2:] in ("add", "remove", "clear", "enable",
+                                                  "disable", "merge"):
+            actions.append((flag[2:], value or None))
+        elif flag in ("-g", "--granularity"):
+            granularity = _cvtnum("granularity", value)
+        else:
+            flags[{"--source-file": "-b", "--source-format": "-F"}.get(flag, flag)] = value
+    names = [name for name, _ in actions]
+    for failed, message in (
+            (not actions, "Need at least one of --add, --remove, --clear, --enable, "
+                          "--disable, or --merge"),
+            (granularity and "add" not in names, "granularity only supported with --add"),
+            ("-F" in flags and "-b" not in flags, "-F only supported with -b"),
+            ("-b" in flags and "merge" not in names,
+             "Merge bitmap source file only supported with --merge"),
+            (len(operands) != 2, "Expecting filename and bitmap name")):
+        if failed:
+            raise ImgError(message)
+    filename, name = operands
+    layer = BlockLayer(box, warn=err.write)
+    vm = SimpleNamespace(block=layer)
+    try:
+        bs = _open_node(layer, filename, flags.get("-f"), read_only=False)
+        src_bs = bs if "-b" not in flags else \
+            _open_node(layer, flags["-b"], flags.get("-F"), read_only=True)
+        for action, source in actions:
+            try:
+                if action == "add":
+                    qmp.bitmap_add(layer, bs.node_name, name, granularity or None, True)
+                elif action == "remove":
+                    qmp.block_dirty_bitmap_remove(vm, bs.node_name, name)
+                elif action == "merge":
+                    qmp.bitmap_merge(layer, bs.node_name, name,
+                                     [{"node": src_bs.node_name, "name": source}])
+                else:
+                    getattr(qmp, f"block_dirty_bitmap_{action}")(vm, bs.node_name, name)
+            except GenericError as exc:
+                raise ImgError(f"Operation {action} on bitmap {name} failed: {exc.desc}") \
+                    from None
+    finally:
+        layer.close_all()
+    return 0
+
+
+def _open_node(layer: Any, filename: str, fmt: str | None, *, read_only: bool) -> Any:
+    """img_open with BDRV_O_NO_BACKING: an anonymous BlockBackend over the image's node."""
+    options = {"id": "", "if": "none", "file": filename, "backing": None,
+               "read-only": read_only, **({"format": fmt} if fmt else {})}
+    try:
+        blk = layer.add_drive(options)
+    except GenericError as exc:
+        raise ImgError(f"Could not open '{filename}': {exc.desc}") from None
+    return blk.bs
+
+
+def _cvtnum(name: str, text: str) -> int:
+    """qemu-img's cvtnum: a size from 0 to INT64_MAX, or its two-line complaint."""
+    value = qemu_io.strtosz(text)
+    if value < 0 and value != -errno.ERANGE:
+        raise ImgError(f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes "
+                       "for\nqemu-img: kilobytes, megabytes, gigabytes, terabytes, "
+                       "petabytes and exabytes.")
+    if value < 0 or value > qemu_io.INT64_MAX:
+        raise ImgError(f"Invalid {name} specified. Must be between 0 and "
+                       f"{qemu_io.INT64_MAX}.")
+    return value
+
+
 _VERBS = {"create": _main_create, "compare": _main_compare, "rebase": _main_rebase,
-          "check": _main_check, "info": _main_info, "map": _main_map}
+          "check": _main_check, "info": _main_info, "map": _main_map, "bitmap": _main_bitmap}

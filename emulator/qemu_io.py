@@ -567,14 +567,16 @@ def offline(sandbox: Any, filename: str, fmt: str | None, commands: Sequence[str
     from emulator.block.errors import GenericError
     from emulator.block.layer import BlockLayer
 
-    layer = BlockLayer(sandbox)
-    options = {"id": "qemu-io", "if": "none", "file": filename, "discard": "unmap",
+    printed: list[str] = []   # stderr (raw's probing warning) and stdout, as they come
+    layer = BlockLayer(sandbox, warn=printed.append)
+    options = {"id": "", "if": "none", "file": filename, "discard": "unmap",
                "cache": cache, **({"format": fmt} if fmt else {})}
     try:
         blk = layer.add_drive(options)
     except GenericError as e:
-        return 1, f"qemu-io: can't open device {filename}: {e.desc}\n"
+        return 1, "".join(printed) + f"qemu-io: can't open device {filename}: {e.desc}\n"
     try:
-        return 0, "".join(run(blk, command) for command in commands)
+        printed.extend(run(blk, command) for command in commands)
+        return 0, "".join(printed)
     finally:
         layer.close_all()

@@ -92,6 +92,9 @@ class BlockGraph:
         # results depend on (edges from BlockBackends and jobs do not count)
         self.generation = 0
         self._rng = random.Random(7)   # QEMU appends two random digits; ours are seeded
+        # where the process's stderr would get what drivers print there (raw's warning
+        # about a probed image); nothing for a VM, the tool's stderr for qemu-img/qemu-io
+        self.warn: Callable[[str], object] | None = None
 
     # -- names --------------------------------------------------------------------------------
     def generate_node_name(self) -> str:
@@ -250,8 +253,12 @@ class BlockGraph:
 
         The parent keeps the drained sections of the node it now uses (drain_saldo): if the
         new node is in more of them, the parent's drained_begin runs before the move (a job
-        pauses); if in fewer, its drained_end runs after it (a job resumes)."""
-        if isinstance(c.parent, BlockDriverState):
+        pauses); if in fewer, its drained_end runs after it (a job resumes). A node parent
+        detaches the edge from the old node and attaches it to the new one (.detach,
+        .attach): the edge goes to the head of its children, and a backing edge's blocker
+        moves with it."""
+        pbs = c.parent if isinstance(c.parent, BlockDriverState) else None
+        if pbs is not None:
             self.generation += 1
         new_count = new_bs.quiesce_counter if new_bs is not None else 0
         drain_saldo = new_count - c.parent_quiesce_counter
@@ -259,11 +266,15 @@ class BlockGraph:
             blockio.parent_drained_begin_single(c)
             drain_saldo -= 1
         if c.bs is not None:
+            if pbs is not None:
+                pbs.child_cb_detach(c)
             c.bs.parents.remove(c)
         c.bs = new_bs
         if new_bs is not None:
             new_bs.parents.insert(0, c)
             drain_saldo += new_bs.quiesce_counter - new_count
+            if pbs is not None:
+                pbs.child_cb_attach(c)
         while drain_saldo < 0:
             blockio.parent_drained_end_single(c)
             drain_saldo += 1
@@ -274,13 +285,8 @@ class BlockGraph:
         c = BdrvChild(parent, None, name, role, perm, shared)
         child_bs.refcnt += 1
         self._replace_child_noperm(c, child_bs)
-        pbs = parent if isinstance(parent, BlockDriverState) else None
-        if pbs is not None:
-            pbs.child_cb_attach(c)
 
         def undo() -> None:
-            if pbs is not None:
-                pbs.child_cb_detach(c)
             self._replace_child_noperm(c, None)
             child_bs.refcnt -= 1
 
@@ -328,9 +334,6 @@ class BlockGraph:
     def detach_child(self, c: BdrvChild) -> None:
         """bdrv_root_unref_child / bdrv_unref_child: drop the edge and its reference."""
         old = c.bs
-        pbs = c.parent_bs
-        if pbs is not None:
-            pbs.child_cb_detach(c)
         self._replace_child_noperm(c, None)
         if old is not None:
             # loosening restrictions: failures are ignored, as in bdrv_detach_child

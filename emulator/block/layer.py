@@ -21,8 +21,6 @@ from emulator.block.node import BlockDriverState
 from emulator.block.open import Opener
 from emulator.block.query import block_device_info, block_info
 
-QCOW2_MAGIC = b"QFI\xfb"
-
 _CACHE_MODES = {  # bdrv_parse_cache_mode: (writeback, direct, no-flush)
     "none": (True, True, False), "off": (True, True, False),
     "writeback": (True, False, False), "unsafe": (True, False, True),
@@ -43,10 +41,12 @@ def _onoff(value: Any, name: str) -> bool:
 class BlockLayer:
     """The node graph and BlockBackends of one emulated VM."""
 
-    def __init__(self, sandbox: Any = None, emit: Any = None) -> None:
+    def __init__(self, sandbox: Any = None, emit: Any = None,
+                 warn: Callable[[str], object] | None = None) -> None:
         self.sandbox = sandbox
         self.emit = emit
         self.graph = BlockGraph()
+        self.graph.warn = warn
         # set by the job manager: cancel jobs synchronously before the nodes close (quit)
         self.before_close_all: Callable[[], None] | None = None
 
@@ -128,17 +128,19 @@ class BlockLayer:
         self.graph.unref(bs)
 
     def probe_format(self, filename: str) -> str:
-        """bdrv_find_protocol + format probing: qcow2 by its magic, else raw."""
+        """bdrv_find_protocol + find_image_format for a target named by file name
+        (drive-backup, drive-mirror with mode=existing and no format)."""
+        from emulator.block.probe import BLOCK_PROBE_BUF_SIZE, probe
         if not filename:   # the file driver's bdrv_needs_filename, before any probing
             from emulator.block.drivers.file import NEEDS_FILENAME
             raise GenericError(NEEDS_FILENAME)
         try:
             with open(self.resolve_path(filename), "rb") as f:
-                head = f.read(4)
+                head = f.read(BLOCK_PROBE_BUF_SIZE)
         except OSError as e:
             reason = os.strerror(e.errno or 5)
             raise GenericError(f"Could not open '{filename}': {reason}") from None
-        return "qcow2" if head == QCOW2_MAGIC else "raw"
+        return probe(head) if head else "raw"
 
     def add_drive(self, options: dict[str, Any]) -> BlockBackend:
         """-drive (drive_new + blockdev_init) for ``if=none`` style drives: a named
@@ -151,7 +153,7 @@ class BlockLayer:
             opts.pop(key, None)
         if name is None:
             name = f"{iface}0"
-        if self.graph.blk_by_name(name) is not None:
+        if name and self.graph.blk_by_name(name) is not None:   # "": blk_new_open's
             raise GenericError(f"Duplicate ID '{name}' for drive")
         filename = opts.pop("file", None)
         fmt = opts.pop("format", None)
@@ -180,12 +182,11 @@ class BlockLayer:
         if filename is None:
             self.graph.backends.append(blk)
             return blk
-        if fmt is None:
-            fmt = self.probe_format(filename)
-        node_opts["driver"] = fmt
         if fmt in ("file", "null-co"):
-            node_opts["filename"] = filename
-        else:
+            node_opts["driver"], node_opts["filename"] = fmt, filename
+        else:   # without a format, the Opener probes the file (bdrv_open_inherit)
+            if fmt is not None:
+                node_opts["driver"] = fmt
             node_opts.setdefault("file", {"driver": "file", "filename": filename})
         blk.perm = P.CONSISTENT_READ | (0 if read_only else P.WRITE)
         blk.shared_perm = P.ALL

@@ -142,6 +142,7 @@ class BlockDriverState:
     def __init__(self, graph: BlockGraph) -> None:
         self.graph = graph
         self.node_name = ""
+        self.probed = False   # the driver was found by probing (bs->probed)
         self.options: dict[str, Any] = {}          # flat runtime options (bs->options)
         self.children: list[BdrvChild] = []        # newest first
         self.file_child: BdrvChild | None = None

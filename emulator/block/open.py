@@ -89,6 +89,23 @@ def _flat_options(opts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _find_image_format(file_bs: BlockDriverState | None) -> str:
+    """find_image_format: an empty file is raw, else its first 512 bytes decide."""
+    from emulator.block import io as blockio
+    from emulator.block.probe import BLOCK_PROBE_BUF_SIZE, probe
+
+    if file_bs is None:
+        raise GenericError("Must specify either driver or file")
+    if file_bs.getlength() == 0:
+        return "raw"
+    try:
+        head = blockio.preadv(file_bs, 0, BLOCK_PROBE_BUF_SIZE)
+    except OSError as e:
+        raise GenericError("Could not read image for determining its format: "
+                           f"{os.strerror(e.errno or errno.EIO)}") from None
+    return probe(head)
+
+
 class Opener:
     """One bdrv_open call tree; undoes everything it created if any step fails."""
 
@@ -110,16 +127,27 @@ class Opener:
         opts = dict(options)
         if parent_opts is not None and role is not None:
             opts = _inherit(opts, parent_opts, role)
-        driver = opts["driver"]
-        cls = DRIVERS.get(driver)
-        if cls is None:
-            raise GenericError(f"Unknown driver '{driver}'")
+        probed = "driver" not in opts
         file_bs: BlockDriverState | None = None
-        if cls.protocol_name is None and isinstance(opts.get("file"), dict | str):
-            # bdrv_open_inherit opens the image file before the format node (for probing)
+        known = DRIVERS.get(opts.get("driver", ""))
+        if (probed or (known is not None and known.protocol_name is None)) \
+                and isinstance(opts.get("file"), dict | str):
+            # bdrv_open_inherit opens the image file before the format node (probing)
             file_bs = self.open(opts["file"], parent_opts=opts,
                                 role=Role.DATA | Role.METADATA | Role.PRIMARY)
+        try:
+            if probed:
+                opts["driver"] = _find_image_format(file_bs)
+            driver = opts["driver"]
+            cls = DRIVERS.get(driver)
+            if cls is None:
+                raise GenericError(f"Unknown driver '{driver}'")
+        except BaseException:
+            if file_bs is not None:
+                self.graph.unref(file_bs)
+            raise
         bs = cls(self.graph)
+        bs.probed = probed
         try:
             self._open_common(bs, opts, file_bs)
         except BaseException:
@@ -189,8 +217,9 @@ class Opener:
             child = self._open_backing_child(value, opts, bs)
         elif bs.backing_file:
             path = full_backing_filename(bs)
-            definition: dict[str, Any] = {"driver": bs.backing_format or "raw",
-                                          "file": {"driver": "file", "filename": path}}
+            definition: dict[str, Any] = {"file": {"driver": "file", "filename": path}}
+            if bs.backing_format:   # else probed, as bdrv_open_inherit does
+                definition["driver"] = bs.backing_format
             child = self._open_backing_child(definition, opts, bs)
             child.refresh_filename()
             bs.auto_backing_file = child.filename

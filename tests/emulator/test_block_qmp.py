@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import requires_qemu, requires_qemu_img
-from tests.emulator.qemu_runner import compare_replies, create_qcow2, run_commands
+from tests.emulator.qemu_runner import compare_replies, create_qcow2, run_both, run_commands
 
 pytestmark = [requires_qemu, requires_qemu_img]
 
@@ -170,3 +170,34 @@ def test_drive_detect_zeroes_needs_no_discard(tmp_path: Path, detect_zeroes: str
         ("query-named-block-nodes", {"flat": True}),
     ], drives=drives, setup=lambda d: create_qcow2(d / "img", "1M"))
     assert (tmp_path / "emu" / "img").read_bytes() == (tmp_path / "qemu" / "img").read_bytes()
+
+
+def test_a_backing_edge_takes_its_blocker_along_when_moved(tmp_path: Path) -> None:
+    """bdrv_replace_child_noperm detaches an edge from its old node and attaches it to the
+    new one: when a backup's filter goes between a node and the overlay using it as backing
+    file, the "used as backing hd" blocker moves to the filter, so blockdev-del of the node
+    fails further on ("in use"); it comes back when the filter goes."""
+    def setup(d: Path) -> None:
+        create_qcow2(d / "base", "1M")
+        create_qcow2(d / "top", "1M")
+
+    def qcow2(name: str, **more: Any) -> dict[str, Any]:
+        return {"driver": "qcow2", "node-name": name,
+                "file": {"driver": "file", "filename": f"@DIR@/{name}"}, **more}
+
+    steps: list[tuple[Any, ...]] = [
+        ("cmd", "blockdev-add", qcow2("base")),
+        ("cmd", "blockdev-add", qcow2("top", backing="base")),
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "null", "size": 1 << 20}),
+        ("cmd", "blockdev-del", {"node-name": "base"}),
+        ("cmd", "blockdev-backup", {"job-id": "j", "device": "base", "target": "null",
+                                    "sync": "full", "auto-finalize": False}),
+        ("wait", "BLOCK_JOB_PENDING", {"id": "j"}),
+        ("cmd", "blockdev-del", {"node-name": "base"}),
+        ("cmd", "job-finalize", {"id": "j"}),
+        ("rest", "j"),
+        ("cmd", "blockdev-del", {"node-name": "base"}),
+        ("cmd", "blockdev-del", {"node-name": "top"}),
+    ]
+    real, mine = run_both(tmp_path, steps, setup)
+    assert mine == real

@@ -18,6 +18,7 @@ from emulator.block.node import (
     BlockStatus,
 )
 from emulator.block.perm import Role
+from emulator.block.probe import BLOCK_PROBE_BUF_SIZE, probe
 from emulator.block.qemu_opts import absorb_sizes
 
 
@@ -49,6 +50,19 @@ class RawNode(BlockDriverState):
                                f"file ({real})")
         if self.size is not None and self.size % 512:
             raise GenericError("Specified size is not multiple of 512")
+        if self.probed and self.is_writable() and self.graph.warn is not None:
+            self.file.bs.refresh_filename()
+            self.graph.warn(
+                f"WARNING: Image format was not specified for '{self.file.bs.filename}' and "
+                "probing guessed raw.\n         Automatically detecting the format is "
+                "dangerous for raw images, write operations on block 0 will be restricted.\n"
+                "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+    def drv_refresh_limits(self) -> None:
+        """raw_refresh_limits: a probed image is read and written in whole sectors, so its
+        first sector can be checked."""
+        if self.probed:
+            self.request_alignment = BLOCK_PROBE_BUF_SIZE
 
     def child_perm(self, child: BdrvChild | None, role: int, perm: int,
                    shared: int) -> tuple[int, int]:
@@ -74,7 +88,12 @@ class RawNode(BlockDriverState):
         return self.file.pread(self._bounds(offset, length), length)
 
     def drv_pwritev(self, offset: int, data: bytes, flags: int) -> None:
+        """raw_co_pwritev: on a probed image, a first sector that would probe as another
+        format is refused (-EPERM)."""
         assert self.file is not None
+        if self.probed and offset < BLOCK_PROBE_BUF_SIZE and data \
+                and probe(data[:BLOCK_PROBE_BUF_SIZE]) != "raw":
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
         self.file.pwrite(self._bounds(offset, len(data)), data, flags)
 
     def drv_pwrite_zeroes(self, offset: int, length: int, flags: int) -> None:
