@@ -4,8 +4,8 @@ coroutines that copy, zero or discard one range each.
 Each operation is a coroutine of its own, as in QEMU: it takes buffers, reads, yields until
 the read "completes", writes, yields again and ends (mirror_iteration_done). I/O on a
 file-backed node completes from the event loop (file-posix's thread pool); other I/O (null-co)
-without yielding. The emulator performs the I/O itself when it is submitted, so completions
-come in submission order. Coroutines woken from a coroutine run when that one yields
+without yielding. The emulator performs the I/O itself when it is submitted; the completions
+of one round come newest first, as thread_pool_completion_bh takes them. Coroutines woken from a coroutine run when that one yields
 (aio_co_wake's queueing, :meth:`MirrorOps._wake`); a coroutine waiting for an operation keeps
 the job busy (qemu_co_queue_wait). Guest writes in write-blocking mode are copied here too.
 """
@@ -113,6 +113,7 @@ class MirrorOps(BlockJob):
         self._depth = 0
         self._wakeups: list[Resume] = []
         self._io_pending: list[Scheduled] = []    # deferred completions and BHs
+        self._pool_done: list[Resume] = []        # thread-pool requests done, oldest first
         self._resume_job: Resume = functools.partial(Job._step, self)
 
     # -- coroutines -----------------------------------------------------------------------
@@ -154,9 +155,18 @@ class MirrorOps(BlockJob):
         """Wait for the completion of I/O just submitted on bs (see the module docstring)."""
         if not io_yields(bs):
             return
-
-        self._defer(lambda: self._co_run(resume))
+        self._pool_done.append(resume)
+        if len(self._pool_done) == 1:
+            self._defer(self._pool_completion_bh)
         yield
+
+    def _pool_completion_bh(self) -> None:
+        """thread_pool_completion_bh: the requests done by now, newest first (the pool's
+        list takes each new request at its head); what their coroutines submit meanwhile
+        completes in a later round."""
+        done, self._pool_done = self._pool_done, []
+        for resume in reversed(done):
+            self._co_run(resume)
 
     def _defer(self, fn: Resume) -> None:
         """Run fn from the event loop (a thread-pool completion, a bottom half); poll()
