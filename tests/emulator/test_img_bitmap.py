@@ -7,7 +7,6 @@ appends two random digits)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import subprocess
@@ -15,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from emulator import img
-from emulator.sandbox import Sandbox
 from tests.conftest import requires_qemu_img, requires_qemu_io
+from tests.emulator.test_img import mine, real
 
 CASES = [
     ["--add", "x", "b1"],
@@ -81,13 +79,6 @@ def test_bitmap_like_qemu_img(tmp_path: Path, argv: list[str]) -> None:
                               ("src", "write 128k 64k")):
             subprocess.run(["qemu-io", "-c", command, name], cwd=root, check=True,
                            capture_output=True)
-        if side == "qemu":
-            done = subprocess.run(["qemu-img", "bitmap", *argv], cwd=root, capture_output=True,
-                                  text=True)
-            result = (done.returncode, done.stdout, done.stderr)
-        else:
-            out, err = io.StringIO(), io.StringIO()
-            code = img.main(["bitmap", *argv], sandbox=Sandbox(root), stdout=out, stderr=err)
-            result = (code, out.getvalue(), err.getvalue())
-        outcomes.append(_outcome(root, result))
+        run = real if side == "qemu" else mine
+        outcomes.append(_outcome(root, run(root, "bitmap", *argv)))
     assert outcomes[1] == outcomes[0]

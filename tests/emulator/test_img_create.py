@@ -17,6 +17,7 @@ import pytest
 from emulator import img
 from emulator.sandbox import Sandbox
 from tests.conftest import requires_qemu_img
+from tests.emulator.test_img import mine, real
 
 CASES = [
     ('-f', 'qcow2', '-o', 'compat=0.10', 'x', '1M'),
@@ -141,15 +142,8 @@ def test_create_like_qemu_img(tmp_path: Path, argv: tuple[str, ...]) -> None:
         root.mkdir()
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "base", "1M"], cwd=root,
                        check=True)
-        if side == "qemu":
-            done = subprocess.run(["qemu-img", "create", *argv], cwd=root, capture_output=True,
-                                  text=True)
-            result = (done.returncode, done.stdout, done.stderr)
-        else:
-            out, err = io.StringIO(), io.StringIO()
-            code = img.main(["create", *argv], sandbox=Sandbox(root), stdout=out, stderr=err)
-            result = (code, out.getvalue(), err.getvalue())
-        outcomes.append((result, _files(root)))
+        run = real if side == "qemu" else mine
+        outcomes.append((run(root, "create", *argv), _files(root)))
     assert outcomes[1] == outcomes[0]
 
 
