@@ -94,20 +94,23 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
         return replies[0]
 
     def teardown(self) -> None:
-        for backend in self.backends:
-            self.run(backend.shutdown())   # quit: every cache written back
-            self.run(backend.close())
-        self.loop.close()
-        # drive0: QEMU's bytes, cluster for cluster, once both closed. v2 may be a backup's
-        # target, whose host layout QEMU's block-copy workers make differently from run to
-        # run (thread-pool completion order): its guest data must match
-        img = [d / "img" for d in self.dirs]
-        assert img[0].read_bytes() == img[1].read_bytes()
-        compare = subprocess.run(["qemu-img", "compare", *(str(d / "v2") for d in self.dirs)],
-                                 capture_output=True, text=True)
-        assert compare.returncode == 0, compare.stdout + compare.stderr
-        for d in self.dirs:
-            shutil.rmtree(d, ignore_errors=True)
+        try:
+            for backend in self.backends:
+                self.run(backend.shutdown())   # quit: every cache written back
+                self.run(backend.close())
+            self.loop.close()
+            # drive0: QEMU's bytes, cluster for cluster, once both closed. v2 may be a
+            # backup's target, whose host layout QEMU's block-copy workers make differently
+            # from run to run (thread-pool completion order): its guest data must match
+            img = [d / "img" for d in self.dirs]
+            assert img[0].read_bytes() == img[1].read_bytes()
+            compare = subprocess.run(["qemu-img", "compare",
+                                      *(str(d / "v2") for d in self.dirs)],
+                                     capture_output=True, text=True)
+            assert compare.returncode == 0, compare.stdout + compare.stderr
+        finally:   # a failing example leaves nothing behind either
+            for d in self.dirs:
+                shutil.rmtree(d, ignore_errors=True)
 
     # -- bitmaps -----------------------------------------------------------------------------
     @rule(node=NODES, name=NAMES, granularity=GRANULARITIES, persistent=OPT_BOOL,

@@ -5,9 +5,10 @@ Each operation is a coroutine of its own, as in QEMU: it takes buffers, reads, y
 the read "completes", writes, yields again and ends (mirror_iteration_done). I/O on a
 file-backed node completes from the event loop (file-posix's thread pool); other I/O (null-co)
 without yielding. The emulator performs the I/O itself when it is submitted; the completions
-of one round come newest first, as thread_pool_completion_bh takes them. Coroutines woken from a coroutine run when that one yields
-(aio_co_wake's queueing, :meth:`MirrorOps._wake`); a coroutine waiting for an operation keeps
-the job busy (qemu_co_queue_wait). Guest writes in write-blocking mode are copied here too.
+of one round come newest first, as thread_pool_completion_bh takes them. Coroutines woken
+from a coroutine run when that one yields (aio_co_wake's queueing, :meth:`MirrorOps._wake`);
+a coroutine waiting for an operation keeps the job busy (qemu_co_queue_wait). Guest writes in
+write-blocking mode are copied here too.
 """
 
 from __future__ import annotations
