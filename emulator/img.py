@@ -453,7 +453,8 @@ def info(sandbox: Sandbox, filename: str, fmt: str | None = None) -> dict[str, A
     """``qemu-img info --output=json`` as a dict in QAPI member order (ImageInfo)."""
     with opened(sandbox, filename, fmt, open_backing=False) as image:
         fields: dict[str, Any] = {
-            "filename": filename, "format": image.format, "dirty-flag": False,
+            "filename": filename, "format": image.format,
+            "dirty-flag": image.qcow2 is not None and image.qcow2.get_info()["is_dirty"],
             "actual-size": image.io.allocated_size(), "virtual-size": image.size}
         qcow2 = image.qcow2
         if qcow2 is None:

@@ -43,6 +43,7 @@ AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 OFFSET_SIZE = 24
 OFFSET_L1 = 36  # l1_size (u32) followed by l1_table_offset (u64)
 OFFSET_REFCOUNT_TABLE = 48  # refcount_table_offset (u64) followed by refcount_table_clusters
+OFFSET_INCOMPATIBLE_FEATURES = 72
 
 # The feature name table QEMU 7.2 writes into every v3 image (type, bit, name).
 FEATURE_TABLE = (

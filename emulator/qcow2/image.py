@@ -33,6 +33,7 @@ from emulator.qcow2.header import (
     HEADER_V2_LENGTH,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
+    OFFSET_INCOMPATIBLE_FEATURES,
     OFFSET_L1,
     OFFSET_SIZE,
     Header,
@@ -126,6 +127,8 @@ class Qcow2Image:
         self.cluster_size = header.cluster_size   # fixed for the life of the image
         self.refcounts = Refcounts(io, header)
         self.tables = ClusterTables(io, header, self.refcounts)
+        # s->use_lazy_refcounts: the image's feature bit, unless a node option says otherwise
+        self.use_lazy_refcounts = bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
         # set by a block node over this image; without one (an image opened on its own,
         # as qemu-img and offline qemu-io do here) the backing data is read instead
         self.zero_status: ZeroStatus | None = None
@@ -515,7 +518,10 @@ class Qcow2Image:
         refcounts (and, after a copy-on-write, after a flush of the file: perform_cow)."""
         if alloc.cow_done:
             self.tables.cache.set_depends_on_flush()
-        self.tables.cache.set_dependency(self.refcounts.cache)
+        if self.use_lazy_refcounts:
+            self._mark_dirty()
+        if self.need_accurate_refcounts:
+            self.tables.cache.set_dependency(self.refcounts.cache)
         table = self.tables.l2_table(alloc.l2_offset)
         entries = [(alloc.host + i * self.cluster_size) | OFLAG_COPIED
                    for i in range(alloc.nb_clusters)]
@@ -641,9 +647,34 @@ class Qcow2Image:
     # -- other operations --------------------------------------------------------------------
     def flush(self) -> None:
         """qcow2_co_flush_to_os (qcow2_write_caches): the L2 tables, then the refcount
-        blocks, written back; flushing the file is the block layer's next step."""
+        blocks (not while lazy refcounts keep the image dirty), written back; flushing the
+        file is the block layer's next step."""
         self.tables.cache.write()
-        self.refcounts.cache.write()
+        if self.need_accurate_refcounts:
+            self.refcounts.cache.write()
+
+    @property
+    def need_accurate_refcounts(self) -> bool:
+        """qcow2_need_accurate_refcounts: not while the dirty bit is set."""
+        return not self.header.incompatible_features & INCOMPAT_DIRTY
+
+    def _mark_dirty(self) -> None:
+        """qcow2_mark_dirty: set the dirty bit in the header (bdrv_pwrite_sync: the write,
+        then a flush of the file) before the first refcount update it excuses."""
+        if self.header.incompatible_features & INCOMPAT_DIRTY:
+            return
+        value = self.header.incompatible_features | INCOMPAT_DIRTY
+        self.io.pwrite(OFFSET_INCOMPATIBLE_FEATURES, struct.pack(">Q", value))
+        self.io.flush()
+        self.header.incompatible_features = value
+
+    def _mark_clean(self) -> None:
+        """qcow2_mark_clean: clear the dirty bit, write both caches back and flush, then
+        rewrite the header."""
+        if self.header.incompatible_features & INCOMPAT_DIRTY:
+            self.header.incompatible_features &= ~INCOMPAT_DIRTY
+            self.flush_caches()
+            self._write_header()
 
     def flush_caches(self) -> None:
         """qcow2_flush_caches: write both caches back, then flush the file."""
@@ -702,9 +733,15 @@ class Qcow2Image:
         (its owner closes it)."""
         if self.tables is None:
             return
+        failed = False
         for cache in (self.tables.cache, self.refcounts.cache):
-            with contextlib.suppress(OSError):
+            try:
                 cache.flush()
+            except OSError:
+                failed = True
+        if not failed:   # then qcow2_mark_clean
+            with contextlib.suppress(OSError):
+                self._mark_clean()
         self.tables = None  # type: ignore[assignment]
         self.refcounts = None  # type: ignore[assignment]
 

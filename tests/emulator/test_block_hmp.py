@@ -198,3 +198,36 @@ def test_discard_does_nothing_on_a_node_without_unmap(tmp_path: Path,
     real, mine = run_both(tmp_path, steps, setup)
     assert mine == real
     assert (tmp_path / "emu" / "img").read_bytes() == (tmp_path / "qemu" / "img").read_bytes()
+
+
+@pytest.mark.parametrize("image_lazy,option", [(True, None), (False, True), (True, False)])
+def test_lazy_refcounts_mark_the_image_dirty_while_in_use(tmp_path: Path, image_lazy: bool,
+                                                         option: bool | None) -> None:
+    """With lazy refcounts (the image's feature, or the node's lazy-refcounts option) the
+    first cluster allocation sets the dirty bit in the header (query-named-block-nodes shows
+    "dirty-flag": true), flushes leave the refcount blocks out, and closing writes them back
+    and clears the bit: the file is QEMU's at every step."""
+    seen: dict[str, list[bytes]] = {"qemu": [], "emu": []}
+
+    def snapshot(d: Path) -> None:
+        seen[d.name].append((d / "img").read_bytes())
+
+    def setup(d: Path) -> None:
+        create_qcow2(d / "img", "4M", *(["-o", "lazy_refcounts=on"] if image_lazy else []))
+
+    node: dict[str, Any] = {"driver": "qcow2", "node-name": "q",
+                            "file": {"driver": "file", "filename": "@DIR@/img"}}
+    if option is not None:
+        node["lazy-refcounts"] = option
+    steps: list[tuple[Any, ...]] = [
+        ("cmd", "blockdev-add", node),
+        ("hmp", 'qemu-io q "write -P 0x11 0 64k"'), ("img", snapshot),
+        ("hmp", 'qemu-io q "flush"'), ("img", snapshot),
+        ("cmd", "query-named-block-nodes", {"flat": True}),
+        ("cmd", "blockdev-del", {"node-name": "q"}), ("img", snapshot)]
+    real, mine = run_both(tmp_path, steps, setup)
+    assert mine == real
+    assert seen["emu"] == seen["qemu"]
+    dirty = next(r[2]["return"][0]["image"]["dirty-flag"] for r in real
+                 if r[1] == "query-named-block-nodes")
+    assert dirty == bool(option if option is not None else image_lazy)

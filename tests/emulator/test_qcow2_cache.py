@@ -98,6 +98,11 @@ SCENARIOS = {
     # grown refcount table and a full four-block refcount cache (write-back on eviction)
     "512-byte-clusters": ("16M", ["-o", "cluster_size=512"],
                           [f"write -P {i % 250 + 1} {i * 32}k 32k" for i in range(320)]),
+    # lazy refcounts: the dirty bit set (and synced) before the first L2 update, refcount
+    # blocks left out of flushes while dirty, the bit cleared again at close
+    "lazy-refcounts": ("64M", ["-o", "lazy_refcounts=on"], [
+        "write -P 1 0 4k", "write -P 2 70k 10k", "flush", "write -P 3 200k 64k",
+        "write -z 1M 256k", "flush", "write -P 4 5M 1M", "write -z -u 200k 64k"]),
     # copy-on-write from a backing file (perform_cow: the L2 table waits for a file flush)
     "backing-file": ("64M", ["-b", "base", "-F", "qcow2"], [
         "write -P 1 0 4k", "write -P 2 70k 10k", "write -P 3 200k 64k", "flush",

@@ -141,9 +141,11 @@ class Qcow2Node(BlockDriverState):
         img.refcounts.cache.resize(sizes.refcount_slots)
         if number(options, "cache-clean-interval", 600) > UINT_MAX:
             raise Qcow2Error("Cache clean interval too big")
-        if options.get("lazy-refcounts", img.lazy_refcounts) and img.header.version < 3:
+        lazy = bool(options.get("lazy-refcounts", img.lazy_refcounts))
+        if lazy and img.header.version < 3:
             raise Qcow2Error("Lazy refcounts require a qcow2 image with at least qemu 1.1 "
                              "compatibility level")
+        img.use_lazy_refcounts = lazy
         encrypt = options.get("encrypt")
         if encrypt is not None and not img.header.crypt_method:
             raise Qcow2Error("No encryption in image header, but options specified format "
