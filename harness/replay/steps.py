@@ -83,6 +83,23 @@ class Execute(Step):
 
 
 @dataclass(repr=False, eq=False)
+class JobOutcome(Step):
+    """run_job's verdict on a job the golden waited for: "Job failed: <error>" or nothing."""
+
+    job_id: str = field(kw_only=True)
+
+    async def run(self, r: PartRun) -> None:
+        await r.settle()
+        jobs = (await r.execute("query-jobs", {})).get("return", [])
+        error = next((j.get("error") for j in jobs if j.get("id") == self.job_id), None)
+        if error is not None:
+            r.actual.append(Text.make(r.norm.text(f"Job failed: {error}")))
+
+    def describe(self) -> str:
+        return f"the outcome of job {self.job_id}"
+
+
+@dataclass(repr=False, eq=False)
 class ExpectEvent(Step):
     event: Event = field(kw_only=True)
 

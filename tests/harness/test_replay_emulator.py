@@ -131,3 +131,48 @@ def test_a_worker_that_dies_fails_only_the_section_it_held(tmp_path: Path) -> No
     assert errors == ["the worker process replaying this section died (signal 9)"]
     assert sum(r.passed for r in result.results) == 5
     assert [p.name for p in tmp_path.iterdir()] == ["killed"]   # no test directory is left
+
+
+JOB_OUTCOME_GOLDEN = "\n".join([
+    "=== blockdev-create outcomes ===",
+    '{"execute": "blockdev-create", "arguments": {"job-id": "job0", "options": {"driver": '
+    '"file", "filename": "TEST_DIR/PID-t.qcow2", "size": 0}}}',
+    '{"return": {}}',
+    '{"execute": "job-dismiss", "arguments": {"id": "job0"}}',
+    '{"return": {}}',
+    '{"execute": "blockdev-add", "arguments": {"driver": "file", "filename": '
+    '"TEST_DIR/PID-t.qcow2", "node-name": "node0"}}',
+    '{"return": {}}',
+    '{"execute": "blockdev-create", "arguments": {"job-id": "job0", "options": {"driver": '
+    '"qcow2", "file": "node0", "size": 1234}}}',
+    '{"return": {}}',
+    "Job failed: Image size must be a multiple of 512 bytes",
+    '{"execute": "job-dismiss", "arguments": {"id": "job0"}}',
+    '{"return": {}}',
+    '{"execute": "blockdev-create", "arguments": {"job-id": "job0", "options": {"driver": '
+    '"qcow2", "file": "node0", "size": 1048576}}}',
+    '{"return": {}}',
+    '{"execute": "job-dismiss", "arguments": {"id": "job0"}}',
+    '{"return": {}}', ""])
+
+
+@pytest.mark.parametrize("golden,passes", [
+    (JOB_OUTCOME_GOLDEN, True),
+    # the failure left out: the emulator's job still fails, and says so
+    (JOB_OUTCOME_GOLDEN.replace("Job failed: Image size must be a multiple of 512 bytes\n",
+                                ""), False),
+    # a failure claimed where the job succeeds, and another text
+    (JOB_OUTCOME_GOLDEN.replace('"size": 1048576}}}\n{"return": {}}\n',
+                                '"size": 1048576}}}\n{"return": {}}\nJob failed: x\n'), False),
+    (JOB_OUTCOME_GOLDEN.replace("multiple of 512", "multiple of 4096"), False),
+], ids=["as-golden", "failure-left-out", "failure-claimed", "other-text"])
+def test_blockdev_create_outcomes_are_recomputed(tmp_path: Path, golden: str,
+                                                 passes: bool) -> None:
+    """iotests' blockdev_create waits with run_job: "Job failed: <error>" when the job aborts,
+    nothing when it succeeds. The replayer recomputes that line from the backend's job, so a
+    golden that says otherwise fails (it used to be copied as free text)."""
+    path = tmp_path / "create.out"
+    path.write_text(golden)
+    result = asyncio.run(replay_transcript(parse_file(path), find_recipe(path),
+                                           make_factory("emulator")))
+    assert [r.passed for r in result.results] == [passes]
