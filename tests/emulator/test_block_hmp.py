@@ -193,8 +193,8 @@ def test_discard_does_nothing_on_a_node_without_unmap(tmp_path: Path,
              ("hmp", 'qemu-io d "discard 256k 64k"'),
              ("hmp", 'qemu-io d "discard 300k 1k"'),
              ("cmd", "x-debug-block-dirty-bitmap-sha256", {"node": "d", "name": "a"}),
-             ("cmd", "query-named-block-nodes", {"flat": True}),
-             ("cmd", "blockdev-del", {"node-name": "top"})]
+             ("cmd", "blockdev-del", {"node-name": "top"})]   # (no node query: actual-size
+    # is the host's allocation, which punched holes make file-system dependent)
     real, mine = run_both(tmp_path, steps, setup)
     assert mine == real
     assert (tmp_path / "emu" / "img").read_bytes() == (tmp_path / "qemu" / "img").read_bytes()
