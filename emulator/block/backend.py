@@ -12,6 +12,7 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
+from emulator.block import io as blockio
 from emulator.block import perm as P
 from emulator.block.flags import BDRV_REQ_FUA, BDRV_REQ_MAY_UNMAP
 from emulator.block.node import BdrvChild, BlockDriverState
@@ -123,7 +124,7 @@ class BlockBackend:
             flags |= BDRV_REQ_MAY_UNMAP
         if not self.enable_write_cache:   # blk_co_do_pwritev_part, zero writes included
             flags |= BDRV_REQ_FUA
-        self._check(offset, length).pwrite_zeroes(offset, length, flags)
+        blockio.zero_write(self._check(offset, length), offset, length, flags)
 
     def pdiscard(self, offset: int, length: int) -> None:
         self._check(offset, length).pdiscard(offset, length)

@@ -186,12 +186,19 @@ def _do_pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: int
 
 
 def pwrite_zeroes(bs: BlockDriverState, offset: int, length: int, flags: int = 0) -> None:
-    """bdrv_co_pwrite_zeroes: a write request with BDRV_REQ_ZERO_WRITE."""
+    """bdrv_co_pwrite_zeroes (a node's parent writing zeroes): a node without discard=unmap
+    may not unmap them; then the zero write request."""
+    if bs.discard != "unmap":
+        flags &= ~BDRV_REQ_MAY_UNMAP
+    zero_write(bs, offset, length, flags)
+
+
+def zero_write(bs: BlockDriverState, offset: int, length: int, flags: int = 0) -> None:
+    """bdrv_co_pwritev with BDRV_REQ_ZERO_WRITE and no buffer — what blk_co_pwrite_zeroes
+    sends, so a BlockBackend's BDRV_REQ_MAY_UNMAP stands whatever the node's discard."""
     _check_writable(bs)
     if length == 0:
         return
-    if bs.discard != "unmap":
-        flags &= ~BDRV_REQ_MAY_UNMAP
     align = bs.request_alignment
     if align != 1 and (offset % align or (offset + length) % align):
         # unaligned zero writes become RMW writes of a zero buffer, as in QEMU

@@ -231,3 +231,22 @@ def test_lazy_refcounts_mark_the_image_dirty_while_in_use(tmp_path: Path, image_
     dirty = next(r[2]["return"][0]["image"]["dirty-flag"] for r in real
                  if r[1] == "query-named-block-nodes")
     assert dirty == bool(option if option is not None else image_lazy)
+
+
+@pytest.mark.parametrize("discard", [None, "unmap"])
+def test_a_backends_unmapping_zero_write_unmaps_whatever_the_nodes_discard(
+        tmp_path: Path, discard: str | None) -> None:
+    """blk_co_pwrite_zeroes sends BDRV_REQ_MAY_UNMAP straight to the request layer; only
+    bdrv_co_pwrite_zeroes (a node's parent) drops it on a node without discard=unmap. So
+    qemu-io's "write -z -u" frees the cluster either way (found by the differential test)."""
+    node: dict[str, Any] = {"driver": "qcow2", "node-name": "d",
+                            "file": {"driver": "file", "filename": "@DIR@/img"}}
+    if discard:
+        node["discard"] = discard
+    steps = [("cmd", "blockdev-add", node),
+             ("hmp", 'qemu-io d "write -P 0 0 512"'), ("hmp", 'qemu-io d "write -P 1 64k 64k"'),
+             ("hmp", 'qemu-io d "write -z -u 0 64k"'), ("hmp", 'qemu-io d "write -z 64k 64k"'),
+             ("cmd", "blockdev-del", {"node-name": "d"})]
+    real, mine = run_both(tmp_path, steps, lambda d: create_qcow2(d / "img", "4M"))
+    assert mine == real
+    assert (tmp_path / "emu" / "img").read_bytes() == (tmp_path / "qemu" / "img").read_bytes()
