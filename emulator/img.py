@@ -167,9 +167,7 @@ class Image:
 
 
 def _probe(io: FileIO) -> str:
-    """find_image_format: an empty file is raw, else its first bytes decide."""
-    if io.length() == 0:
-        return "raw"
+    """find_image_format: the first bytes decide (an empty file reads as zeroes: raw)."""
     return probe(io.pread(0, BLOCK_PROBE_BUF_SIZE))
 
 
@@ -697,8 +695,6 @@ def _main_bitmap(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int
     """img_bitmap: the actions, in command-line order, are the QMP bitmap commands on the
     image's node (opened read-write without its backing chain, on a block layer of its
     own); persistent bitmaps are stored as the image closes."""
-    from types import SimpleNamespace
-
     from emulator.block.layer import BlockLayer
     from emulator.commands import bitmap as qmp
 
@@ -729,22 +725,24 @@ def _main_bitmap(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int
             raise ImgError(message)
     filename, name = operands
     layer = BlockLayer(box, warn=err.write)
-    vm = SimpleNamespace(block=layer)
     try:
         bs = _open_node(layer, filename, flags.get("-f"), read_only=False)
         src_bs = bs if "-b" not in flags else \
             _open_node(layer, flags["-b"], flags.get("-F"), read_only=True)
         for action, source in actions:
             try:
+                node = bs.node_name
                 if action == "add":
-                    qmp.bitmap_add(layer, bs.node_name, name, granularity or None, True)
+                    qmp.bitmap_add(layer, node, name, granularity or None, True)
                 elif action == "remove":
-                    qmp.block_dirty_bitmap_remove(vm, bs.node_name, name)
+                    qmp.bitmap_remove(layer, node, name, release=True)
                 elif action == "merge":
-                    qmp.bitmap_merge(layer, bs.node_name, name,
-                                     [{"node": src_bs.node_name, "name": source}])
+                    qmp.bitmap_merge(layer, node, name, [{"node": src_bs.node_name,
+                                                          "name": source}])
+                elif action == "clear":
+                    qmp.bitmap_clear(layer, node, name)
                 else:
-                    getattr(qmp, f"block_dirty_bitmap_{action}")(vm, bs.node_name, name)
+                    qmp.bitmap_enable(layer, node, name, action == "enable")
             except GenericError as exc:
                 raise ImgError(f"Operation {action} on bitmap {name} failed: {exc.desc}") \
                     from None
@@ -755,10 +753,8 @@ def _main_bitmap(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int
 
 def _open_node(layer: Any, filename: str, fmt: str | None, *, read_only: bool) -> Any:
     """img_open with BDRV_O_NO_BACKING: an anonymous BlockBackend over the image's node."""
-    options = {"id": "", "if": "none", "file": filename, "backing": None,
-               "read-only": read_only, **({"format": fmt} if fmt else {})}
     try:
-        blk = layer.add_drive(options)
+        blk = layer.blk_new_open(filename, fmt, backing=None, **{"read-only": read_only})
     except GenericError as exc:
         raise ImgError(f"Could not open '{filename}': {exc.desc}") from None
     return blk.bs

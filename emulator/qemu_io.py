@@ -569,10 +569,8 @@ def offline(sandbox: Any, filename: str, fmt: str | None, commands: Sequence[str
 
     printed: list[str] = []   # stderr (raw's probing warning) and stdout, as they come
     layer = BlockLayer(sandbox, warn=printed.append)
-    options = {"id": "", "if": "none", "file": filename, "discard": "unmap",
-               "cache": cache, **({"format": fmt} if fmt else {})}
     try:
-        blk = layer.add_drive(options)
+        blk = layer.blk_new_open(filename, fmt, discard="unmap", cache=cache)
     except GenericError as e:
         return 1, "".join(printed) + f"qemu-io: can't open device {filename}: {e.desc}\n"
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from emulator.block.drivers import BACKING_CREATORS, IMAGE_CREATORS, QEMU_DRIVERS
@@ -71,21 +71,10 @@ def write(path: str | os.PathLike[str], filename: str, fmt: str, size: int,
 
     if fmt != "qcow2" and preallocation not in (None, *PREALLOC_MODES):
         raise GenericError(f"invalid parameter value: {preallocation}")   # qapi_enum_parse
-    if extent_size_hint is not None and extent_size_hint > UINT32_MAX:
-        raise GenericError("Extent size hint is too large")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:   # raw_co_create
-        raise GenericError(f"Could not create '{filename}': "
-                           f"{os.strerror(e.errno or errno.EIO)}") from None
-    try:
-        os.ftruncate(fd, 0)
-        if fmt != "qcow2":
-            file_truncate(fd, size, preallocation or "off")
-    except CreateError as e:
-        raise GenericError(e.desc) from None
-    finally:
-        os.close(fd)
+    # the protocol layer: qcow2's file is made empty (its size and preallocation are its own)
+    for _ in raw_co_create(path, filename, 0 if fmt == "qcow2" else size,
+                           preallocation or "off", extent_size_hint):
+        pass
     if fmt != "qcow2":
         return
     io = FileIO(path)
@@ -109,6 +98,34 @@ def write(path: str | os.PathLike[str], filename: str, fmt: str, size: int,
         io.close()
 
 
+def raw_co_create(path: str | os.PathLike[str], filename: str, size: int, prealloc: str,
+                  extent_size_hint: int | None) -> Generator[None, None, None]:
+    """raw_co_create (file-posix): create, empty, then size (and preallocate) the file.
+    A generator that stops once before the truncation (the first thread-pool request,
+    which a blockdev-create job waits for)."""
+    if extent_size_hint is not None and extent_size_hint > UINT32_MAX:
+        raise CreateError("Extent size hint is too large")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise oserror(f"Could not create '{filename}'", e) from None
+    try:
+        yield
+        try:
+            os.ftruncate(fd, 0)
+        except OSError as e:
+            raise oserror("Could not resize file", e) from None
+        file_truncate(fd, size, prealloc)
+    finally:
+        os.close(fd)
+
+
+def oserror(prefix: str, e: OSError) -> CreateError:
+    """QEMU's error_setg_errno text, with the errno for a job's result."""
+    code = e.errno or errno.EIO
+    return CreateError(f"{prefix}: {os.strerror(code)}", code)
+
+
 def file_truncate(fd: int, size: int, prealloc: str) -> None:
     """raw_regular_truncate of a file just emptied (handle_aiocb_truncate from length 0):
     the new size, preallocated as asked; off and falloc allocate the first block, to make
@@ -130,8 +147,7 @@ def file_truncate(fd: int, size: int, prealloc: str) -> None:
         else:
             raise CreateError(f"Unsupported preallocation mode: {prealloc}", errno.ENOTSUP)
     except OSError as e:
-        code = e.errno or errno.EIO
-        raise CreateError(f"Could not resize file: {os.strerror(code)}", code) from None
+        raise oserror("Could not resize file", e) from None
 
 
 def _allocate_first_block(fd: int, size: int) -> None:

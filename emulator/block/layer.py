@@ -127,21 +127,6 @@ class BlockLayer:
         bs.monitor_owned = False
         self.graph.unref(bs)
 
-    def probe_format(self, filename: str) -> str:
-        """bdrv_find_protocol + find_image_format for a target named by file name
-        (drive-backup, drive-mirror with mode=existing and no format)."""
-        from emulator.block.probe import BLOCK_PROBE_BUF_SIZE, probe
-        if not filename:   # the file driver's bdrv_needs_filename, before any probing
-            from emulator.block.drivers.file import NEEDS_FILENAME
-            raise GenericError(NEEDS_FILENAME)
-        try:
-            with open(self.resolve_path(filename), "rb") as f:
-                head = f.read(BLOCK_PROBE_BUF_SIZE)
-        except OSError as e:
-            reason = os.strerror(e.errno or 5)
-            raise GenericError(f"Could not open '{filename}': {reason}") from None
-        return probe(head) if head else "raw"
-
     def add_drive(self, options: dict[str, Any]) -> BlockBackend:
         """-drive (drive_new + blockdev_init) for ``if=none`` style drives: a named
         BlockBackend (``id``) over the format node (``node-name``) over a file node."""
@@ -153,8 +138,19 @@ class BlockLayer:
             opts.pop(key, None)
         if name is None:
             name = f"{iface}0"
-        if name and self.graph.blk_by_name(name) is not None:   # "": blk_new_open's
+        if self.graph.blk_by_name(name) is not None:
             raise GenericError(f"Duplicate ID '{name}' for drive")
+        return self._open_blk(opts, name, options)
+
+    def blk_new_open(self, filename: str, fmt: str | None, **options: Any) -> BlockBackend:
+        """blk_new_open, as qemu-img and qemu-io open an image: an anonymous BlockBackend
+        over the image's node (probed without ``fmt``); ``options`` as for a drive."""
+        return self._open_blk({"file": filename, **({"format": fmt} if fmt else {}),
+                               **options}, "", options)
+
+    def _open_blk(self, opts: dict[str, Any], name: str,
+                  legacy: dict[str, Any]) -> BlockBackend:
+        """blockdev_init: a BlockBackend named ``name`` over the node ``opts`` define."""
         filename = opts.pop("file", None)
         fmt = opts.pop("format", None)
         writeback, direct, no_flush = _CACHE_MODES["writeback"]
@@ -178,7 +174,7 @@ class BlockLayer:
             node_opts["discard"] = str(node_opts["discard"])
         blk = BlockBackend(self.graph, name=name)
         blk.enable_write_cache = writeback
-        blk.legacy_dinfo = dict(options)
+        blk.legacy_dinfo = dict(legacy)
         if filename is None:
             self.graph.backends.append(blk)
             return blk

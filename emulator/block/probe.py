@@ -18,7 +18,8 @@ _VDI_SIGNATURE = 0xBEDA107F
 
 
 def probe(head: bytes) -> str:
-    """bdrv_probe_all over ``head`` (the image's first bytes): the driver's name."""
+    """bdrv_probe_all over ``head`` (the image's first bytes; empty or short is fine):
+    the driver's name."""
     if head[:4] == b"QFI\xfb" and len(head) >= 8:   # qcow (version 1) and qcow2
         return "qcow2" if struct.unpack_from(">I", head, 4)[0] >= 2 else "qcow"
     for magic, name in _MAGICS:

@@ -169,9 +169,9 @@ class DriveBackupAction(_BackupAction):
                                    backing_format=explicit.format_name)
             else:
                 block.create_image(d["target"], fmt, size)
-        if fmt is None:
-            fmt = block.probe_format(d["target"])
-        opts: dict[str, Any] = {"discard": "unmap", "detect-zeroes": "unmap", "driver": fmt}
+        opts: dict[str, Any] = {"discard": "unmap", "detect-zeroes": "unmap"}
+        if fmt is not None:   # else the target is probed as bdrv_open probes
+            opts["driver"] = fmt
         if fmt in ("file", "null-co"):
             opts["filename"] = d["target"]
         else:

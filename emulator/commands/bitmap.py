@@ -103,6 +103,20 @@ def bitmap_merge(block: BlockLayer, node: str, target: str, bitmaps: list[Any], 
     return dst, (backup if keep_backup else None)
 
 
+def bitmap_clear(block: BlockLayer, node: str, name: str) -> None:
+    """qmp_block_dirty_bitmap_clear."""
+    bm, _ = bitmap_lookup(block, node, name)
+    bm.check(BDRV_BITMAP_DEFAULT)
+    bm.clear()
+
+
+def bitmap_enable(block: BlockLayer, node: str, name: str, enabled: bool) -> None:
+    """qmp_block_dirty_bitmap_enable / _disable."""
+    bm, _ = bitmap_lookup(block, node, name)
+    bm.check(BDRV_BITMAP_ALLOW_RO)
+    bm.disabled = not enabled
+
+
 # -- commands ---------------------------------------------------------------------------------
 @command("block-dirty-bitmap-add", data="BlockDirtyBitmapAdd")
 def block_dirty_bitmap_add(vm: Machine, node: str, name: str, granularity: int | None = None,
@@ -117,23 +131,17 @@ def block_dirty_bitmap_remove(vm: Machine, node: str, name: str) -> None:
 
 @command("block-dirty-bitmap-clear", data="BlockDirtyBitmap")
 def block_dirty_bitmap_clear(vm: Machine, node: str, name: str) -> None:
-    bm, _ = bitmap_lookup(vm.block, node, name)
-    bm.check(BDRV_BITMAP_DEFAULT)
-    bm.clear()
+    bitmap_clear(vm.block, node, name)
 
 
 @command("block-dirty-bitmap-enable", data="BlockDirtyBitmap")
 def block_dirty_bitmap_enable(vm: Machine, node: str, name: str) -> None:
-    bm, _ = bitmap_lookup(vm.block, node, name)
-    bm.check(BDRV_BITMAP_ALLOW_RO)
-    bm.disabled = False
+    bitmap_enable(vm.block, node, name, True)
 
 
 @command("block-dirty-bitmap-disable", data="BlockDirtyBitmap")
 def block_dirty_bitmap_disable(vm: Machine, node: str, name: str) -> None:
-    bm, _ = bitmap_lookup(vm.block, node, name)
-    bm.check(BDRV_BITMAP_ALLOW_RO)
-    bm.disabled = True
+    bitmap_enable(vm.block, node, name, False)
 
 
 @command("block-dirty-bitmap-merge", data="BlockDirtyBitmapMerge")

@@ -104,9 +104,7 @@ def _open_target(vm: Machine, bs: BlockDriverState, filename: str, fmt: str | No
                  node_name: str | None) -> BlockDriverState:
     """bdrv_open(target, NULL, {node-name, driver}, bs->open_flags | RDWR | NO_BACKING)."""
     block = vm.block
-    if fmt is None:
-        fmt = block.probe_format(filename)
-    opts: dict[str, Any] = {"driver": fmt}
+    opts: dict[str, Any] = {} if fmt is None else {"driver": fmt}   # None: probed
     if node_name is not None:
         opts["node-name"] = node_name
     if fmt in ("file", "null-co"):

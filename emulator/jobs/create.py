@@ -9,18 +9,17 @@ A failure ends the job with the error text in query-jobs, as in QEMU.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Generator
 from typing import Any
 
 from emulator.block import perm as P
 from emulator.block.backend import BlockBackend
 from emulator.block.create import (
-    UINT32_MAX,
     CreateError,
     encryption_error,
-    file_truncate,
+    oserror,
     qcow2_create_checks,
+    raw_co_create,
 )
 from emulator.block.errors import GenericError
 from emulator.block.flags import BDRV_REQ_NO_FALLBACK
@@ -65,34 +64,14 @@ class CreateJob(Job):
         return ret
 
 
-def _oserror(prefix: str, e: OSError) -> CreateError:
-    code = e.errno or errno.EIO
-    return CreateError(f"{prefix}: {os.strerror(code)}", code)
-
-
 def file_creator(layer: Any, opts: dict[str, Any]) -> Generator[None, None, None]:
-    """raw_co_create (file-posix): create, empty, then size (and preallocate) the file.
-    A generator that stops once before the truncation (the first thread-pool request)."""
-    filename = opts["filename"]
-    if opts.get("extent-size-hint", 1 << 20) > UINT32_MAX:
-        raise CreateError("Extent size hint is too large")
+    """The file driver's create: raw_co_create on the client's file name."""
     try:
-        path = layer.resolve_path(filename, for_create=True)
+        path = layer.resolve_path(opts["filename"], for_create=True)
     except GenericError as e:
         raise CreateError(e.desc, errno.EACCES) from None
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise _oserror(f"Could not create '{filename}'", e) from None
-    try:
-        yield
-        try:
-            os.ftruncate(fd, 0)
-        except OSError as e:
-            raise _oserror("Could not resize file", e) from None
-        file_truncate(fd, int(opts["size"]), opts.get("preallocation", "off"))
-    finally:
-        os.close(fd)
+    return raw_co_create(path, opts["filename"], int(opts["size"]),
+                         opts.get("preallocation", "off"), opts.get("extent-size-hint"))
 
 
 class _BackendIO:
@@ -162,7 +141,7 @@ def qcow2_creator(layer: Any, opts: dict[str, Any]) -> Generator[None, None, Non
         except Qcow2Error as e:
             raise CreateError(str(e)) from None
         except OSError as e:
-            raise _oserror("Could not write qcow2 header", e) from None
+            raise oserror("Could not write qcow2 header", e) from None
     finally:
         if blk is not None:
             blk.unref()
