@@ -23,7 +23,17 @@ from emulator.block import create as create_image
 from emulator.block.create_opts import UINT64_MAX, CreateOpts, help_text, split_options
 from emulator.block.errors import GenericError
 from emulator.block.probe import BLOCK_PROBE_BUF_SIZE, probe
-from emulator.qcow2 import Backing, CheckResult, FileIO, Qcow2Error, Qcow2Image, Status
+from emulator.qcow2 import (
+    Backing,
+    CheckResult,
+    FileIO,
+    Qcow2Error,
+    Qcow2Image,
+    Status,
+    StoredBitmap,
+)
+from emulator.qcow2.check import FIX_ERRORS, FIX_LEAKS
+from emulator.qcow2.image import Report
 from emulator.qmp.json_writer import qdict_keys, quote
 from emulator.sandbox import Sandbox, SandboxError
 
@@ -65,7 +75,8 @@ class Image:
     """
 
     def __init__(self, sandbox: Sandbox, path: Path, name: str, fmt: str | None, *,
-                 writable: bool = False, open_backing: bool = True, depth: int = 0) -> None:
+                 writable: bool = False, open_backing: bool = True, depth: int = 0,
+                 check_mode: bool = False, report: Report | None = None) -> None:
         self.path = path
         self.backing: Image | None = None
         self.qcow2: Qcow2Image | None = None
@@ -77,7 +88,8 @@ class Image:
         try:
             self.format = fmt or _probe(self.io)
             if self.format == "qcow2":
-                self.qcow2 = Qcow2Image.open(self.io, read_only=not writable)
+                self.qcow2 = Qcow2Image.open(self.io, read_only=not writable,
+                                             check_mode=check_mode, report=report)
             elif self.format != "raw":
                 raise OpenError(f"Unknown driver '{self.format}'")
             if open_backing and self.qcow2 is not None and self.qcow2.backing_file:
@@ -177,12 +189,15 @@ class OpenError(Exception):
 
 def open_image(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
                writable: bool = False, open_backing: bool = True,
-               exit_code: int = 1) -> Image:
-    """img_open: the image and its backing chain, or ImgError("Could not open ...")."""
+               exit_code: int = 1, check_mode: bool = False,
+               report: Report | None = None) -> Image:
+    """img_open: the image and its backing chain, or ImgError("Could not open ...").
+    ``check_mode`` is BDRV_O_CHECK; ``report`` gets what qcow2 prints (a dirty image's
+    repair)."""
     try:
         path = sandbox.resolve(filename)
         return Image(sandbox, path, filename, fmt, writable=writable,
-                     open_backing=open_backing)
+                     open_backing=open_backing, check_mode=check_mode, report=report)
     except SandboxError as exc:
         raise ImgError(f"Could not open '{filename}': {exc.desc}", exit_code) from None
     except OpenError as exc:
@@ -191,8 +206,10 @@ def open_image(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
 
 @contextmanager
 def opened(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
-           writable: bool = False, open_backing: bool = True) -> Iterator[Image]:
-    image = open_image(sandbox, filename, fmt, writable=writable, open_backing=open_backing)
+           writable: bool = False, open_backing: bool = True, check_mode: bool = False,
+           report: Report | None = None) -> Iterator[Image]:
+    image = open_image(sandbox, filename, fmt, writable=writable, open_backing=open_backing,
+                       check_mode=check_mode, report=report)
     try:
         yield image
     finally:
@@ -369,12 +386,15 @@ def _first_nonzero_sector(data: bytes) -> int | None:
 
 # -- rebase -u ----------------------------------------------------------------------------------
 def rebase_unsafe(sandbox: Sandbox, filename: str, backing_file: str,
-                  backing_format: str | None, fmt: str | None = None) -> None:
-    """``qemu-img rebase -u``: only the header's backing file name and format change."""
+                  backing_format: str | None, fmt: str | None = None, *,
+                  report: Report | None = None) -> None:
+    """``qemu-img rebase -u``: only the header's backing file name and format change (a
+    dirty image is repaired as it opens; ``report`` gets what the repair prints)."""
     if backing_file and not backing_format:
         raise ImgError(f"Could not change the backing file to '{backing_file}': backing "
                        "format must be specified")
-    with opened(sandbox, filename, fmt, writable=True, open_backing=False) as image:
+    with opened(sandbox, filename, fmt, writable=True, open_backing=False,
+                report=report) as image:
         if image.qcow2 is None:
             raise ImgError(f"Could not change the backing file to '{backing_file}': "
                            "Operation not supported")
@@ -394,16 +414,58 @@ class CheckReport:
 
 
 def check(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
-          output_format: str = "human") -> CheckReport:
-    with opened(sandbox, filename, fmt, open_backing=False) as image:
+          output_format: str = "human", fix: int = 0) -> CheckReport:
+    """img_check: the image opened with BDRV_O_CHECK (read-write to repair: ``fix`` is
+    BDRV_FIX_LEAKS / BDRV_FIX_ERRORS), checked, and checked again after a repair."""
+    with opened(sandbox, filename, fmt, writable=bool(fix), open_backing=False,
+                check_mode=True) as image:
         if image.qcow2 is None:
             return CheckReport(63, "", "qemu-img: This image format does not support checks\n")
-        result = image.qcow2.check()
-        messages = "".join(line + "\n" for line in result.messages)
-        if output_format == "json":
-            output = _check_json(result, filename, image.format)
-        else:
-            output = _check_human(result)
+        qcow2 = image.qcow2
+        try:
+            loaded = qcow2.load_bitmaps(mark_in_use=True) if fix else []
+            report = _check_qcow2(qcow2, filename, image.format, output_format, fix)
+        except Qcow2Error as exc:   # refused: nothing more is written, not even at close
+            image.qcow2 = None
+            raise ImgError(str(exc)) from None
+        _store_bitmaps(qcow2, loaded)
+        return report
+
+
+def _store_bitmaps(qcow2: Qcow2Image, loaded: list[StoredBitmap]) -> None:
+    """qcow2_inactivate's qcow2_store_persistent_dirty_bitmaps for an image opened
+    read-write by qemu-img: the bitmaps loaded consistent at open (and marked in use then) are
+    written anew; those already in use stay as they are."""
+    consistent = {sb.name: sb for sb in loaded if not sb.in_use}
+    if consistent:
+        qcow2.store_bitmaps([consistent.get(sb.name, sb) for sb in qcow2.load_bitmaps()])
+
+
+def _check_qcow2(qcow2: Qcow2Image, filename: str, fmt: str, output_format: str,
+                 fix: int) -> CheckReport:
+    """img_check after img_open: collect_image_check, the repair summary and the second
+    check, the dump, the exit code."""
+    result = qcow2.check(fix)
+    lines = list(result.messages)
+    output = ""
+    if result.ret == 0 and (result.corruptions_fixed or result.leaks_fixed):
+        if output_format == "human":
+            output += ("The following inconsistencies were found and repaired:\n\n"
+                       f"    {result.leaks_fixed} leaked clusters\n"
+                       f"    {result.corruptions_fixed} corruptions\n\n"
+                       "Double checking the fixed image now...\n")
+        fixed = result
+        result = qcow2.check()
+        lines += result.messages
+        result.leaks_fixed = fixed.leaks_fixed
+        result.corruptions_fixed = fixed.corruptions_fixed
+    messages = "".join(line + "\n" for line in lines)
+    if result.ret == 0:
+        output += (_check_json(result, filename, fmt) if output_format == "json"
+                   else _check_human(result))
+    if result.ret or result.check_errors:
+        reason = f": {os.strerror(-result.ret)}" if result.ret else ""
+        return CheckReport(1, output, messages + f"qemu-img: Check failed{reason}\n", result)
     exit_code = 2 if result.corruptions else 3 if result.leaks else 0
     return CheckReport(exit_code, output, messages, result)
 
@@ -420,6 +482,9 @@ def _check_human(result: CheckResult) -> str:
         if result.leaks:
             out += (f"\n{result.leaks} leaked clusters were found on the image.\nThis means "
                     "waste of disk space, but no harm to data.\n")
+        if result.check_errors:
+            out += (f"\n{result.check_errors} internal errors have occurred during the "
+                    "check.\n")
     if result.total_clusters and result.allocated_clusters:
         allocated = result.allocated_clusters
         out += (f"{allocated}/{result.total_clusters} = "
@@ -437,6 +502,8 @@ def _check_json(result: CheckResult, filename: str, fmt: str) -> str:
                               "check-errors": result.check_errors}
     for key, value in (("image-end-offset", result.image_end_offset),
                        ("corruptions", result.corruptions), ("leaks", result.leaks),
+                       ("corruptions-fixed", result.corruptions_fixed),
+                       ("leaks-fixed", result.leaks_fixed),
                        ("total-clusters", result.total_clusters),
                        ("allocated-clusters", result.allocated_clusters),
                        ("fragmented-clusters", result.fragmented_clusters),
@@ -645,24 +712,37 @@ def _main_rebase(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int
                        not in flags else "Expecting backing file name")
     if "-u" not in flags:
         raise ImgError("The emulator's qemu-img does only unsafe rebases (-u)")
-    rebase_unsafe(box, operands[0], flags["-b"], flags.get("-F"), flags.get("-f"))
+    rebase_unsafe(box, operands[0], flags["-b"], flags.get("-F"), flags.get("-f"),
+                  report=err.write)
     return 0
 
 
 def _main_check(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
     options, operands = getopt.gnu_getopt(args, "hf:r:T:qU",
-                                          ["output=", "object=", "image-opts", "force-share"])
+                                          ["output=", "object=", "image-opts", "force-share",
+                                           "repair=", "format="])
+    options = [({"--repair": "-r", "--format": "-f"}.get(k, k), v) for k, v in options]
+    fix = 0
+    for flag, value in options:
+        if flag == "-r":
+            if value not in _REPAIR_MODES:
+                raise _usage_error("Unknown option value for -r (expecting 'leaks' or "
+                                   f"'all'): {value}")
+            fix = _REPAIR_MODES[value]
     flags = dict(options)
     if len(operands) != 1:
         raise _usage_error("Expecting one image file name")
-    if "-r" in flags:
-        raise ImgError("The emulator's qemu-img does not repair images (-r)")
-    report = check(box, operands[0], flags.get("-f"),
-                   output_format=flags.get("--output", "human"))
+    output_format = flags.get("--output", "human")
+    if output_format not in ("human", "json"):
+        raise ImgError("--output must be used with human or json as argument.")
+    report = check(box, operands[0], flags.get("-f"), output_format=output_format, fix=fix)
     err.write(report.messages)
     if "-q" not in flags:
         out.write(report.output)
     return report.exit_code
+
+
+_REPAIR_MODES = {"leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}   # img_check's -r
 
 
 def _main_info(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:

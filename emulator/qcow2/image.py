@@ -26,7 +26,7 @@ from enum import Enum
 
 from emulator.qcow2 import bitmaps as bm
 from emulator.qcow2.blockio import BlockIO
-from emulator.qcow2.check import CheckResult, check_image
+from emulator.qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckResult, check_refcounts
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import (
     COMPAT_LAZY_REFCOUNTS,
@@ -57,6 +57,9 @@ QCOW_MAX_L1_SIZE = 1 << 25
 Backing = Callable[[int, int], bytes]
 """Reads the backing chain: ``backing(offset, length)`` returns the guest data there (a short
 result is padded with zeroes, as reads past the end of a shorter backing file are)."""
+
+Report = Callable[[str], object]
+"""Where qcow2's fprintf(stderr, ...) lines go (each ends with a newline)."""
 
 ZeroStatus = Callable[[int, int, bool], bool]
 """The block layer's answer to "does [offset, +length) of this node read as zeroes?" from
@@ -178,17 +181,38 @@ class Qcow2Image:
             image.close()
 
     @classmethod
-    def open(cls, io: BlockIO, *, read_only: bool = False) -> Qcow2Image:
-        """qcow2_open: read and check the header; metadata is loaded on demand."""
+    def open(cls, io: BlockIO, *, read_only: bool = False, check_mode: bool = False,
+             report: Report | None = None) -> Qcow2Image:
+        """qcow2_open: read and check the header; metadata is loaded on demand.
+
+        ``check_mode`` is BDRV_O_CHECK (``qemu-img check``): a corrupt image may be opened
+        read-write and a dirty one is not repaired. Otherwise a dirty image (lazy refcounts)
+        opened read-write is repaired at once, as qcow2_do_open does; what the repair prints
+        goes to ``report`` (by default the stderr of the block graph over ``io``, if any).
+        """
         header = Header.parse(io.pread(0, Header.cluster_size_of(io.pread(0, 24))))
         if header.nb_snapshots:
             raise Qcow2Error("Images with internal snapshots are not supported")
-        if not read_only and header.incompatible_features & INCOMPAT_CORRUPT:
+        if not read_only and not check_mode and header.incompatible_features & INCOMPAT_CORRUPT:
             raise Qcow2Error("qcow2: Image is corrupt; cannot be opened read/write")
-        if not read_only and header.incompatible_features & INCOMPAT_DIRTY:
-            raise Qcow2Error("Dirty images (lazy refcounts) need a repair the emulator "
-                             "does not do; run 'qemu-img check -r all'")
-        return cls(io, header, read_only=read_only)
+        image = cls(io, header, read_only=read_only)
+        if not read_only and not check_mode and header.incompatible_features & INCOMPAT_DIRTY:
+            image._repair_dirty(report if report is not None else _graph_stderr(io))
+        return image
+
+    def _repair_dirty(self, report: Report | None) -> None:
+        """qcow2_do_open's "Repair image if dirty": qcow2_co_check_locked with
+        BDRV_FIX_ERRORS | BDRV_FIX_LEAKS; the open fails if that fails. The refcount blocks
+        the repair changed are written back now if the image stays dirty (QEMU would write
+        them later: the same bytes), as the node's options then resize the caches."""
+        result = self.check(FIX_ERRORS | FIX_LEAKS)
+        if report is not None:
+            for line in result.messages:
+                report(line + "\n")
+        if result.ret < 0 or result.check_errors:
+            code = -result.ret if result.ret < 0 else errno.EIO
+            raise Qcow2Error(f"Could not repair dirty image: {os.strerror(code)}")
+        self.refcounts.cache.write()
 
     def _grow_l1(self, size: int) -> None:
         """qcow2_co_truncate on a new image: an L1 table of exactly the needed size (the
@@ -723,9 +747,23 @@ class Qcow2Image:
         for entry in old:
             bm.free_bitmap_clusters(self.io, self.refcounts, entry, self.cluster_size)
 
-    def check(self) -> CheckResult:
-        """qcow2_co_check without repair: see emulator.qcow2.check."""
-        return check_image(self)
+    def check(self, fix: int = 0) -> CheckResult:
+        """qcow2_co_check_locked: the refcount check (and, with ``fix``, repair: see
+        emulator.qcow2.check); a repair that leaves no errors marks the image clean and
+        consistent."""
+        result = check_refcounts(self, fix)
+        if fix and result.ret == 0 and not result.check_errors and not result.corruptions:
+            self._mark_clean()
+            self._mark_consistent()
+        return result
+
+    def _mark_consistent(self) -> None:
+        """qcow2_mark_consistent: write both caches back and flush, then clear the corrupt
+        bit and rewrite the header."""
+        if self.header.incompatible_features & INCOMPAT_CORRUPT:
+            self.flush_caches()
+            self.header.incompatible_features &= ~INCOMPAT_CORRUPT
+            self._write_header()
 
     def close(self) -> None:
         """qcow2_inactivate's cache flushes (L2 tables, then refcount blocks; QEMU reports a
@@ -754,6 +792,15 @@ class Qcow2Image:
         if self.read_only:
             raise OSError(1, "Operation not permitted")
         self._check_range(offset, length)
+
+
+def _graph_stderr(io: BlockIO) -> Report | None:
+    """The process's stderr for a qcow2 node: its block graph's ``warn`` (the tool's stderr
+    under qemu-img and qemu-io, nothing in a VM), reached through the node's file child
+    (a ChildIO); None for an image opened on its own."""
+    bs = getattr(getattr(io, "child", None), "bs", None)
+    warn = getattr(getattr(bs, "graph", None), "warn", None)
+    return warn if callable(warn) else None
 
 
 @functools.cache
