@@ -20,6 +20,7 @@ from emulator.block.graph import Transaction
 from emulator.block.node import BdrvChild, BlockDriverState
 from emulator.block.perm import Role
 from emulator.qcow2.image import BDRV_MAX_LENGTH
+from emulator.qmp.json_writer import QDICT_BUCKET_MAX, qdict_keys, tdb_hash
 
 if TYPE_CHECKING:
     from emulator.block.layer import BlockLayer
@@ -89,6 +90,55 @@ def _flat_options(opts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def flatten_order(options: dict[str, Any]) -> list[str]:
+    """The insertion order of qdict_flatten's result for a blockdev-add definition.
+
+    Top-level scalars stay where they were put; nested dicts and lists are walked in QDict
+    order and their flattened keys appended. The order matters where keys share a QDict
+    bucket: blkdebug's ``inject-error.N.errno`` and ``.event`` do, and QEMU walks them in
+    bs->options order for the node's json: filename."""
+    order = [key for key, value in options.items() if not _flattens(value)]
+    for key in qdict_keys(options):
+        _flatten_into(order, options[key], key)
+    return order
+
+
+def _flattens(value: Any) -> bool:
+    return isinstance(value, dict | list) and bool(value)
+
+
+def _flatten_into(order: list[str], value: Any, prefix: str) -> None:
+    """qdict_flatten_qdict / qdict_flatten_qlist below the top level."""
+    if isinstance(value, dict) and value:
+        for key in qdict_keys(value):
+            if _flattens(value[key]):
+                _flatten_into(order, value[key], f"{prefix}.{key}")
+            else:
+                order.append(f"{prefix}.{key}")
+    elif isinstance(value, list) and value:
+        for i, item in enumerate(value):
+            if _flattens(item):
+                _flatten_into(order, item, f"{prefix}.{i}")
+            else:
+                order.append(f"{prefix}.{i}")
+
+
+def extract_order(order: list[str], child: str) -> list[str]:
+    """The insertion order of a child's options: bdrv_open_child_bs extracts them
+    (qdict_extract_subqdict) from a qdict_clone_shallow of the parent's, so within a
+    bucket of the parent's full keys the parent's insertion order survives both copies."""
+    prefix = child + "."
+    keys = [key for key in order if key.startswith(prefix)]
+    keys.sort(key=lambda key: tdb_hash(key) % QDICT_BUCKET_MAX)
+    return [key[len(prefix):] for key in keys]
+
+
+def _in_order(flat: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """``flat`` in QEMU's insertion order; keys QEMU adds later (inherited ones) last."""
+    rank = {key: i for i, key in enumerate(order)}
+    return dict(sorted(flat.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
 def _find_image_format(file_bs: BlockDriverState | None) -> str:
     """find_image_format: an empty file is raw, else its first 512 bytes decide."""
     from emulator.block import io as blockio
@@ -112,6 +162,9 @@ class Opener:
     def __init__(self, layer: BlockLayer) -> None:
         self.layer = layer
         self.graph = layer.graph
+        # flattened-key order of each child definition not opened yet (by id: the
+        # definitions stay alive in their parent's options while the tree opens)
+        self._child_orders: dict[int, list[str]] = {}
 
     def open(self, options: dict[str, Any] | str, *, parent_opts: dict[str, Any] | None = None,
              role: int | None = None, no_backing: bool = False) -> BlockDriverState:
@@ -124,6 +177,12 @@ class Opener:
             return bs
         from emulator.block.drivers import DRIVERS
 
+        order = self._child_orders.pop(id(options), None)
+        if order is None:
+            order = flatten_order(options)
+        for key, value in options.items():
+            if isinstance(value, dict) and key != "cache":
+                self._child_orders[id(value)] = extract_order(order, key)
         opts = dict(options)
         if parent_opts is not None and role is not None:
             opts = _inherit(opts, parent_opts, role)
@@ -149,7 +208,7 @@ class Opener:
         bs = cls(self.graph)
         bs.probed = probed
         try:
-            self._open_common(bs, opts, file_bs)
+            self._open_common(bs, opts, file_bs, order)
         except BaseException:
             if file_bs is not None:
                 self.graph.unref(file_bs)
@@ -170,7 +229,7 @@ class Opener:
         self.graph.unref(bs)
 
     def _open_common(self, bs: BlockDriverState, opts: dict[str, Any],
-                     file_bs: BlockDriverState | None) -> None:
+                     file_bs: BlockDriverState | None, order: list[str]) -> None:
         """bdrv_open_common + bdrv_open_driver."""
         cache = opts.get("cache", {})
         bs.cache_direct = bool(cache.get("direct", False))
@@ -186,7 +245,8 @@ class Opener:
             raise GenericError("setting detect-zeroes to unmap is not allowed without "
                                "setting discard operation to unmap")
         bs.detect_zeroes = detect
-        bs.options = _flat_options({k: v for k, v in opts.items() if k != "node-name"})
+        bs.options = _in_order(_flat_options({k: v for k, v in opts.items()
+                                              if k != "node-name"}), order)
         if file_bs is not None:
             bs.options["file"] = file_bs.node_name
         self.graph.assign_node_name(bs, opts.get("node-name"))

@@ -20,7 +20,8 @@ from emulator.block.drivers.blkdebug import BlkdebugNode
 from emulator.block.layer import BlockLayer
 from emulator.block.perm import ALL, CONSISTENT_READ, WRITE
 from emulator.sandbox import Sandbox
-from tests.emulator.qemu_runner import create_qcow2
+from tests.conftest import requires_qemu, requires_qemu_img
+from tests.emulator.qemu_runner import c, compare_replies, create_qcow2, run_commands
 
 
 def open_drive(d: Path, **blkdebug: Any) -> tuple[BlockLayer, BlockBackend, BlkdebugNode]:
@@ -150,3 +151,42 @@ def test_257_intermediate_failure_trace(img: Path) -> None:
     assert e.value.errno == 5
     assert blk.pread(1 << 20, 65536) == b"\x22" * 65536
     assert dbg.state == 3
+
+
+# -- json: filenames of blkdebug nodes --------------------------------------------------------
+RULES = [{"errno": 5, "event": "read_aio", "state": 1, "sector": 3},   # errno before event:
+         {"event": "write_aio", "errno": 28, "once": True}]            # the client's order
+SET_STATE = [{"event": "read_aio", "new_state": 2},                    # must not matter
+             {"new_state": 1, "state": 2, "event": "write_aio"}]
+
+
+def _blkdebug(**more: Any) -> dict[str, Any]:
+    return {"driver": "blkdebug", "inject-error": RULES, "set-state": SET_STATE,
+            "image": {"driver": "file", "filename": "@DIR@/img"}, **more}
+
+
+@requires_qemu
+@requires_qemu_img
+@pytest.mark.parametrize("definition", [
+    pytest.param(_blkdebug(**{"node-name": "top"}), id="blockdev-add-blkdebug"),
+    pytest.param({"driver": "qcow2", "node-name": "top", "file": _blkdebug()}, id="qcow2-file"),
+    pytest.param({"driver": "qcow2", "node-name": "top", "file": {
+        "driver": "blkdebug", "inject-error": [{"event": "read_aio", "errno": 5}],
+        "image": {"driver": "file", "filename": "@DIR@/img"}}}, id="qcow2-file-one-rule"),
+    pytest.param({"driver": "raw", "node-name": "top", "file": {"driver": "raw",
+                                                                "file": _blkdebug()}},
+                 id="raw-raw-file"),
+    pytest.param({"driver": "qcow2", "node-name": "top", "file": {
+        "driver": "file", "filename": "@DIR@/top"}, "backing": {
+        "driver": "qcow2", "file": _blkdebug()}}, id="qcow2-backing"),
+])
+def test_json_filenames_keep_qdict_order(tmp_path: Path, definition: dict[str, Any]) -> None:
+    """The rules' flattened keys share QDict buckets (``inject-error.N.errno`` and
+    ``.event`` do): QEMU writes them in bs->options order, which qdict_flatten and each
+    child's qdict_extract_subqdict make (block.c), whatever order the client used."""
+    def setup(d: Path) -> None:
+        create_qcow2(d / "img", "1M")
+        create_qcow2(d / "top", "1M")
+    commands = [c("blockdev-add", **definition), c("query-named-block-nodes")]
+    compare_replies(tmp_path, commands, setup=setup)
+    assert run_commands(tmp_path / "emu", commands[:1]) == [{"return": {}}]
