@@ -29,8 +29,16 @@ from emulator.qcow2.blockio import BlockIO
 from emulator.qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckResult, check_refcounts
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import (
+    AUTOCLEAR_BITMAPS,
     COMPAT_LAZY_REFCOUNTS,
+    EXT_BACKING_FORMAT,
+    EXT_BITMAPS,
+    EXT_CRYPTO,
+    EXT_DATA_FILE,
+    EXT_END,
+    EXT_FEATURE_TABLE,
     HEADER_V2_LENGTH,
+    HEADER_V3_LENGTH,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     OFFSET_INCOMPATIBLE_FEATURES,
@@ -118,18 +126,99 @@ class _Allocation:
                                                   (self.data_end, self.tail_to)) if start < stop]
 
 
+def _pread(io: BlockIO, offset: int, length: int, failure: str) -> bytes:
+    """One of qcow2_do_open's reads: a failed one fails the open with QEMU's text."""
+    try:
+        return io.pread(offset, length)
+    except OSError as e:
+        code = e.errno or errno.EIO
+        raise Qcow2Error(f"{failure}: {os.strerror(code)}", -code) from None
+
+
+# the header extensions whose data qcow2_read_extensions reads at open, with its text for a
+# failed read (the feature table is read only to name unsupported features)
+_EXTENSION_READS = {EXT_BACKING_FORMAT: "ERROR: ext_backing_format: Could not read format name",
+                    EXT_CRYPTO: "Unable to read CRYPTO header extension",
+                    EXT_DATA_FILE: "ERROR: Could not read data file name"}
+
+
+@dataclass
+class OpenReads:
+    """What qcow2_do_open reads before the image is usable, read in its order, so that
+    blkdebug rules (and a failing disk) meet the same requests: the header struct, unknown
+    header fields, the L1 table, the refcount table (after REFTABLE_LOAD), each header
+    extension's magic and length and the data QEMU keeps, the backing file name.
+
+    ``cluster0`` holds what was read of the first cluster (zeroes elsewhere: the feature
+    table's data is not read); ``reftable`` is None where nothing can observe the requests
+    (``io.unobserved``), and the table is read on first use."""
+
+    cluster0: bytes
+    l1: bytes
+    reftable: bytes | None
+
+    @classmethod
+    def read(cls, io: BlockIO) -> OpenReads:
+        fixed = _pread(io, 0, HEADER_V3_LENGTH, "Could not read qcow2 header")
+        cluster0 = bytearray(Header.cluster_size_of(fixed))
+        cluster0[:len(fixed)] = fixed
+        # the fixed fields' checks come before any other read (no extension, no name yet)
+        header = Header.parse(bytes(cluster0))
+        if header.header_length > HEADER_V3_LENGTH:
+            cluster0[HEADER_V3_LENGTH:header.header_length] = _pread(
+                io, HEADER_V3_LENGTH, header.header_length - HEADER_V3_LENGTH,
+                "Could not read unknown qcow2 header fields")
+        l1 = _pread(io, header.l1_table_offset, 8 * header.l1_size,
+                    "Could not read L1 table") if header.l1_size else b""
+        reftable = None
+        if not getattr(io, "unobserved", False):
+            io.debug_event("reftable_load")
+            reftable = _pread(io, header.refcount_table_offset,
+                              header.refcount_table_clusters * header.cluster_size,
+                              "Could not initialize refcount handling")
+        backing_offset, backing_size = struct.unpack_from(">QI", fixed, 8)
+        cls._read_extensions(io, header, cluster0, backing_offset or len(cluster0))
+        if backing_offset and backing_size <= min(1023, len(cluster0) - backing_offset):
+            cluster0[backing_offset:backing_offset + backing_size] = _pread(
+                io, backing_offset, backing_size, "Could not read backing file name")
+        return cls(bytes(cluster0), l1, reftable)
+
+    @staticmethod
+    def _read_extensions(io: BlockIO, header: Header, cluster0: bytearray, end: int) -> None:
+        """qcow2_read_extensions' reads (Header.parse decodes and checks what they read)."""
+        offset = header.header_length
+        while offset < end:
+            ext = _pread(io, offset, 8, "qcow2_read_extension: ERROR: pread fail from "
+                                        f"offset {offset}")
+            cluster0[offset:offset + 8] = ext
+            magic, length = struct.unpack(">II", ext)
+            offset += 8
+            if magic == EXT_END or offset > end or length > end - offset:
+                return
+            failure = _EXTENSION_READS.get(magic, "ERROR: unknown extension: Could not read "
+                                                  "data")
+            if magic == EXT_BITMAPS:
+                failure = "bitmaps_ext: Could not read ext header"
+                if length != 24 or not header.autoclear_features & AUTOCLEAR_BITMAPS:
+                    failure = ""
+            if magic != EXT_FEATURE_TABLE and failure:
+                cluster0[offset:offset + length] = _pread(io, offset, length, failure)
+            offset += (length + 7) & ~7
+
+
 class Qcow2Image:
     """An open qcow2 image (version 2 or 3, no internal snapshots, no external data
     file). Version 2 has no zero flag: zero writes and discards unallocate clusters where
     nothing shows through from a backing file, and are refused (-ENOTSUP) where it would."""
 
-    def __init__(self, io: BlockIO, header: Header, *, read_only: bool) -> None:
+    def __init__(self, io: BlockIO, header: Header, *, read_only: bool,
+                 start: OpenReads | None = None) -> None:
         self.io = io
         self.header = header
         self.read_only = read_only
         self.cluster_size = header.cluster_size   # fixed for the life of the image
-        self.refcounts = Refcounts(io, header)
-        self.tables = ClusterTables(io, header, self.refcounts)
+        self.refcounts = Refcounts(io, header, start.reftable if start else None)
+        self.tables = ClusterTables(io, header, self.refcounts, start.l1 if start else None)
         # s->use_lazy_refcounts: the image's feature bit, unless a node option says otherwise
         self.use_lazy_refcounts = bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
         # set by a block node over this image; without one (an image opened on its own,
@@ -190,12 +279,13 @@ class Qcow2Image:
         opened read-write is repaired at once, as qcow2_do_open does; what the repair prints
         goes to ``report`` (by default the stderr of the block graph over ``io``, if any).
         """
-        header = Header.parse(io.pread(0, Header.cluster_size_of(io.pread(0, 24))))
+        start = OpenReads.read(io)
+        header = Header.parse(start.cluster0)
         if header.nb_snapshots:
             raise Qcow2Error("Images with internal snapshots are not supported")
         if not read_only and not check_mode and header.incompatible_features & INCOMPAT_CORRUPT:
             raise Qcow2Error("qcow2: Image is corrupt; cannot be opened read/write")
-        image = cls(io, header, read_only=read_only)
+        image = cls(io, header, read_only=read_only, start=start)
         if not read_only and not check_mode and header.incompatible_features & INCOMPAT_DIRTY:
             image._repair_dirty(report if report is not None else _graph_stderr(io))
         return image

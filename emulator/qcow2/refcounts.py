@@ -111,7 +111,7 @@ def _load_table(raw: bytes) -> array:
 class Refcounts:
     """The refcount structures of one open image."""
 
-    def __init__(self, io: BlockIO, header: Header) -> None:
+    def __init__(self, io: BlockIO, header: Header, table_raw: bytes | None = None) -> None:
         self.io = io
         self.header = header
         self.cluster_bits = header.cluster_bits
@@ -121,7 +121,9 @@ class Refcounts:
         self.block_entries = 1 << self.block_bits
         self.max_refcount = (1 << (1 << self.order)) - 1
         self._table: array | None = None
-        if not getattr(io, "unobserved", False):
+        if table_raw is not None:   # read by qcow2_do_open's sequence (Qcow2Image.open)
+            self._table = _load_table(table_raw)
+        elif not getattr(io, "unobserved", False):
             self._table = self._read_table()   # qcow2_refcount_init: read at open
         self.cache = Qcow2Cache(io, MIN_REFCOUNT_CACHE_SIZE, self.cluster_size,
                                 update_event="refblock_update_part", load_event=None,

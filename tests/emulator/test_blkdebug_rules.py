@@ -190,3 +190,29 @@ def test_json_filenames_keep_qdict_order(tmp_path: Path, definition: dict[str, A
     commands = [c("blockdev-add", **definition), c("query-named-block-nodes")]
     compare_replies(tmp_path, commands, setup=setup)
     assert run_commands(tmp_path / "emu", commands[:1]) == [{"return": {}}]
+
+
+@requires_qemu
+@requires_qemu_img
+@pytest.mark.parametrize("rule", [
+    {"event": "none", "errno": 5},                      # the header struct
+    {"event": "none", "errno": 28, "sector": 384},     # the L1 table (a fresh 64M image's)
+    {"event": "none", "errno": 1, "sector": 128},      # the refcount table
+    {"event": "reftable_load", "errno": 5},            # the event before that read
+    {"event": "reftable_load", "errno": 5, "sector": 384},   # ... which the L1 read precedes
+    {"event": "none", "errno": 5, "sector": 1},        # nothing qcow2 reads at open
+], ids=["header", "l1", "reftable", "reftable-event", "l1-before-reftable", "unread"])
+@pytest.mark.parametrize("backing", [False, True], ids=["", "backing"])
+def test_qcow2_open_reads_meet_rules_in_qemu_order(tmp_path: Path, rule: dict[str, Any],
+                                                   backing: bool) -> None:
+    """qcow2_do_open reads the header, the L1 table, the refcount table (after REFTABLE_LOAD),
+    the header extensions and the backing file name, in that order, each failure with its
+    own text ("Could not read L1 table: No space left on device")."""
+    def setup(d: Path) -> None:
+        create_qcow2(d / "base", "64M")
+        create_qcow2(d / "img", "64M", backing=d / "base" if backing else None)
+    commands = [c("blockdev-add", driver="qcow2", **{"node-name": "top"}, file={
+        "driver": "blkdebug", "inject-error": [rule],
+        "image": {"driver": "file", "filename": "@DIR@/img"}}),
+        c("query-named-block-nodes", flat=True)]
+    compare_replies(tmp_path, commands, setup=setup)
