@@ -8,6 +8,8 @@ bitmap is bit i % 8 of byte i // 8). A 64 MiB disk at 64 KiB granularity is a 10
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,21 +145,47 @@ def load_bitmap(io: BlockIO, entry: DirectoryEntry, image_size: int,
 def store_bitmap(io: BlockIO, refcounts: Refcounts, bitmap: StoredBitmap, image_size: int,
                  cluster_size: int) -> DirectoryEntry:
     """store_bitmap: data clusters for every cluster-sized stretch with a dirty bit, then the
-    bitmap table; returns the directory entry describing them."""
+    bitmap table; returns the directory entry describing them. A failed allocation or write
+    frees what this bitmap got so far (clear_bitmap_table) and raises QEMU's text."""
     nbytes = _data_bytes(image_size, bitmap.granularity)
     data = bitmap.dirty.to_bytes(nbytes, "little")
     table_size = -(-nbytes // cluster_size)
     table = [0] * table_size
-    for k in range(table_size):
-        chunk = data[k * cluster_size:(k + 1) * cluster_size]
-        if chunk.strip(b"\0"):
-            table[k] = refcounts.alloc(cluster_size)
-            io.pwrite(table[k], chunk + bytes(cluster_size - len(chunk)))
-    table_offset = refcounts.alloc(8 * table_size)
-    io.pwrite(table_offset, struct.pack(f">{table_size}Q", *table))
+    table_offset = 0
+    try:
+        for k in range(table_size):
+            chunk = data[k * cluster_size:(k + 1) * cluster_size]
+            if chunk.strip(b"\0"):
+                table[k] = _alloc(refcounts, cluster_size, bitmap.name)
+                _write(io, table[k], chunk + bytes(cluster_size - len(chunk)), bitmap.name)
+        table_offset = _alloc(refcounts, 8 * table_size, bitmap.name)
+        _write(io, table_offset, struct.pack(f">{table_size}Q", *table), bitmap.name)
+    except Qcow2Error:
+        for offset in table:
+            if offset:
+                refcounts.free(offset, cluster_size, "always")
+        if table_offset:
+            refcounts.free(table_offset, 8 * table_size, "other")
+        raise
     flags = (BME_FLAG_IN_USE if bitmap.in_use else 0) | (BME_FLAG_AUTO if bitmap.auto else 0)
     return DirectoryEntry(table_offset, table_size, flags,
                           bitmap.granularity.bit_length() - 1, bitmap.name)
+
+
+def _alloc(refcounts: Refcounts, size: int, name: str) -> int:
+    try:
+        return refcounts.alloc(size)
+    except OSError as e:
+        raise Qcow2Error(f"Failed to allocate clusters for bitmap '{name}': "
+                         f"{os.strerror(e.errno or errno.EIO)}") from None
+
+
+def _write(io: BlockIO, offset: int, data: bytes, name: str) -> None:
+    try:
+        io.pwrite(offset, data)
+    except OSError as e:
+        raise Qcow2Error(f"Failed to write bitmap '{name}' to file: "
+                         f"{os.strerror(e.errno or errno.EIO)}") from None
 
 
 def free_bitmap_clusters(io: BlockIO, refcounts: Refcounts, entry: DirectoryEntry,

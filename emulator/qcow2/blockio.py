@@ -9,7 +9,10 @@ from __future__ import annotations
 import errno
 import functools
 import os
+from collections.abc import Callable
 from typing import Any, Protocol
+
+Report = Callable[[str], object]   # where a library writes what QEMU prints to stderr
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -133,3 +136,19 @@ class FileIO:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def stderr_of(io: Any) -> Report | None:
+    """The process's stderr for a qcow2 node: its block graph's ``warn`` (the tool's stderr
+    under qemu-img and qemu-io, nothing in a VM), reached through the node's file child
+    (a ChildIO); None for an image opened on its own."""
+    bs = getattr(getattr(io, "child", None), "bs", None)
+    warn = getattr(getattr(bs, "graph", None), "warn", None)
+    return warn if callable(warn) else None
+
+
+def report_to(io: Any, line: str) -> None:
+    """error_report()/fprintf(stderr) from the qcow2 code: one line on the node's stderr."""
+    report = stderr_of(io)
+    if report is not None:
+        report(line + "\n")

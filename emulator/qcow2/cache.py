@@ -238,10 +238,13 @@ class Qcow2Cache:
     def set_dependency(self, dependency: Qcow2Cache) -> None:
         """qcow2_cache_set_dependency: ``dependency`` is written before any table of this
         cache (a dependency of the dependency, or another one of this cache, goes now)."""
-        if dependency.depends is not None:
-            dependency._flush_dependency()
-        if self.depends is not None and self.depends is not dependency:
-            self._flush_dependency()
+        try:
+            if dependency.depends is not None:
+                dependency._flush_dependency()
+            if self.depends is not None and self.depends is not dependency:
+                self._flush_dependency()
+        except OSError:   # every caller ignores the error; the dependency is not set
+            return
         self.depends = dependency
 
     def set_depends_on_flush(self) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from emulator.qcow2 import bitmaps as bm
-from emulator.qcow2.blockio import BlockIO
+from emulator.qcow2.blockio import BlockIO, Report, report_to, stderr_of
 from emulator.qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckResult, check_refcounts
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import (
@@ -66,7 +66,6 @@ Backing = Callable[[int, int], bytes]
 """Reads the backing chain: ``backing(offset, length)`` returns the guest data there (a short
 result is padded with zeroes, as reads past the end of a shorter backing file are)."""
 
-Report = Callable[[str], object]
 """Where qcow2's fprintf(stderr, ...) lines go (each ends with a newline)."""
 
 ZeroStatus = Callable[[int, int, bool], bool]
@@ -287,7 +286,7 @@ class Qcow2Image:
             raise Qcow2Error("qcow2: Image is corrupt; cannot be opened read/write")
         image = cls(io, header, read_only=read_only, start=start)
         if not read_only and not check_mode and header.incompatible_features & INCOMPAT_DIRTY:
-            image._repair_dirty(report if report is not None else _graph_stderr(io))
+            image._repair_dirty(report if report is not None else stderr_of(io))
         return image
 
     def _repair_dirty(self, report: Report | None) -> None:
@@ -830,12 +829,31 @@ class Qcow2Image:
                 raise Qcow2Error(f"Bitmap '{bitmap.name}' already exists in the image")
             names.add(bitmap.name)
         old = bm.read_directory(self.io, self.header)
-        entries = [bm.store_bitmap(self.io, self.refcounts, b, self.size, self.cluster_size)
-                   for b in bitmaps]
-        bm.write_directory(self.io, self.refcounts, self.header, entries, self._write_header,
-                           self.flush_caches)
+        entries: list[bm.DirectoryEntry] = []
+        try:
+            for bitmap in bitmaps:
+                entries.append(bm.store_bitmap(self.io, self.refcounts, bitmap, self.size,
+                                               self.cluster_size))
+            self._write_directory(entries)
+        except Qcow2Error:   # the tables stored so far are freed (if they can be read back)
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    bm.free_bitmap_clusters(self.io, self.refcounts, entry, self.cluster_size)
+            raise
         for entry in old:
             bm.free_bitmap_clusters(self.io, self.refcounts, entry, self.cluster_size)
+
+    def _write_directory(self, entries: list[bm.DirectoryEntry]) -> None:
+        """update_ext_header_and_dir; a failure restores the header's bitmap fields."""
+        header = self.header
+        saved = header.bitmaps, header.autoclear_features
+        try:
+            bm.write_directory(self.io, self.refcounts, header, entries, self._write_header,
+                               self.flush_caches)
+        except OSError as e:
+            header.bitmaps, header.autoclear_features = saved
+            raise Qcow2Error("Failed to update bitmap extension: "
+                             f"{os.strerror(e.errno or errno.EIO)}") from None
 
     def check(self, fix: int = 0) -> CheckResult:
         """qcow2_co_check_locked: the refcount check (and, with ``fix``, repair: see
@@ -855,19 +873,23 @@ class Qcow2Image:
             self.header.incompatible_features &= ~INCOMPAT_CORRUPT
             self._write_header()
 
-    def close(self) -> None:
-        """qcow2_inactivate's cache flushes (L2 tables, then refcount blocks; QEMU reports a
-        failure on stderr and closes anyway), then drop the caches; the BlockIO stays open
-        (its owner closes it)."""
+    def close(self, *, bitmaps_lost: bool = False) -> None:
+        """qcow2_inactivate's cache flushes (L2 tables, then refcount blocks; a failure is
+        printed on stderr and the image closes anyway), then qcow2_mark_clean unless
+        something failed (persistent bitmaps lost included); the caches are dropped. The
+        BlockIO stays open (its owner closes it)."""
         if self.tables is None:
             return
-        failed = False
-        for cache in (self.tables.cache, self.refcounts.cache):
+        failed = bitmaps_lost
+        for cache, name in ((self.tables.cache, "L2 table"),
+                            (self.refcounts.cache, "refcount block")):
             try:
                 cache.flush()
-            except OSError:
+            except OSError as e:
                 failed = True
-        if not failed:   # then qcow2_mark_clean
+                report_to(self.io, f"Failed to flush the {name} cache: "
+                                   f"{os.strerror(e.errno or errno.EIO)}")
+        if not failed:
             with contextlib.suppress(OSError):
                 self._mark_clean()
         self.tables = None  # type: ignore[assignment]
@@ -882,15 +904,6 @@ class Qcow2Image:
         if self.read_only:
             raise OSError(1, "Operation not permitted")
         self._check_range(offset, length)
-
-
-def _graph_stderr(io: BlockIO) -> Report | None:
-    """The process's stderr for a qcow2 node: its block graph's ``warn`` (the tool's stderr
-    under qemu-img and qemu-io, nothing in a VM), reached through the node's file child
-    (a ChildIO); None for an image opened on its own."""
-    bs = getattr(getattr(io, "child", None), "bs", None)
-    warn = getattr(getattr(bs, "graph", None), "warn", None)
-    return warn if callable(warn) else None
 
 
 @functools.cache

@@ -11,11 +11,13 @@ cache is flushed or a block must make room for another.
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 import sys
 from array import array
+from errno import EIO
 
-from emulator.qcow2.blockio import BlockIO
+from emulator.qcow2.blockio import BlockIO, report_to
 from emulator.qcow2.cache import MIN_REFCOUNT_CACHE_SIZE, Qcow2Cache
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import OFFSET_REFCOUNT_TABLE, Header
@@ -209,9 +211,13 @@ class Refcounts:
 
     def free(self, offset: int, size: int, kind: str) -> None:
         """qcow2_free_clusters; ``kind`` is the qcow2_discard_type ("never", "always",
-        "request", "snapshot", "other")."""
+        "request", "snapshot", "other"). A failure is printed, not returned: the clusters
+        leak (QEMU's TODO)."""
         self.io.debug_event("cluster_free")
-        self.update(offset, size, -1, kind)
+        try:
+            self.update(offset, size, -1, kind)
+        except OSError as e:
+            report_to(self.io, f"qcow2_free_clusters failed: {os.strerror(e.errno or EIO)}")
 
     def queue_discard(self, offset: int, length: int) -> None:
         """update_refcount_discard: add a freed range to the queue, merged with a queued

@@ -10,6 +10,7 @@ docs/qemu-semantics.md §7 (257's intermediate failure) step by step.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,32 @@ def test_qcow2_open_reads_meet_rules_in_qemu_order(tmp_path: Path, rule: dict[st
         "image": {"driver": "file", "filename": "@DIR@/img"}}),
         c("query-named-block-nodes", flat=True)]
     compare_replies(tmp_path, commands, setup=setup)
+
+
+@requires_qemu
+@requires_qemu_img
+@pytest.mark.parametrize("rule", [
+    {"event": "read_aio", "errno": 5},                  # every read after the first data read
+    {"event": "read_aio", "errno": 28, "iotype": "write"},   # every write
+    {"event": "read_aio", "errno": 5, "sector": 256},    # the refcount block, read at close
+], ids=["reads", "writes", "refcount-block"])
+def test_close_survives_failing_metadata_io(tmp_path: Path, rule: dict[str, Any]) -> None:
+    """qcow2_inactivate stores persistent bitmaps and flushes the caches; a failure is
+    printed ("Lost persistent bitmaps during inactivation of node ...") and blockdev-del
+    still succeeds, the image left as QEMU leaves it."""
+    commands = [
+        c("blockdev-add", driver="qcow2", **{"node-name": "top"}, file={
+            "driver": "blkdebug", "inject-error": [rule],
+            "image": {"driver": "file", "filename": "@DIR@/img"}}),
+        c("block-dirty-bitmap-add", node="top", name="b", persistent=True),
+        c("human-monitor-command", **{"command-line": 'qemu-io top "write -P 7 1M 64k"'}),
+        c("human-monitor-command", **{"command-line": 'qemu-io top "read 0 64k"'}),
+        c("human-monitor-command", **{"command-line": 'qemu-io top "write -P 8 3M 64k"'}),
+        c("blockdev-del", **{"node-name": "top"})]
+
+    def setup(d: Path) -> None:
+        create_qcow2(d / "img", "4M")
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", str(d / "img")],
+                       check=True, capture_output=True)
+    compare_replies(tmp_path, commands, setup=setup)
+    assert (tmp_path / "emu" / "img").read_bytes() == (tmp_path / "qemu" / "img").read_bytes()

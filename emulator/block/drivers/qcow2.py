@@ -14,7 +14,8 @@ blockdev-snapshot-sync); removed from the image at once by block-dirty-bitmap-re
 
 from __future__ import annotations
 
-import contextlib
+import errno
+import os
 from typing import Any, ClassVar
 
 from emulator.block.dirty_bitmap import BdrvDirtyBitmap, ctz
@@ -369,10 +370,18 @@ class Qcow2Node(BlockDriverState):
         """qcow2_close -> qcow2_inactivate: store (and release) bitmaps, close the image."""
         if self.image is None:
             return
+        lost = False
         if self.is_writable():
-            with contextlib.suppress(GenericError):
+            try:
                 self.store_persistent_dirty_bitmaps(release=True)
-        self.image.close()
+            except (GenericError, OSError) as e:
+                lost = True
+                text = e.desc if isinstance(e, GenericError) else \
+                    os.strerror(e.errno or errno.EIO)
+                if self.graph.warn is not None:
+                    self.graph.warn("Lost persistent bitmaps during inactivation of node "
+                                    f"'{self.device_or_node_name()}': {text}\n")
+        self.image.close(bitmaps_lost=lost)
         self.image = None
 
 
