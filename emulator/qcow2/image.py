@@ -472,16 +472,51 @@ class Qcow2Image:
     # -- writing -----------------------------------------------------------------------------
     def write(self, offset: int, data: bytes, backing: Backing | None = None) -> None:
         """qcow2_co_pwritev_part: write in place where clusters are ours, else allocate, with
-        partial clusters completed from their old contents (`backing` for unallocated ones)."""
+        partial clusters completed from their old contents (`backing` for unallocated ones).
+
+        Each host-contiguous stretch is a task of QEMU's pool, started as soon as it is
+        allocated. A task's failure reaches the loop only when the loop itself waits: at
+        once if the task's first request failed without waiting (blkdebug immediately=on),
+        else after the loop has started the next stretch, and the ones after it as long as
+        allocating them needed no I/O. The first failure is the request's."""
         self._check_writable(offset, len(data))
         done = 0
-        while done < len(data):
-            guest = offset + done
-            host, nbytes, allocations = self._alloc_host_offset(guest, len(data) - done)
-            # the whole request in one stretch (the usual case) is written without a copy
-            part = data if nbytes == len(data) else data[done:done + nbytes]
-            self._write_guest_data(host, guest, part, allocations, backing)
-            done += nbytes
+        failure: Exception | None = None
+        aborts: list[list[_Allocation]] = []   # the tasks that failed after a wait
+        try:
+            while done < len(data):
+                failed_before = failure is not None
+                before = self._requests()
+                guest = offset + done
+                host, nbytes, allocations = self._alloc_host_offset(guest, len(data) - done)
+                waited = self._requests() != before
+                # the whole request in one stretch (the usual case) is written without a copy
+                part = data if nbytes == len(data) else data[done:done + nbytes]
+                started = self._requests()
+                try:
+                    self._write_guest_data(host, guest, part, allocations, backing)
+                except (OSError, Qcow2Error) as e:
+                    unlinked = getattr(e, "unlinked", allocations)
+                    at_once = isinstance(e, Qcow2Error) or (
+                        getattr(e, "immediate", False) and self._requests() == started + 1)
+                    if failure is None and (at_once or nbytes == len(data) - done):
+                        self._abort_allocations(unlinked)
+                        raise
+                    aborts.append(unlinked)   # given back when the task ends, after the loop
+                    failure = failure or e
+                done += nbytes
+                if failed_before and waited:
+                    break
+        finally:
+            for unlinked in aborts:
+                self._abort_allocations(unlinked)
+        if failure is not None:
+            raise failure
+
+    def _requests(self) -> int:
+        """How many requests the file got so far (0 where nobody counts: then nothing can
+        fail one at a time either)."""
+        return int(getattr(self.io, "requests", 0))
 
     def _alloc_host_offset(self, guest: int, nbytes: int) -> tuple[int, int, list[_Allocation]]:
         """qcow2_alloc_host_offset: the longest host-contiguous stretch for [guest, +nbytes),
@@ -579,42 +614,59 @@ class Qcow2Image:
         allocation surrounds it, as merge_cow does), copy the other COW regions
         (perform_cow), then link the new clusters into the L2 table."""
         pending: list[_Allocation] = []
-        for alloc in allocations:
-            if not alloc.has_cow:
-                continue
-            if all(self._reads_as_zero(alloc.guest + start, stop - start, backing, fast=True)
-                   for start, stop in alloc.cow_regions()):
-                # handle_alloc_space: the whole clusters zeroed at once, data area included
-                self.io.debug_event("cluster_alloc_space")
-                try:
-                    self.io.pwrite_zeroes(alloc.host + alloc.head_from,
-                                          alloc.tail_to - alloc.head_from)
+        try:
+            for alloc in allocations:
+                if not alloc.has_cow:
                     continue
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOTSUP, errno.EAGAIN):
-                        raise
-            alloc.cow_done = True
-            pending.append(alloc)
-        end = guest + len(data)
-        merged = next((a for a in pending if a.guest + a.data_start == guest
-                       and a.guest + a.data_end == end), None) if pending else None
-        if merged is not None:
-            head = self._cow_read(merged.guest + merged.head_from,
-                                  merged.data_start - merged.head_from, backing)
-            tail = self._cow_read(end, merged.tail_to - merged.data_end, backing)
-            self.io.debug_event("write_aio")
-            self.io.pwrite(merged.host + merged.head_from, head + data + tail)
-            pending.remove(merged)
-        else:
-            self.io.debug_event("write_aio")
-            self.io.pwrite(host, data)
-        for alloc in pending:
-            for start, stop in alloc.cow_regions():
-                contents = self._cow_read(alloc.guest + start, stop - start, backing)
-                self.io.debug_event("cow_write")
-                self.io.pwrite(alloc.host + start, contents)
+                if all(self._reads_as_zero(alloc.guest + start, stop - start, backing,
+                                           fast=True)
+                       for start, stop in alloc.cow_regions()):
+                    # handle_alloc_space: the whole clusters zeroed at once, data included
+                    self.io.debug_event("cluster_alloc_space")
+                    try:
+                        self.io.pwrite_zeroes(alloc.host + alloc.head_from,
+                                              alloc.tail_to - alloc.head_from)
+                        continue
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOTSUP, errno.EAGAIN):
+                            raise
+                alloc.cow_done = True
+                pending.append(alloc)
+            end = guest + len(data)
+            merged = next((a for a in pending if a.guest + a.data_start == guest
+                           and a.guest + a.data_end == end), None) if pending else None
+            if merged is not None:
+                head = self._cow_read(merged.guest + merged.head_from,
+                                      merged.data_start - merged.head_from, backing)
+                tail = self._cow_read(end, merged.tail_to - merged.data_end, backing)
+                self.io.debug_event("write_aio")
+                self.io.pwrite(merged.host + merged.head_from, head + data + tail)
+                pending.remove(merged)
+            else:
+                self.io.debug_event("write_aio")
+                self.io.pwrite(host, data)
+        except (OSError, Qcow2Error) as e:
+            e.unlinked = allocations   # type: ignore[union-attr]
+            raise
+        # qcow2_handle_l2meta: each allocation's COW (perform_cow), then its L2 entries; a
+        # failure aborts that allocation and the ones after it
+        for i, alloc in enumerate(allocations):
+            try:
+                if alloc in pending:
+                    for start, stop in alloc.cow_regions():
+                        contents = self._cow_read(alloc.guest + start, stop - start, backing)
+                        self.io.debug_event("cow_write")
+                        self.io.pwrite(alloc.host + start, contents)
+                self._link_l2(alloc)
+            except (OSError, Qcow2Error) as e:
+                e.unlinked = allocations[i:]   # type: ignore[union-attr]
+                raise
+
+    def _abort_allocations(self, allocations: list[_Allocation]) -> None:
+        """qcow2_alloc_cluster_abort: the new clusters of failed allocations are freed."""
         for alloc in allocations:
-            self._link_l2(alloc)
+            if not alloc.keep_old:
+                self.refcounts.free(alloc.host, alloc.nb_clusters * self.cluster_size, "never")
 
     def _cow_read(self, guest: int, length: int, backing: Backing | None) -> bytes:
         """do_perform_cow_read: the old contents, read through qcow2 itself (past the end of

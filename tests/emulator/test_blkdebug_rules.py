@@ -246,3 +246,32 @@ def test_close_survives_failing_metadata_io(tmp_path: Path, rule: dict[str, Any]
                        check=True, capture_output=True)
     compare_replies(tmp_path, commands, setup=setup)
     assert (tmp_path / "emu" / "img").read_bytes() == (tmp_path / "qemu" / "img").read_bytes()
+
+
+@requires_qemu
+@requires_qemu_img
+@pytest.mark.parametrize("immediately", [False, True])
+@pytest.mark.parametrize("write", [
+    "write -P 0x44 921600 153600",     # new clusters (failing), then guest 1M in place
+    "write -P 0x44 1036288 153600",    # guest 1M in place, then new clusters (failing)
+], ids=["fail-first", "fail-last"])
+def test_split_write_runs_its_stretches_as_tasks(tmp_path: Path, immediately: bool,
+                                                  write: str) -> None:
+    """qcow2_co_pwritev_part starts a task per host stretch; a stretch that fails after a
+    wait (blkdebug's default, immediately=off) does not stop the next one, which writes;
+    one that fails at once does (the image bytes are compared with QEMU's)."""
+    rule = {"event": "none", "errno": 5, "sector": 1152, "immediately": immediately}
+    commands = [
+        c("blockdev-add", driver="qcow2", **{"node-name": "top"}, file={
+            "driver": "blkdebug", "inject-error": [rule],
+            "image": {"driver": "file", "filename": "@DIR@/img"}}),
+        c("human-monitor-command", **{"command-line": f'qemu-io top "{write}"'}),
+        c("blockdev-del", **{"node-name": "top"})]
+
+    def setup(d: Path) -> None:
+        create_qcow2(d / "img", "4M")
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 128k",
+                        "-c", "write -P 0x22 1M 64k", "-c", "write -P 0x33 3M 64k",
+                        str(d / "img")], check=True, capture_output=True)
+    compare_replies(tmp_path, commands, setup=setup)
+    assert (tmp_path / "emu" / "img").read_bytes() == (tmp_path / "qemu" / "img").read_bytes()

@@ -7,7 +7,8 @@ current state: the first inject rule that fires resets the active list, each fir
 rule goes to the head of the active list, and the new state of the set-state rules is applied
 after all ran. A request checks the active rules (head first) for a matching offset and I/O
 type and fails with -errno; ``once`` rules are removed when they fire. ``immediately=false``
-(QEMU yields once before failing) is recorded in :attr:`Rule.immediately` for the job layer.
+(QEMU yields once before failing) is the default; the error carries ``immediate`` so that a
+qcow2 write split into concurrent tasks can tell whether its loop saw the failure at once.
 """
 
 from __future__ import annotations
@@ -195,7 +196,9 @@ class BlkdebugNode(BlockDriverState):
         if rule.once:
             self.active_rules.remove(rule)
             self.rules[rule.event].remove(rule)
-        raise OSError(rule.error, os.strerror(rule.error))
+        error = OSError(rule.error, os.strerror(rule.error))
+        error.immediate = rule.immediately   # type: ignore[attr-defined]
+        raise error
 
     # -- I/O ------------------------------------------------------------------------------------
     def drv_getlength(self) -> int:

@@ -64,17 +64,22 @@ class ChildIO:
         self.child = child
         # no blkdebug below (plain drivers only): nothing sees the requests one by one
         self.unobserved = child.bs is not None and all(bs.plain_io for bs in subtree(child.bs))
+        self.requests = 0   # requests sent so far: where QEMU's coroutine would wait
 
     def pread(self, offset: int, length: int) -> bytes:
+        self.requests += 1
         return self.child.pread(offset, length)
 
     def pwrite(self, offset: int, data: bytes) -> None:
+        self.requests += 1
         self.child.pwrite(offset, data)
 
     def pwrite_zeroes(self, offset: int, length: int) -> None:
+        self.requests += 1
         self.child.pwrite_zeroes(offset, length, BDRV_REQ_NO_FALLBACK)
 
     def pdiscard(self, offset: int, length: int) -> None:
+        self.requests += 1
         self.child.pdiscard(offset, length)
 
     def length(self) -> int:
