@@ -172,6 +172,7 @@ class BlockCopyState:
         self.max_transfer = _align_down(mt, self.cluster_size)
         self.in_flight_bytes = 0
         self.method = COPY_READ_WRITE
+        self.failed_at_once = False   # the last task failed without waiting (see below)
         self.use_copy_range = False
         self.skip_unallocated = False
         self.progress: ProgressMeter | None = None
@@ -326,6 +327,7 @@ class BlockCopyState:
                 self.target.pwrite_zeroes(offset, n, self.write_flags
                                           & ~BDRV_REQ_WRITE_COMPRESSED & ~0x80)
             except OSError as e:
+                self.failed_at_once = getattr(e, "immediate", False)
                 return -(e.errno or errno.EIO), False, method
             return 0, False, method
         if method in (COPY_RANGE_SMALL, COPY_RANGE_FULL):
@@ -341,7 +343,8 @@ class BlockCopyState:
     def _read_write(self, offset: int, n: int) -> tuple[int, bool]:
         try:
             data = self.source.pread(offset, n)
-        except OSError as e:
+        except OSError as e:   # the task's first request: QEMU's task may fail at once
+            self.failed_at_once = getattr(e, "immediate", False)
             return -(e.errno or errno.EIO), True
         try:
             self.target.pwrite(offset, data, self.write_flags & ~0x80
@@ -444,10 +447,13 @@ class BlockCopyState:
                     if in_flight <= 0:
                         self.task_end(task, -errno.ECANCELED)   # never started
                         break
+            self.failed_at_once = False
             ret = self.task_entry(task, cs)
             if ret < 0 and status == 0:
                 status = ret
-                in_flight = cs.max_workers - 1
+                # a task that failed without waiting (blkdebug immediately=on, on its first
+                # request) stops the loop at once; else QEMU's loop had gone on starting tasks
+                in_flight = 0 if self.failed_at_once else cs.max_workers - 1
         if zeroes.ranges:
             ret = zeroes.issue()
             if ret < 0:

@@ -133,3 +133,20 @@ def test_error_policy(tmp_path: Path, name: str) -> None:
 def test_matches_qemu(tmp_path: Path, name: str) -> None:
     qemu, emu = run_both(tmp_path, SCRIPTS[name][0], images)
     assert interesting(emu) == interesting(qemu)
+
+
+@requires_qemu
+@pytest.mark.parametrize("immediately", [False, True])
+@pytest.mark.parametrize("policy", ["report", "stop"])
+def test_a_task_failing_at_once_stops_block_copy(tmp_path: Path, immediately: bool,
+                                                  policy: str) -> None:
+    """block_copy_dirty_clusters starts tasks in a pool and stops when one has failed: a read
+    failing without a wait (blkdebug immediately=on) is seen before the next task starts;
+    after a wait (the default) the loop had gone on, and the progress shows it."""
+    steps = [node("src", event="read_aio", errno=5, sector=640, immediately=immediately),
+             node("dst"),
+             ("cmd", "blockdev-backup", {"device": "src", "target": "dst", "sync": "full",
+                                         "job-id": "j", "on-source-error": policy}),
+             ("rest", "j"), ("cmd", "query-block-jobs", None)]
+    qemu, emu = run_both(tmp_path, steps, images)
+    assert interesting(emu) == interesting(qemu)
