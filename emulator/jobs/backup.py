@@ -10,6 +10,7 @@ at the end the bitmap mode decides between abdicate and reclaim (backup_cleanup_
 from __future__ import annotations
 
 import errno
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -145,10 +146,35 @@ class BackupJob(BlockJob):
                 break
             if action == "stop":
                 yield from self.pause_point()
+                if self.is_cancelled():
+                    yield from self._last_call()
+                    ret = 0
+                    break
             else:
                 yield from self.io_yield()
         self.bg_call = None
         return ret
+
+    def _last_call(self) -> Co:
+        """Cancelled while stopped on an error: backup_loop starts its next block-copy call
+        before it looks at the job again, so the tasks that call starts before it first
+        waits run to the end: one per dirty chunk, up to max-workers, and the one that then
+        waits for a free worker (it starts when one is free); then it is cancelled."""
+        assert self.bcs is not None
+        cs = BlockCopyCallState(0, -(-self.len // self.cluster_size) * self.cluster_size,
+                                max_workers=self.perf.max_workers,
+                                max_chunk=self.perf.max_chunk)
+        started = 0
+
+        def count_task() -> Generator[None, None, None]:
+            nonlocal started
+            started += 1
+            yield from ()
+
+        self.bg_call = cs
+        yield from self.bcs.dirty_clusters(cs, self._sleep,
+                                           lambda: started > cs.max_workers + 1, count_task)
+        return 0
 
     # -- driver hooks -------------------------------------------------------------------
     def _cleanup_sync_bitmap(self, ret: int) -> None:

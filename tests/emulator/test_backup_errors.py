@@ -8,6 +8,7 @@ for ENOSPC) until job-resume; "ignore" retries at once; "enospc" stops on ENOSPC
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,22 @@ def test_a_task_failing_at_once_stops_block_copy(tmp_path: Path, immediately: bo
              ("rest", "j"), ("cmd", "query-block-jobs", None)]
     qemu, emu = run_both(tmp_path, steps, images)
     assert interesting(emu) == interesting(qemu)
+
+
+@requires_qemu
+@pytest.mark.parametrize("workers", [1, 64])
+def test_cancel_while_stopped_runs_the_next_calls_first_tasks(tmp_path: Path,
+                                                               workers: int) -> None:
+    """backup_loop, stopped on an error and then cancelled, starts its next block-copy call
+    before it looks at the job: the tasks that call starts before its first wait still
+    copy (BLOCK_JOB_CANCELLED shows the whole disk done; the target holds the data)."""
+    steps = [node("src", event="read_aio", errno=5, once=True), node("dst"),
+             ("cmd", "blockdev-backup", {"device": "src", "target": "dst", "sync": "full",
+                                         "job-id": "j", "on-source-error": "stop",
+                                         "x-perf": {"max-workers": workers}}),
+             ("rest", "j"), ("cmd", "job-cancel", {"id": "j"}), ("rest", "j")]
+    qemu, emu = run_both(tmp_path, steps, images)
+    assert interesting(emu) == interesting(qemu)
+    compare = subprocess.run(["qemu-img", "compare", str(tmp_path / "qemu" / "dst"),
+                              str(tmp_path / "emu" / "dst")], capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout
