@@ -74,13 +74,21 @@ def run(target: IOTarget, command: str,
         monitor: list[str] | None = None) -> str:
     """Run one qemu-io command line and return everything qemu-io prints for it on stdout;
     with ``monitor``, what it prints with qemu_printf goes there instead."""
+    return run_command(target, command, clock, monitor=monitor)[1]
+
+
+def run_command(target: IOTarget, command: str,
+                clock: Callable[[], float] = time.perf_counter, *,
+                monitor: list[str] | None = None) -> tuple[int, str]:
+    """qemuio_command: (the command's return value, < 0 on failure, as qemu-io's exit status
+    sees it; what it printed)."""
     out = _Output(monitor)
     argv = [word for word in command.split(" ") if word]
     if not argv:
-        return ""
+        return 0, ""
     spec = _COMMANDS.get(argv[0])
     if spec is None:
-        return f'command "{argv[0]}" not found\n'
+        return -errno.EINVAL, f'command "{argv[0]}" not found\n'
     argmin, argmax, handler = spec
     nargs = len(argv) - 1
     if nargs < argmin or (argmax != -1 and nargs > argmax):
@@ -90,12 +98,13 @@ def run(target: IOTarget, command: str,
             expected = f"{argmin} arguments"
         else:
             expected = f"between {argmin} and {argmax} arguments"
-        return f"bad argument count {nargs} to {argv[0]}, expected {expected}\n"
+        return -errno.EINVAL, f"bad argument count {nargs} to {argv[0]}, expected {expected}\n"
     try:
-        handler(target, argv, out, clock)
+        ret = handler(target, argv, out, clock) or 0
     except _CommandError as exc:
         out.append(str(exc))
-    return "".join(out)
+        ret = -errno.EINVAL
+    return ret, "".join(out)
 
 
 # -- numbers ------------------------------------------------------------------------------------
@@ -310,7 +319,7 @@ _WRITE_USAGE = ("write [-bcCfnquz] [-P pattern | -s source_file] off len -- writ
 
 
 def _read(target: IOTarget, argv: list[str], out: list[str],
-          clock: Callable[[], float]) -> None:
+          clock: Callable[[], float]) -> int:
     """read_f."""
     options, operands = _getopt(argv, "bCl:pP:qs:v", _READ_USAGE)
     flags = {letter for letter, _ in options}
@@ -342,15 +351,18 @@ def _read(target: IOTarget, argv: list[str], out: list[str],
     except OSError as exc:
         raise _CommandError(f"read failed: {os.strerror(exc.errno or errno.EIO)}\n") from None
     elapsed = clock() - start
+    ret = 0
     if "P" in flags and data[pattern_offset:pattern_offset + pattern_count] != \
             bytes([pattern]) * pattern_count:
         out.append(f"Pattern verification failed at offset {offset + pattern_offset}, "
                    f"{pattern_count} bytes\n")
+        ret = -errno.EINVAL
     if "q" in flags:
-        return
+        return ret
     if "v" in flags:
         out.append(_dump(data, offset))
     out.append(_report("read", elapsed, offset, count, count, "C" in flags))
+    return ret
 
 
 def _write(target: IOTarget, argv: list[str], out: list[str],
@@ -429,21 +441,24 @@ def _discard(target: IOTarget, argv: list[str], out: list[str],
 
 
 def _flush(target: IOTarget, argv: list[str], out: list[str],
-           clock: Callable[[], float]) -> None:
+           clock: Callable[[], float]) -> int:
     """flush_f: errors are returned to the caller, not printed."""
     try:
         target.flush()
-    except OSError:
-        return
+    except OSError as exc:
+        return -(exc.errno or errno.EIO)
+    return 0
 
 
 def _length(target: IOTarget, argv: list[str], out: list[str],
-            clock: Callable[[], float]) -> None:
+            clock: Callable[[], float]) -> int:
     """length_f."""
     try:
         out.append(_cvtstr(target.length()) + "\n")
     except OSError as exc:
         out.append(f"getlength: {os.strerror(exc.errno or errno.EIO)}\n")
+        return -(exc.errno or errno.EIO)
+    return 0
 
 
 def _info(target: IOTarget, argv: list[str], out: _Output,
@@ -517,7 +532,7 @@ def _alloc(target: IOTarget, argv: list[str], out: list[str],
 
 
 def _map(target: IOTarget, argv: list[str], out: _Output,
-         clock: Callable[[], float]) -> None:
+         clock: Callable[[], float]) -> int:
     """map_f: the image as runs of allocated and unallocated bytes (map_is_allocated
     merges runs of the same answer)."""
     node: Any = getattr(target, "bs", target)
@@ -533,18 +548,20 @@ def _map(target: IOTarget, argv: list[str], out: _Output,
         except OSError as exc:
             _error_report(out, "Failed to get allocation status: "
                                f"{os.strerror(exc.errno or errno.EIO)}")
-            return
+            return -(exc.errno or errno.EIO)
         if not num:
             _error_report(out, "Unexpected end of image")
-            return
+            return -errno.EIO
         out.append(f"{_cvtstr(num)} (0x{num:x}) bytes "
                    f"{'    allocated' if first else 'not allocated'} at offset "
                    f"{_cvtstr(offset)} (0x{offset:x})\n")
         offset += num
         remaining -= num
+    return 0
 
 
-_Handler = Callable[[IOTarget, list[str], _Output, Callable[[], float]], None]
+# a handler returns the command's value (None for 0), < 0 on a failure it printed or not
+_Handler = Callable[[IOTarget, list[str], _Output, Callable[[], float]], "int | None"]
 _COMMANDS: dict[str, tuple[int, int, _Handler]] = {}
 for _names, _argmin, _argmax, _handler in ((("read", "r"), 2, -1, _read),
                                            (("write", "w"), 2, -1, _write),
@@ -574,7 +591,11 @@ def offline(sandbox: Any, filename: str, fmt: str | None, commands: Sequence[str
     except GenericError as e:
         return 1, "".join(printed) + f"qemu-io: can't open device {filename}: {e.desc}\n"
     try:
-        printed.extend(run(blk, command) for command in commands)
-        return 0, "".join(printed)
+        status = 0
+        for command in commands:   # command_loop: a failed command makes the exit status 1
+            ret, text = run_command(blk, command)
+            printed.append(text)
+            status = 1 if ret < 0 else status
+        return status, "".join(printed)
     finally:
         layer.close_all()

@@ -266,3 +266,27 @@ def test_map_and_alloc_print_what_the_real_qemu_io_prints(tmp_path: Path) -> Non
                               capture_output=True, text=True)
         _, mine = qemu_io.offline(Sandbox(tmp_path), "mine-top", "qcow2", [command])
         assert _stable(mine) == _stable(real.stderr + real.stdout), command
+
+
+@requires_qemu_img
+@requires_qemu_io
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("commands", [
+    ["read 0 512"], ["read -P 1 0 512"], ["read -q -P 1 0 512"], ["nosuch"], ["read 0"],
+    ["flush"], ["length"], ["map"], ["info"], ["alloc 0 512"], ["write -z -u 0"],
+    ["read -P 1 0 512", "read 0 512"], ["write -P 7 0 4k", "read -P 7 0 4k"],
+    ["read -P 0 0 512", "discard -x 0 1", "length"],
+])
+def test_exit_status_is_qemu_ios(tmp_path: Path, fmt: str, commands: list[str]) -> None:
+    """command_loop: qemu-io exits 1 when any command returned an error (usage and parse
+    errors, failed I/O, a pattern that does not verify, an unknown command), else 0."""
+    for name in ("real", "mine"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, tmp_path / name, "1M"],
+                       check=True)
+    real = subprocess.run(["qemu-io", "-f", fmt, *(a for c in commands for a in ("-c", c)),
+                           tmp_path / "real"], capture_output=True, text=True)
+    status, printed = qemu_io.offline(Sandbox(tmp_path), "mine", fmt, commands)
+    assert status == real.returncode
+    # stderr is unbuffered, stdout is not: the same lines, interleaved differently
+    assert sorted(_stable(printed).splitlines()) == \
+        sorted(_stable(real.stderr + real.stdout).splitlines())
