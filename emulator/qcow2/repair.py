@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from emulator.qcow2.errors import Qcow2Error
@@ -61,23 +62,8 @@ class Overlaps:
         self.cluster_bits = image.header.cluster_bits
         self.clusters: dict[int, int] = {}        # cluster -> OL_* bits of what is there
         self.empty: list[tuple[int, int]] = []    # (bit, offset) of zero-length regions
-        header = image.header
-        cluster_size = image.cluster_size
-        if header.l1_size:
-            self._add(OL_ACTIVE_L1, header.l1_table_offset, 8 * header.l1_size)
-        if header.refcount_table_clusters:
-            self._add(OL_REFCOUNT_TABLE, header.refcount_table_offset,
-                      header.refcount_table_clusters * cluster_size)
-        for entry in image.tables.l1:
-            if entry & OFFSET_MASK:
-                self._add(OL_ACTIVE_L2, entry & OFFSET_MASK, cluster_size)
-        for offset in image.refcounts.table:
-            if offset:
-                self._add(OL_REFCOUNT_BLOCK, offset, cluster_size)
-        if header.autoclear_features & AUTOCLEAR_BITMAPS:
-            ext = header.bitmaps
-            self._add(OL_BITMAP_DIRECTORY, ext.directory_offset if ext else 0,
-                      ext.directory_size if ext else 0)
+        for bit, offset, length in _metadata(image):
+            self._add(bit, offset, length)
 
     def _add(self, bit: int, offset: int, length: int) -> None:
         if not length:
@@ -118,17 +104,31 @@ def refuse_overlapping_metadata(image: Qcow2Image) -> None:
     """Before a repair writes anything: the structures a repair may rewrite (the L1 table,
     the L2 tables, the refcount blocks) must not overlap other metadata, or QEMU's overlap
     checks could stop the repair midway; such images are refused."""
+    overlaps = Overlaps(image)
+    for bit, offset, length in _metadata(image):
+        if bit in (OL_ACTIVE_L1, OL_ACTIVE_L2, OL_REFCOUNT_BLOCK):
+            overlaps.guard(bit, offset, length)
+
+
+def _metadata(image: Qcow2Image) -> Iterator[tuple[int, int, int]]:
+    """The active metadata qcow2_check_metadata_overlap knows: (OL_* bit, offset, length)."""
     header = image.header
     cluster_size = image.cluster_size
-    overlaps = Overlaps(image)
     if header.l1_size:
-        overlaps.guard(OL_ACTIVE_L1, header.l1_table_offset, 8 * header.l1_size)
+        yield OL_ACTIVE_L1, header.l1_table_offset, 8 * header.l1_size
+    if header.refcount_table_clusters:
+        yield (OL_REFCOUNT_TABLE, header.refcount_table_offset,
+               header.refcount_table_clusters * cluster_size)
     for entry in image.tables.l1:
         if entry & OFFSET_MASK:
-            overlaps.guard(OL_ACTIVE_L2, entry & OFFSET_MASK, cluster_size)
+            yield OL_ACTIVE_L2, entry & OFFSET_MASK, cluster_size
     for offset in image.refcounts.table:
         if offset:
-            overlaps.guard(OL_REFCOUNT_BLOCK, offset, cluster_size)
+            yield OL_REFCOUNT_BLOCK, offset, cluster_size
+    if header.autoclear_features & AUTOCLEAR_BITMAPS:
+        ext = header.bitmaps
+        yield (OL_BITMAP_DIRECTORY, ext.directory_offset if ext else 0,
+               ext.directory_size if ext else 0)
 
 
 def rebuild_refcount_structure(image: Qcow2Image, refs: Imrt) -> None:
