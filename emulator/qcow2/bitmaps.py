@@ -203,19 +203,25 @@ def write_directory(io: BlockIO, refcounts: Refcounts, header: Header,
                     flush_caches: Callable[[], None]) -> None:
     """update_ext_header_and_dir: a new directory and the metadata caches written back,
     the header pointing at it (autoclear bit set while bitmaps exist), then the old
-    directory freed."""
+    directory freed; on a failure the new directory is freed."""
     old = header.bitmaps
     raw = b"".join(entry.pack() for entry in entries)
-    if entries:
-        offset = refcounts.alloc(len(raw))
-        io.pwrite(offset, raw)
-        flush_caches()
-        header.bitmaps = BitmapsExtension(len(entries), len(raw), offset)
-        header.autoclear_features |= AUTOCLEAR_BITMAPS
-    else:
-        header.bitmaps = None
-        header.autoclear_features &= ~AUTOCLEAR_BITMAPS
-    update_header()
+    offset = 0
+    try:
+        if entries:
+            offset = refcounts.alloc(len(raw))
+            io.pwrite(offset, raw)
+            flush_caches()
+            header.bitmaps = BitmapsExtension(len(entries), len(raw), offset)
+            header.autoclear_features |= AUTOCLEAR_BITMAPS
+        else:
+            header.bitmaps = None
+            header.autoclear_features &= ~AUTOCLEAR_BITMAPS
+        update_header()
+    except OSError:   # the new directory is given back (the caller restores the header)
+        if offset:
+            refcounts.free(offset, len(raw), "other")
+        raise
     if old is not None and old.directory_size:
         refcounts.free(old.directory_offset, old.directory_size, "other")
 

@@ -225,7 +225,8 @@ def test_qcow2_open_reads_meet_rules_in_qemu_order(tmp_path: Path, rule: dict[st
     {"event": "read_aio", "errno": 5},                  # every read after the first data read
     {"event": "read_aio", "errno": 28, "iotype": "write"},   # every write
     {"event": "read_aio", "errno": 5, "sector": 256},    # the refcount block, read at close
-], ids=["reads", "writes", "refcount-block"])
+    {"event": "read_aio", "errno": 5, "sector": 0},      # the header: the directory update
+], ids=["reads", "writes", "refcount-block", "header"])
 def test_close_survives_failing_metadata_io(tmp_path: Path, rule: dict[str, Any]) -> None:
     """qcow2_inactivate stores persistent bitmaps and flushes the caches; a failure is
     printed ("Lost persistent bitmaps during inactivation of node ...") and blockdev-del
