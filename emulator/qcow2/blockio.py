@@ -30,19 +30,31 @@ def _fallocate() -> Any:
     return fallocate
 
 
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """do_fallocate: fallocate(2) with ``mode``; 0 or -errno (-ENOTSUP where the C library
+    has no fallocate or the file system does not do ``mode``)."""
+    call = _fallocate()
+    if call is None:
+        return -errno.ENOTSUP
+    if call(fd, mode, offset, length) == 0:
+        return 0
+    import ctypes
+    err = ctypes.get_errno()
+    return -(errno.ENOTSUP if err == errno.EOPNOTSUPP else err)
+
+
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """file-posix's discard, fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): the
     range reads as zeroes. False if the file system can't (QEMU then stops asking)."""
-    fallocate = _fallocate()
-    if fallocate is None:
+    ret = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    if ret == -errno.ENOTSUP:
         return False
-    if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-        return True
-    import ctypes
-    err = ctypes.get_errno()
-    if err in (errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err))
+    if ret < 0:
+        raise OSError(-ret, os.strerror(-ret))
+    return True
 
 
 class BlockIO(Protocol):

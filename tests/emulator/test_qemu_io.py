@@ -290,3 +290,30 @@ def test_exit_status_is_qemu_ios(tmp_path: Path, fmt: str, commands: list[str]) 
     # stderr is unbuffered, stdout is not: the same lines, interleaved differently
     assert sorted(_stable(printed).splitlines()) == \
         sorted(_stable(real.stderr + real.stdout).splitlines())
+
+
+@requires_qemu_img
+@requires_qemu_io
+@pytest.mark.parametrize("fmt,commands", [
+    ("qcow2", ["write -P 0x33 3M 512"]),                  # handle_alloc_space: ZERO_RANGE
+    ("qcow2", ["write -P 1 0 1M", "write -z -u 0 1M"]),   # zero flag and discards
+    ("raw", ["write -P 1 0 1M", "write -z 64k 128k"]),   # FALLOC_FL_ZERO_RANGE
+    ("raw", ["write -P 1 0 1M", "write -z -u 64k 128k"]),   # MAY_UNMAP: a hole
+    ("raw", ["write -P 1 0 64k", "write -z 3M 1M"]),      # the file's last MiB
+])
+def test_zero_writes_allocate_as_file_posix_does(tmp_path: Path, fmt: str,
+                                                 commands: list[str]) -> None:
+    """handle_aiocb_write_zeroes(_unmap): the same bytes, and the same blocks allocated
+    (what SEEK_DATA, qemu-img map and actual-size see)."""
+    for name in ("real", "mine"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, tmp_path / name, "4M"],
+                       check=True)
+    subprocess.run(["qemu-io", "-f", fmt, *(a for c in commands for a in ("-c", c)),
+                    tmp_path / "real"], check=True, capture_output=True)
+    assert qemu_io.offline(Sandbox(tmp_path), "mine", fmt, commands)[0] == 0
+    assert (tmp_path / "mine").read_bytes() == (tmp_path / "real").read_bytes()
+    maps = [subprocess.run(["qemu-img", "map", "--output=json", "-f", fmt, tmp_path / name],
+                           capture_output=True, text=True, check=True).stdout
+            for name in ("real", "mine")]
+    assert maps[1] == maps[0]
+    assert (tmp_path / "mine").stat().st_blocks == (tmp_path / "real").stat().st_blocks

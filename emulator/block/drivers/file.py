@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from emulator.block.drivers import register
 from emulator.block.errors import GenericError
+from emulator.block.flags import BDRV_REQ_MAY_UNMAP
 from emulator.block.node import (
     BDRV_BLOCK_DATA,
     BDRV_BLOCK_OFFSET_VALID,
@@ -21,7 +22,13 @@ from emulator.block.node import (
     BlockDriverState,
     BlockStatus,
 )
-from emulator.qcow2.blockio import punch_hole
+from emulator.qcow2.blockio import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+    punch_hole,
+)
 
 # bdrv_open_common's text for a driver with .bdrv_needs_filename given none
 NEEDS_FILENAME = "The 'file' block driver requires a file name"
@@ -36,6 +43,8 @@ class FileNode(BlockDriverState):
     fd: int = -1
     file_length: int = 0   # the host file's length, kept by this node (see drv_getlength)
     has_discard: bool = True   # until the host file system says it can't punch holes
+    has_write_zeroes: bool = True   # ... can't FALLOC_FL_ZERO_RANGE
+    has_fallocate: bool = True      # ... can't fallocate at all
 
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
         filename = options["filename"]
@@ -90,16 +99,51 @@ class FileNode(BlockDriverState):
         self.file_length = max(self.file_length, offset + written)
 
     def drv_pwrite_zeroes(self, offset: int, length: int, flags: int) -> None:
-        size = self.file_length
-        if offset >= size:
-            self.drv_truncate(offset + length)
-            return
-        end = min(offset + length, size)
-        step = 1 << 20
-        for o in range(offset, end, step):
-            self.drv_pwritev(o, bytes(min(step, end - o)), 0)
-        if offset + length > size:
-            self.drv_truncate(offset + length)
+        """raw_do_pwrite_zeroes: with BDRV_REQ_MAY_UNMAP the range is punched out
+        (handle_aiocb_write_zeroes_unmap), else, or where that fails,
+        handle_aiocb_write_zeroes: FALLOC_FL_ZERO_RANGE (blocks allocated, reading as
+        zeroes), punching a hole and allocating it again, fallocate(0) past the end; where
+        the file system does none, -ENOTSUP and the block layer writes zero buffers."""
+        if flags & BDRV_REQ_MAY_UNMAP:
+            ret = fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                            length)
+            if ret == 0:
+                return
+            if ret not in (-errno.ENOTSUP, -errno.EINVAL, -errno.EBUSY):
+                raise OSError(-ret, os.strerror(-ret))
+        if self.has_write_zeroes:
+            ret = fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length)
+            if ret == -errno.ENOTSUP:
+                self.has_write_zeroes = False
+            elif ret != -errno.EINVAL:
+                self._allocated(ret, offset + length)
+                return
+        if self.has_discard and self.has_fallocate:
+            ret = fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                            length)
+            if ret == 0:
+                ret = fallocate(self.fd, 0, offset, length)
+                if ret != -errno.ENOTSUP:
+                    self._allocated(ret, offset + length)
+                    return
+                self.has_fallocate = False
+            elif ret == -errno.ENOTSUP:
+                self.has_discard = False
+            elif ret != -errno.EINVAL:
+                raise OSError(-ret, os.strerror(-ret))
+        if self.has_fallocate and offset >= self.file_length:
+            ret = fallocate(self.fd, 0, offset, length)
+            if ret != -errno.ENOTSUP:
+                self._allocated(ret, offset + length)
+                return
+            self.has_fallocate = False
+        raise NotImplementedError
+
+    def _allocated(self, ret: int, end: int) -> None:
+        """After an fallocate without KEEP_SIZE: an error, or a file that may have grown."""
+        if ret < 0:
+            raise OSError(-ret, os.strerror(-ret))
+        self.file_length = max(self.file_length, end)
 
     def drv_truncate(self, length: int) -> None:
         os.ftruncate(self.fd, length)
