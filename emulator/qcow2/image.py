@@ -205,6 +205,16 @@ class OpenReads:
             offset += (length + 7) & ~7
 
 
+class _TaskFailed(Exception):
+    """A write stretch's task failed: its error, and the allocations it did not link (given
+    back by qcow2_alloc_cluster_abort when the task ends)."""
+
+    def __init__(self, error: OSError | Qcow2Error, unlinked: list[_Allocation]) -> None:
+        super().__init__(error)
+        self.error = error
+        self.unlinked = unlinked
+
+
 class Qcow2Image:
     """An open qcow2 image (version 2 or 3, no internal snapshots, no external data
     file). Version 2 has no zero flag: zero writes and discards unallocate clusters where
@@ -495,14 +505,14 @@ class Qcow2Image:
                 started = self._requests()
                 try:
                     self._write_guest_data(host, guest, part, allocations, backing)
-                except (OSError, Qcow2Error) as e:
-                    unlinked = getattr(e, "unlinked", allocations)
+                except _TaskFailed as task:
+                    e = task.error
                     at_once = isinstance(e, Qcow2Error) or (
                         getattr(e, "immediate", False) and self._requests() == started + 1)
                     if failure is None and (at_once or nbytes == len(data) - done):
-                        self._abort_allocations(unlinked)
-                        raise
-                    aborts.append(unlinked)   # given back when the task ends, after the loop
+                        self._abort_allocations(task.unlinked)
+                        raise e from None
+                    aborts.append(task.unlinked)   # given back when the task ends
                     failure = failure or e
                 done += nbytes
                 if failed_before and waited:
@@ -646,8 +656,7 @@ class Qcow2Image:
                 self.io.debug_event("write_aio")
                 self.io.pwrite(host, data)
         except (OSError, Qcow2Error) as e:
-            e.unlinked = allocations   # type: ignore[union-attr]
-            raise
+            raise _TaskFailed(e, allocations) from e
         # qcow2_handle_l2meta: each allocation's COW (perform_cow), then its L2 entries; a
         # failure aborts that allocation and the ones after it
         for i, alloc in enumerate(allocations):
@@ -659,8 +668,7 @@ class Qcow2Image:
                         self.io.pwrite(alloc.host + start, contents)
                 self._link_l2(alloc)
             except (OSError, Qcow2Error) as e:
-                e.unlinked = allocations[i:]   # type: ignore[union-attr]
-                raise
+                raise _TaskFailed(e, allocations[i:]) from e
 
     def _abort_allocations(self, allocations: list[_Allocation]) -> None:
         """qcow2_alloc_cluster_abort: the new clusters of failed allocations are freed."""
