@@ -2,11 +2,14 @@
 emulator and to real QEMU 7.2, and their replies, events and bitmap listings must agree.
 
 A hypothesis state machine (bitmaps, transactions, guest writes, nodes, backup jobs and job
-verbs) drives both backends through the harness's Backend interface
-(qemu.qmp clients on both sides). Two inputs are left out because they crash QEMU 7.2.22
-with SIGSEGV (both found by this test; see docs/qemu-semantics.md §4): a merge with an empty
-source list, and a transaction that enables a bitmap that does not exist; what the emulator
-answers instead is pinned by tests/emulator/test_bitmap_qmp.py::test_qemu_crashes_are_not_copied.
+verbs, and a qcow2 node over blkdebug with random inject-error and set-state rules that
+guest writes, flushes and backups run into, as 257 does) drives both backends through the
+harness's Backend interface (qemu.qmp clients on both sides). Two inputs are left out
+because they crash QEMU 7.2.22 with SIGSEGV (both found by this test; see
+docs/qemu-semantics.md §4): a merge with an empty source list, and a transaction that
+enables a bitmap that does not exist; what the emulator answers instead is pinned by
+tests/emulator/test_bitmap_qmp.py::test_qemu_crashes_are_not_copied. A backup that ignores
+an error which never goes away is left out too: it retries for ever, in QEMU as well.
 Any divergence this test finds becomes such a regression test and a fix in the emulator.
 """
 
@@ -33,7 +36,24 @@ from tests.conftest import requires_qemu
 
 pytestmark = [requires_qemu, pytest.mark.slow]
 
-NODES = st.sampled_from(["drive0", "drive0", "drive0", "v2", "null0", "nosuchnode"])
+NODES = st.sampled_from(["drive0", "drive0", "drive0", "v2", "null0", "dbg", "nosuchnode"])
+# blkdebug: events the qcow2 driver above it and the request layer raise, and the rules
+DEBUG_EVENTS = st.sampled_from(["read_aio", "read_aio", "write_aio", "write_aio",
+                                "flush_to_disk", "cluster_alloc", "l2_update", "cow_read",
+                                "cow_write", "refblock_alloc", "l2_alloc_write", "none",
+                                "reftable_load"])
+INJECT_RULES = st.lists(st.fixed_dictionaries(
+    {"event": DEBUG_EVENTS, "errno": st.sampled_from([5, 5, 28, 1])},
+    optional={"once": st.booleans(), "immediately": st.booleans(),
+              # host sectors of the faulty image: header, refcount table and block, L1, L2,
+              # its data clusters (0x50000-0x8ffff), clusters guest writes allocate
+              "sector": st.sampled_from([0, 128, 256, 384, 512, 640, 700, 768, 896, 1024,
+                                         1152, 1280, 1500]),
+              "iotype": st.sampled_from(["read", "write", "write-zeroes", "flush"]),
+              "state": st.sampled_from([1, 2])}), min_size=1, max_size=2)
+SET_STATE_RULES = st.lists(st.fixed_dictionaries(
+    {"event": DEBUG_EVENTS, "new_state": st.sampled_from([1, 2])},
+    optional={"state": st.sampled_from([1, 2])}), max_size=2)
 NAMES = st.sampled_from(["a", "b", "c", "a", ""])
 GRANULARITIES = st.sampled_from([None, None, 512, 4096, 65536, 1 << 20, 1000, 256, 1 << 31])
 OPT_BOOL = st.sampled_from([None, True, False])
@@ -69,6 +89,10 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
             self.run(backend.qemu_img("create", "-f", "qcow2", str(d / "img"), str(SIZE)))
             self.run(backend.qemu_img("create", "-f", "qcow2", "-o", "compat=0.10",
                                       str(d / "v2"), str(SIZE)))
+            self.run(backend.qemu_img("create", "-f", "qcow2", str(d / "faulty"), str(SIZE)))
+            self.run(backend.qemu_io("qcow2", str(d / "faulty"), "write -P 0x11 0 128k",
+                                     "write -P 0x22 1M 64k", "write -z 2M 64k",
+                                     "write -P 0x33 3M 512"))
             self.run(backend.start(VmConfig()))
         self.both("blockdev-add", {"driver": "qcow2", "node-name": "drive0",
                                    "file": {"driver": "file", "filename": "DIR/img"}})
@@ -78,6 +102,9 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
                                    "file": {"driver": "file", "filename": "DIR/v2"}})
         self.both("blockdev-add", {"driver": "null-co", "node-name": "null0", "size": SIZE})
         self.has_null = True
+        self.has_dbg = False
+        self.dbg_permanent = False
+        self.backup_targets: set[str] = set()   # the images backups wrote to
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -99,15 +126,17 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
                 self.run(backend.shutdown())   # quit: every cache written back
                 self.run(backend.close())
             self.loop.close()
-            # drive0: QEMU's bytes, cluster for cluster, once both closed. v2 may be a
-            # backup's target, whose host layout QEMU's block-copy workers make differently
-            # from run to run (thread-pool completion order): its guest data must match
-            img = [d / "img" for d in self.dirs]
-            assert img[0].read_bytes() == img[1].read_bytes()
-            compare = subprocess.run(["qemu-img", "compare",
-                                      *(str(d / "v2") for d in self.dirs)],
-                                     capture_output=True, text=True)
-            assert compare.returncode == 0, compare.stdout + compare.stderr
+            # An image no backup wrote to: QEMU's bytes, cluster for cluster, once both
+            # closed. A backup target's host layout QEMU's block-copy workers make
+            # differently from run to run (thread-pool completion order): its guest data
+            # must match
+            for name in ("img", "v2", "faulty"):
+                files = [d / name for d in self.dirs]
+                if name not in self.backup_targets:
+                    assert files[0].read_bytes() == files[1].read_bytes(), name
+                compare = subprocess.run(["qemu-img", "compare", *map(str, files)],
+                                         capture_output=True, text=True)
+                assert compare.returncode == 0, compare.stdout + compare.stderr
         finally:   # a failing example leaves nothing behind either
             for d in self.dirs:
                 shutil.rmtree(d, ignore_errors=True)
@@ -160,6 +189,7 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
           sectors=st.sampled_from([1, 8, 128, 129, 300]), node=NODES)
     def write(self, pattern: int, sector: int, sectors: int, node: str) -> None:
         length = min(sectors, SIZE // 512 - sector) * 512
+        assume(node != "dbg" or one_cluster(sector, length))
         self.both("human-monitor-command", {
             "command-line": f'qemu-io {node} "write -P 0x{pattern:02x} {sector * 512} {length}"'})
 
@@ -168,6 +198,7 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
           verb=st.sampled_from(["write -z", "write -z -u", "discard"]))
     def zero(self, node: str, sector: int, sectors: int, verb: str) -> None:
         length = min(sectors, SIZE // 512 - sector) * 512
+        assume(node != "dbg" or one_cluster(sector, length))
         self.both("human-monitor-command", {
             "command-line": f'qemu-io {node} "{verb} {sector * 512} {length}"'})
 
@@ -178,25 +209,70 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
                                            "size": size})
         self.has_null = "return" in reply
 
-    @rule(node=st.sampled_from(["null0", "drive0", "nosuchnode", "cbw"]))
+    @rule(node=st.sampled_from(["null0", "drive0", "dbg", "nosuchnode", "cbw"]))
     def delete(self, node: str) -> None:
         reply = self.both("blockdev-del", {"node-name": node})
         if "return" in reply and node == "null0":
             self.has_null = False
+        if "return" in reply and node == "dbg":
+            self.has_dbg = False
+
+    # -- fault injection ---------------------------------------------------------------------
+    @precondition(lambda self: not self.has_dbg)
+    @rule(inject=INJECT_RULES, set_state=SET_STATE_RULES)
+    def add_dbg(self, inject: list[dict[str, Any]], set_state: list[dict[str, Any]]) -> None:
+        """A qcow2 node over blkdebug: its rules fail guest writes, flushes and backups."""
+        blkdebug: dict[str, Any] = {"driver": "blkdebug", "inject-error": inject,
+                                    "image": {"driver": "file", "filename": "DIR/faulty"}}
+        if set_state:
+            blkdebug["set-state"] = set_state
+        reply = self.both("blockdev-add", {"driver": "qcow2", "node-name": "dbg",
+                                           "file": blkdebug})
+        self.has_dbg = "return" in reply
+        self.dbg_permanent = any(not r.get("once") for r in inject)
+
+    @rule(inject=INJECT_RULES, set_state=SET_STATE_RULES,
+          sync=st.sampled_from(["full", "top", "bitmap"]),
+          dest=st.sampled_from(["null0", "v2", "drive0"]),
+          on_error=st.sampled_from([None, "report", "ignore", "stop", "enospc"]))
+    def faulty_backup(self, inject: list[dict[str, Any]], set_state: list[dict[str, Any]],
+                      sync: str, dest: str, on_error: str | None) -> None:
+        """A backup of a node over fresh blkdebug rules (what 257 does, at random)."""
+        if self.has_dbg:
+            self.delete("dbg")
+        self.add_dbg(inject, set_state)
+        if sync == "bitmap":
+            self.add("dbg", "fb", None, None, None)
+            self.write(0x44, 1800, 100, "dbg")
+        self.backup(sync, "fb" if sync == "bitmap" else None, None, None, None, "dbg", dest,
+                    None, on_error)
+
+    @rule(node=NODES)
+    def flush(self, node: str) -> None:
+        self.both("human-monitor-command", {"command-line": f'qemu-io {node} "flush"'})
 
     # -- jobs --------------------------------------------------------------------------------
     @rule(sync=st.sampled_from(["full", "full", "top", "bitmap", "incremental"]),
           bitmap=st.sampled_from([None, None, "a", "b"]),
           mode=st.sampled_from([None, None, "on-success", "always", "never"]),
           finalize=OPT_BOOL, dismiss=OPT_BOOL,
-          dest=st.sampled_from(["null0", "null0", "null0", "drive0", "v2"]),
-          filter_name=st.sampled_from([None, "cbw"]))
+          source=st.sampled_from(["drive0", "dbg", "dbg"]),
+          dest=st.sampled_from(["null0", "null0", "null0", "drive0", "v2", "dbg"]),
+          filter_name=st.sampled_from([None, "cbw"]),
+          on_error=st.sampled_from([None, None, "report", "ignore", "stop", "enospc"]))
     def backup(self, sync: str, bitmap: str | None, mode: str | None, finalize: bool | None,
-               dismiss: bool | None, dest: str, filter_name: str | None) -> None:
-        args = {"job-id": "j", "device": "drive0", "target": dest, "sync": sync,
+               dismiss: bool | None, source: str, dest: str, filter_name: str | None,
+               on_error: str | None) -> None:
+        # a job that ignores an error which never goes away retries for ever, in QEMU too
+        # (25,000 BLOCK_JOB_ERROR events a second)
+        assume(not (on_error == "ignore" and self.dbg_permanent and "dbg" in (source, dest)))
+        args = {"job-id": "j", "device": source, "target": dest, "sync": sync,
                 "bitmap": bitmap, "bitmap-mode": mode, "auto-finalize": finalize,
-                "auto-dismiss": dismiss, "filter-node-name": filter_name}
+                "auto-dismiss": dismiss, "filter-node-name": filter_name,
+                "on-source-error": on_error, "on-target-error": on_error}
         reply = self.both("blockdev-backup", {k: v for k, v in args.items() if v is not None})
+        if "return" in reply:
+            self.backup_targets.add({"drive0": "img", "dbg": "faulty"}.get(dest, dest))
         event("backup started" if "return" in reply else "backup refused")
         self.same_events()
 
@@ -211,6 +287,9 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
         """Both backends' events until their jobs rest: the same list, in the same order."""
         lists = [self.run(self.events_until_quiet(b)) for b in self.backends]
         assert lists[0] == lists[1], f"events: qemu {lists[0]} != emulator {lists[1]}"
+        for e in lists[0]:
+            if e["event"] == "BLOCK_JOB_ERROR" or "error" in e.get("data", {}):
+                event(f"{e['event']} {e['data'].get('error', e['data'].get('action'))}")
 
     async def events_until_quiet(self, backend: Backend) -> list[Any]:
         moving = {"created", "running", "waiting", "aborting"}
@@ -230,6 +309,14 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
     @invariant()
     def same_bitmap_listing(self) -> None:
         self.listing = self.both("query-named-block-nodes", {}).get("return", [])
+
+
+def one_cluster(sector: int, length: int) -> bool:
+    """A guest write inside one cluster is one qcow2 task. A longer one may be several
+    stretches, which QEMU runs as concurrent tasks (each to its first I/O before the next
+    starts) and the emulator one after the other: blkdebug rules armed by an event would see
+    the order differ (docs/qemu-semantics.md §20 says what is and is not emulated)."""
+    return sector * 512 // 65536 == (sector * 512 + length - 1) // 65536
 
 
 def normalize_in(arguments: Any, directory: str) -> Any:
