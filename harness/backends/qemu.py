@@ -25,6 +25,7 @@ from qemu.qmp import QMPClient
 
 from harness.backends.base import Backend, ToolResult, VmConfig, wait_process
 from harness.errors import BackendError
+from harness.orphans import die_with_parent
 
 Json = Any
 
@@ -102,7 +103,8 @@ class QemuBackend(Backend):
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     *self.command_line(vm, sock), stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log, stderr=asyncio.subprocess.STDOUT)
+                    stdout=log, stderr=asyncio.subprocess.STDOUT,
+                    preexec_fn=die_with_parent())
             except OSError as exc:
                 raise BackendError(f"{self.binary}: cannot start: {exc.strerror}; "
                                    f"{DEBIAN_HINT}") from None
@@ -160,7 +162,7 @@ class QemuBackend(Backend):
     async def run_tool(self, *argv: str) -> ToolResult:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
+            stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent())
         out, _ = await proc.communicate()
         return ToolResult(proc.returncode or 0, out.decode(errors="replace"), tuple(argv))
 

@@ -4,8 +4,13 @@ no process or test directory is left behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from harness.backends.qemu import QemuBackend
@@ -55,3 +60,47 @@ def test_sigkill_mid_section_fails_only_that_section() -> None:
         assert b.proc is not None and not Path(f"/proc/{b.proc.pid}").exists()
         assert not b.test_dir.exists()
         assert b.first_sock_dir is not None and not Path(b.first_sock_dir).exists()
+
+
+HARNESS = """
+import asyncio, sys, tempfile
+from pathlib import Path
+from harness.backends.base import VmConfig
+from harness.backends.qemu import QemuBackend
+
+async def main():
+    backend = QemuBackend(Path(tempfile.mkdtemp(prefix="qmpreplay-orphan-")))
+    await backend.start(VmConfig())
+    print(backend.proc.pid, backend.test_dir, backend.sock_dir, flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_a_killed_harness_takes_its_qemu_with_it() -> None:
+    """SIGKILL (or the OOM killer) gives the harness no chance to stop QEMU: the kernel
+    does it (PR_SET_PDEATHSIG), so no QEMU is left running, flooding a socket nobody reads."""
+    harness = subprocess.Popen([sys.executable, "-c", HARNESS], stdout=subprocess.PIPE,
+                               text=True)
+    assert harness.stdout is not None
+    pid, test_dir, sock_dir = harness.stdout.readline().split()
+    try:
+        os.kill(int(pid), 0)                 # QEMU runs
+        harness.kill()
+        harness.wait()
+        for _ in range(100):
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                break
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z":
+                break                        # dead, waiting for init to reap it
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"QEMU {pid} outlived the harness")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+        shutil.rmtree(test_dir, ignore_errors=True)
+        shutil.rmtree(sock_dir, ignore_errors=True)
