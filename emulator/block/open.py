@@ -108,19 +108,17 @@ def _flattens(value: Any) -> bool:
 
 
 def _flatten_into(order: list[str], value: Any, prefix: str) -> None:
-    """qdict_flatten_qdict / qdict_flatten_qlist below the top level."""
-    if isinstance(value, dict) and value:
-        for key in qdict_keys(value):
-            if _flattens(value[key]):
-                _flatten_into(order, value[key], f"{prefix}.{key}")
-            else:
-                order.append(f"{prefix}.{key}")
-    elif isinstance(value, list) and value:
-        for i, item in enumerate(value):
-            if _flattens(item):
-                _flatten_into(order, item, f"{prefix}.{i}")
-            else:
-                order.append(f"{prefix}.{i}")
+    """qdict_flatten_qdict / qdict_flatten_qlist below the top level: a dict's members in
+    QDict order, a list's in list order; non-empty dicts and lists recursively."""
+    if not _flattens(value):
+        return
+    members = [(k, value[k]) for k in qdict_keys(value)] if isinstance(value, dict) \
+        else list(enumerate(value))
+    for key, member in members:
+        if _flattens(member):
+            _flatten_into(order, member, f"{prefix}.{key}")
+        else:
+            order.append(f"{prefix}.{key}")
 
 
 def extract_order(order: list[str], child: str) -> list[str]:

@@ -127,10 +127,7 @@ class BackupJob(BlockJob):
         assert self.bcs is not None
         ret = 0
         while True:
-            cs = BlockCopyCallState(0, -(-self.len // self.cluster_size) * self.cluster_size,
-                                    max_workers=self.perf.max_workers,
-                                    max_chunk=self.perf.max_chunk)
-            self.bg_call = cs
+            cs = self._new_call()
             yield from self.bcs.run_call(cs, self._sleep, self.is_cancelled,
                                          self._before_task)
             if self.is_cancelled() or cs.succeeded():
@@ -155,15 +152,20 @@ class BackupJob(BlockJob):
         self.bg_call = None
         return ret
 
+    def _new_call(self) -> BlockCopyCallState:
+        """block_copy_async over the whole disk (job->bg_bcs_call)."""
+        self.bg_call = BlockCopyCallState(
+            0, -(-self.len // self.cluster_size) * self.cluster_size,
+            max_workers=self.perf.max_workers, max_chunk=self.perf.max_chunk)
+        return self.bg_call
+
     def _last_call(self) -> Co:
         """Cancelled while stopped on an error: backup_loop starts its next block-copy call
         before it looks at the job again, so the tasks that call starts before it first
         waits run to the end: one per dirty chunk, up to max-workers, and the one that then
         waits for a free worker (it starts when one is free); then it is cancelled."""
         assert self.bcs is not None
-        cs = BlockCopyCallState(0, -(-self.len // self.cluster_size) * self.cluster_size,
-                                max_workers=self.perf.max_workers,
-                                max_chunk=self.perf.max_chunk)
+        cs = self._new_call()
         started = 0
 
         def count_task() -> Generator[None, None, None]:
@@ -171,7 +173,6 @@ class BackupJob(BlockJob):
             started += 1
             yield from ()
 
-        self.bg_call = cs
         yield from self.bcs.dirty_clusters(cs, self._sleep,
                                            lambda: started > cs.max_workers + 1, count_task)
         return 0

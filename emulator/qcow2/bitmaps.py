@@ -203,8 +203,10 @@ def write_directory(io: BlockIO, refcounts: Refcounts, header: Header,
                     flush_caches: Callable[[], None]) -> None:
     """update_ext_header_and_dir: a new directory and the metadata caches written back,
     the header pointing at it (autoclear bit set while bitmaps exist), then the old
-    directory freed; on a failure the new directory is freed."""
+    directory freed; on a failure the new directory is freed, the header fields restored
+    and QEMU's "Failed to update bitmap extension" raised."""
     old = header.bitmaps
+    saved = old, header.autoclear_features
     raw = b"".join(entry.pack() for entry in entries)
     offset = 0
     try:
@@ -218,10 +220,12 @@ def write_directory(io: BlockIO, refcounts: Refcounts, header: Header,
             header.bitmaps = None
             header.autoclear_features &= ~AUTOCLEAR_BITMAPS
         update_header()
-    except OSError:   # the new directory is given back (the caller restores the header)
+    except OSError as e:   # the new directory is given back, the header fields restored
         if offset:
             refcounts.free(offset, len(raw), "other")
-        raise
+        header.bitmaps, header.autoclear_features = saved
+        raise Qcow2Error("Failed to update bitmap extension: "
+                         f"{os.strerror(e.errno or errno.EIO)}") from None
     if old is not None and old.directory_size:
         refcounts.free(old.directory_offset, old.directory_size, "other")
 

@@ -37,7 +37,6 @@ from emulator.qcow2.header import (
     EXT_DATA_FILE,
     EXT_END,
     EXT_FEATURE_TABLE,
-    HEADER_V2_LENGTH,
     HEADER_V3_LENGTH,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
@@ -65,8 +64,6 @@ QCOW_MAX_L1_SIZE = 1 << 25
 Backing = Callable[[int, int], bytes]
 """Reads the backing chain: ``backing(offset, length)`` returns the guest data there (a short
 result is padded with zeroes, as reads past the end of a shorter backing file are)."""
-
-"""Where qcow2's fprintf(stderr, ...) lines go (each ends with a newline)."""
 
 ZeroStatus = Callable[[int, int, bool], bool]
 """The block layer's answer to "does [offset, +length) of this node read as zeroes?" from
@@ -148,11 +145,11 @@ class OpenReads:
     header fields, the L1 table, the refcount table (after REFTABLE_LOAD), each header
     extension's magic and length and the data QEMU keeps, the backing file name.
 
-    ``cluster0`` holds what was read of the first cluster (zeroes elsewhere: the feature
-    table's data is not read); ``reftable`` is None where nothing can observe the requests
+    ``header`` is decoded from what was read of the first cluster (the feature table's data
+    is not read); ``reftable`` is None where nothing can observe the requests
     (``io.unobserved``), and the table is read on first use."""
 
-    cluster0: bytes
+    header: Header
     l1: bytes
     reftable: bytes | None
 
@@ -180,7 +177,7 @@ class OpenReads:
         if backing_offset and backing_size <= min(1023, len(cluster0) - backing_offset):
             cluster0[backing_offset:backing_offset + backing_size] = _pread(
                 io, backing_offset, backing_size, "Could not read backing file name")
-        return cls(bytes(cluster0), l1, reftable)
+        return cls(Header.parse(bytes(cluster0)), l1, reftable)
 
     @staticmethod
     def _read_extensions(io: BlockIO, header: Header, cluster0: bytearray, end: int) -> None:
@@ -220,14 +217,14 @@ class Qcow2Image:
     file). Version 2 has no zero flag: zero writes and discards unallocate clusters where
     nothing shows through from a backing file, and are refused (-ENOTSUP) where it would."""
 
-    def __init__(self, io: BlockIO, header: Header, *, read_only: bool,
-                 start: OpenReads | None = None) -> None:
+    def __init__(self, io: BlockIO, start: OpenReads, *, read_only: bool) -> None:
+        header = start.header
         self.io = io
         self.header = header
         self.read_only = read_only
         self.cluster_size = header.cluster_size   # fixed for the life of the image
-        self.refcounts = Refcounts(io, header, start.reftable if start else None)
-        self.tables = ClusterTables(io, header, self.refcounts, start.l1 if start else None)
+        self.refcounts = Refcounts(io, header, start.reftable)
+        self.tables = ClusterTables(io, header, self.refcounts, start.l1)
         # s->use_lazy_refcounts: the image's feature bit, unless a node option says otherwise
         self.use_lazy_refcounts = bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
         # set by a block node over this image; without one (an image opened on its own,
@@ -256,10 +253,9 @@ class Qcow2Image:
                         refcount_order=refcount_bits.bit_length() - 1, version=version,
                         compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0)
         io.pwrite(0, header.pack(extensions=False))
-        if version == 2:   # as qcow2_open reads it back
-            header.header_length = HEADER_V2_LENGTH
         io.pwrite(cluster_size, _empty_refcount_structures(cluster_size))
-        image = cls(io, header, read_only=False)
+        image = cls(io, OpenReads.read(io), read_only=False)   # blk_new_open of the new image
+        header = image.header
         if getattr(io, "unobserved", False):
             # nothing could tell a read-back from what was just written
             image.refcounts.adopt([2 * cluster_size], {2 * cluster_size: bytes(cluster_size)})
@@ -289,12 +285,12 @@ class Qcow2Image:
         goes to ``report`` (by default the stderr of the block graph over ``io``, if any).
         """
         start = OpenReads.read(io)
-        header = Header.parse(start.cluster0)
+        header = start.header
         if header.nb_snapshots:
             raise Qcow2Error("Images with internal snapshots are not supported")
         if not read_only and not check_mode and header.incompatible_features & INCOMPAT_CORRUPT:
             raise Qcow2Error("qcow2: Image is corrupt; cannot be opened read/write")
-        image = cls(io, header, read_only=read_only, start=start)
+        image = cls(io, start, read_only=read_only)
         if not read_only and not check_mode and header.incompatible_features & INCOMPAT_DIRTY:
             image._repair_dirty(report if report is not None else stderr_of(io))
         return image
@@ -894,7 +890,8 @@ class Qcow2Image:
             for bitmap in bitmaps:
                 entries.append(bm.store_bitmap(self.io, self.refcounts, bitmap, self.size,
                                                self.cluster_size))
-            self._write_directory(entries)
+            bm.write_directory(self.io, self.refcounts, self.header, entries,
+                               self._write_header, self.flush_caches)
         except Qcow2Error:   # the tables stored so far are freed (if they can be read back)
             for entry in entries:
                 with contextlib.suppress(OSError):
@@ -902,18 +899,6 @@ class Qcow2Image:
             raise
         for entry in old:
             bm.free_bitmap_clusters(self.io, self.refcounts, entry, self.cluster_size)
-
-    def _write_directory(self, entries: list[bm.DirectoryEntry]) -> None:
-        """update_ext_header_and_dir; a failure restores the header's bitmap fields."""
-        header = self.header
-        saved = header.bitmaps, header.autoclear_features
-        try:
-            bm.write_directory(self.io, self.refcounts, header, entries, self._write_header,
-                               self.flush_caches)
-        except OSError as e:
-            header.bitmaps, header.autoclear_features = saved
-            raise Qcow2Error("Failed to update bitmap extension: "
-                             f"{os.strerror(e.errno or errno.EIO)}") from None
 
     def check(self, fix: int = 0) -> CheckResult:
         """qcow2_co_check_locked: the refcount check (and, with ``fix``, repair: see

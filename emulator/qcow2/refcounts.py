@@ -123,10 +123,8 @@ class Refcounts:
         self.block_entries = 1 << self.block_bits
         self.max_refcount = (1 << (1 << self.order)) - 1
         self._table: array | None = None
-        if table_raw is not None:   # read by qcow2_do_open's sequence (Qcow2Image.open)
+        if table_raw is not None:   # qcow2_refcount_init's read, made by Qcow2Image's open
             self._table = _load_table(table_raw)
-        elif not getattr(io, "unobserved", False):
-            self._table = self._read_table()   # qcow2_refcount_init: read at open
         self.cache = Qcow2Cache(io, MIN_REFCOUNT_CACHE_SIZE, self.cluster_size,
                                 update_event="refblock_update_part", load_event=None,
                                 decode=bytearray, encode=bytes)

@@ -99,7 +99,7 @@ class ClusterTables:
     """The L1 table and the cached L2 tables of one open image."""
 
     def __init__(self, io: BlockIO, header: Header, refcounts: Refcounts,
-                 l1_raw: bytes | None = None) -> None:
+                 l1_raw: bytes) -> None:
         self.io = io
         self.header = header
         self.refcounts = refcounts
@@ -107,9 +107,6 @@ class ClusterTables:
         self.cluster_size = 1 << header.cluster_bits
         self.l2_bits = self.cluster_bits - 3
         self.l2_entries = 1 << self.l2_bits
-        if l1_raw is None:
-            l1_raw = io.pread(header.l1_table_offset, 8 * header.l1_size) \
-                if header.l1_size else b""
         self.l1 = list(struct.unpack(f">{header.l1_size}Q", l1_raw))
         self.cache = Qcow2Cache(io, cache_sizes(header.size, self.cluster_size).l2_tables(
                                     self.cluster_size),

@@ -35,6 +35,7 @@ from emulator.block.perm import Role
 from emulator.block.qemu_opts import absorb_sizes, number
 from emulator.block.subtree import subtree
 from emulator.qcow2 import Qcow2Error
+from emulator.qcow2.blockio import report_to
 from emulator.qcow2.cache import cache_sizes
 from emulator.qcow2.image import Status
 
@@ -318,8 +319,11 @@ class Qcow2Node(BlockDriverState):
         if victim is None:
             return
         kept = [e for e in entries if e is not victim]
-        bm.write_directory(img.io, img.refcounts, img.header, kept, img._write_header,
-                           img.flush_caches)
+        try:
+            bm.write_directory(img.io, img.refcounts, img.header, kept, img._write_header,
+                               img.flush_caches)
+        except Qcow2Error as e:
+            raise GenericError(str(e)) from None
         bm.free_bitmap_clusters(img.io, img.refcounts, victim, int(img.cluster_size))
 
     def store_persistent_dirty_bitmaps(self, *, release: bool) -> None:
@@ -383,9 +387,8 @@ class Qcow2Node(BlockDriverState):
                 lost = True
                 text = e.desc if isinstance(e, GenericError) else \
                     os.strerror(e.errno or errno.EIO)
-                if self.graph.warn is not None:
-                    self.graph.warn("Lost persistent bitmaps during inactivation of node "
-                                    f"'{self.device_or_node_name()}': {text}\n")
+                report_to(self.image.io, "Lost persistent bitmaps during inactivation of "
+                                         f"node '{self.device_or_node_name()}': {text}")
         self.image.close(bitmaps_lost=lost)
         self.image = None
 
