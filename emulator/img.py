@@ -787,7 +787,7 @@ def _main_bitmap(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int
     for flag, value in options:
         if flag.startswith("--") and flag[2:] in ("add", "remove", "clear", "enable",
                                                   "disable", "merge"):
-            actions.append((flag[2:], value or None))
+            actions.append((flag[2:], value if flag == "--merge" else None))
         elif flag in ("-g", "--granularity"):
             granularity = _cvtnum("granularity", value)
         else:

@@ -16,6 +16,7 @@ Any divergence this test finds becomes such a regression test and a fix in the e
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -216,6 +217,49 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
             self.has_null = False
         if "return" in reply and node == "dbg":
             self.has_dbg = False
+
+    @rule(tools=st.lists(st.one_of(
+        st.just(("info", "--output=json", "DIR/img")),
+        st.just(("check", "--output=json", "DIR/img")),
+        st.builds(lambda verb, name: ("bitmap", verb, "DIR/img", name),
+                  st.sampled_from(["--add", "--remove", "--clear", "--enable", "--disable"]),
+                  NAMES),
+        st.builds(lambda name, source: ("bitmap", "--merge", source, "DIR/img", name),
+                  NAMES, NAMES)), max_size=3),
+        read_only=OPT_BOOL)
+    def reopen(self, tools: list[tuple[str, ...]], read_only: bool | None) -> None:
+        """Close drive0 (and v2 above it), work on its image offline, open it again: what a
+        backup tool does between two incremental backups. Persistent bitmaps are stored at
+        close and loaded at open; ``qemu-img bitmap``, ``info`` and ``check`` read and edit
+        them in between."""
+        for node in ("v2", "drive0"):
+            if "return" not in self.both("blockdev-del", {"node-name": node}):
+                return
+        for argv in tools:
+            self.both_tools(argv)
+        options: dict[str, Any] = {"driver": "qcow2", "node-name": "drive0",
+                                   "file": {"driver": "file", "filename": "DIR/img"}}
+        if read_only is not None:
+            options["read-only"] = read_only
+        self.both("blockdev-add", options)
+        self.both("blockdev-add", {"driver": "qcow2", "node-name": "v2", "backing": "drive0",
+                                   "discard": "unmap",
+                                   "file": {"driver": "file", "filename": "DIR/v2"}})
+
+    def both_tools(self, argv: tuple[str, ...]) -> None:
+        """One ``qemu-img`` run on each side: exit status and output must be equal."""
+        results = []
+        for backend, d in zip(self.backends, self.dirs, strict=True):
+            result = self.run(backend.qemu_img(*normalize_in(list(argv), str(d))))
+            output: Any = result.output
+            if argv[1] == "--output=json" and result.status in (0, 2, 3):
+                output = json.loads(output)
+                if "img" in self.backup_targets:   # where QEMU's workers put clusters
+                    output.pop("fragmented-clusters", None)
+            results.append((result.status, normalize(output, tuple(map(str, self.dirs)))))
+        assert results[0] == results[1], f"qemu-img {argv}: qemu {results[0]} " \
+                                         f"!= emulator {results[1]}"
+        event(f"qemu-img {argv[0]} {'ok' if results[0][0] == 0 else 'failed'}")
 
     # -- fault injection ---------------------------------------------------------------------
     @precondition(lambda self: not self.has_dbg)

@@ -48,6 +48,8 @@ CASES = [
     ["--add", "--remove", "--add", "x", "z"],
     ["--add", "-f", "qcow2", "v2", "b"],
     ["--add", "--merge", "sb", "-b", "nosuch", "x", "b5"],
+    ["--merge", "", "x", "old"],          # an empty source name is a name (differential)
+    ["--add", "--merge=", "x", "b6"],
 ]
 
 _SETUP = (["create", "-q", "-f", "qcow2", "x", "1M"], ["create", "-q", "-f", "qcow2", "src", "1M"],
