@@ -436,9 +436,7 @@ def _store_bitmaps(qcow2: Qcow2Image, loaded: list[StoredBitmap]) -> None:
     """qcow2_inactivate's qcow2_store_persistent_dirty_bitmaps for an image opened
     read-write by qemu-img: the bitmaps loaded consistent at open (and marked in use then) are
     written anew; those already in use stay as they are."""
-    consistent = {sb.name: sb for sb in loaded if not sb.in_use}
-    if consistent:
-        qcow2.store_bitmaps([consistent.get(sb.name, sb) for sb in qcow2.load_bitmaps()])
+    qcow2.store_bitmaps([sb for sb in loaded if not sb.in_use])
 
 
 def _check_qcow2(qcow2: Qcow2Image, filename: str, fmt: str, output_format: str,

@@ -28,7 +28,9 @@ BME_MIN_GRANULARITY_BITS = 9
 BME_MAX_GRANULARITY_BITS = 31
 BME_MAX_NAME_SIZE = 1023
 BME_MAX_PHYS_SIZE = 0x20000000
+BME_MAX_TABLE_SIZE = 0x8000000
 QCOW2_MAX_BITMAPS = 65535
+QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
 
 _ENTRY = struct.Struct(">QIIBBHI")
 
@@ -47,11 +49,6 @@ class StoredBitmap:
     dirty: int = 0
     in_use: bool = False
     auto: bool = True
-
-    @property
-    def flags(self) -> list[str]:
-        """The flags as ``qemu-img info`` names them (Qcow2BitmapInfoFlags)."""
-        return ["in-use"] * self.in_use + ["auto"] * self.auto
 
 
 @dataclass
@@ -74,13 +71,22 @@ class DirectoryEntry:
         return raw + bytes(-len(raw) % 8)
 
 
+def calc_dir_entry_size(name_size: int, extra_data_size: int = 0) -> int:
+    """calc_dir_entry_size: 24-byte entry + extra data + name, aligned to 8."""
+    return (24 + extra_data_size + name_size + 7) & ~7
+
+
 def read_directory(io: BlockIO, header: Header) -> list[DirectoryEntry]:
     """bitmap_list_load; empty when the autoclear bit says the extension is stale (a program
     without bitmap support wrote the image)."""
     ext = header.bitmaps
     if ext is None or not ext.nb_bitmaps or not header.autoclear_features & AUTOCLEAR_BITMAPS:
         return []
-    raw = io.pread(ext.directory_offset, ext.directory_size)
+    try:
+        raw = io.pread(ext.directory_offset, ext.directory_size)
+    except OSError as e:
+        raise Qcow2Error("Failed to read bitmap directory: "
+                         f"{os.strerror(e.errno or errno.EIO)}") from None
     entries = []
     pos = 0
     for _ in range(ext.nb_bitmaps):
@@ -127,12 +133,20 @@ def load_bitmap(io: BlockIO, entry: DirectoryEntry, image_size: int,
     if bitmap.in_use:
         return bitmap
     nbytes = _data_bytes(image_size, granularity)
-    raw = io.pread(entry.table_offset, 8 * entry.table_size)
+    try:
+        raw = io.pread(entry.table_offset, 8 * entry.table_size)
+    except OSError as e:
+        raise Qcow2Error("Could not read bitmap_table table from image for bitmap "
+                         f"'{entry.name}': {os.strerror(e.errno or errno.EIO)}") from None
     data = bytearray()
     for value in struct.unpack(f">{entry.table_size}Q", raw):
         offset = value & BME_TABLE_ENTRY_OFFSET_MASK
         if offset:
-            data += io.pread(offset, cluster_size)
+            try:
+                data += io.pread(offset, cluster_size)
+            except OSError as e:
+                raise Qcow2Error(f"Could not read bitmap '{entry.name}' from image: "
+                                 f"{os.strerror(e.errno or errno.EIO)}") from None
         elif value & BME_TABLE_ENTRY_FLAG_ALL_ONES:
             data += b"\xff" * cluster_size
         else:
@@ -202,9 +216,10 @@ def write_directory(io: BlockIO, refcounts: Refcounts, header: Header,
                     entries: list[DirectoryEntry], update_header: Callable[[], None],
                     flush_caches: Callable[[], None]) -> None:
     """update_ext_header_and_dir: a new directory and the metadata caches written back,
-    the header pointing at it (autoclear bit set while bitmaps exist), then the old
-    directory freed; on a failure the new directory is freed, the header fields restored
-    and QEMU's "Failed to update bitmap extension" raised."""
+    the header pointing at it (autoclear bit set while bitmaps exist) and the file flushed
+    (update_header_sync), then the old directory freed; on a failure the new directory is
+    freed, the header fields restored and QEMU's "Failed to update bitmap extension"
+    raised."""
     old = header.bitmaps
     saved = old, header.autoclear_features
     raw = b"".join(entry.pack() for entry in entries)
@@ -220,6 +235,7 @@ def write_directory(io: BlockIO, refcounts: Refcounts, header: Header,
             header.bitmaps = None
             header.autoclear_features &= ~AUTOCLEAR_BITMAPS
         update_header()
+        io.flush()
     except OSError as e:   # the new directory is given back, the header fields restored
         if offset:
             refcounts.free(offset, len(raw), "other")
@@ -233,10 +249,18 @@ def write_directory(io: BlockIO, refcounts: Refcounts, header: Header,
 def rewrite_directory_in_place(io: BlockIO, header: Header, entries: list[DirectoryEntry],
                                update_header: Callable[[], None]) -> None:
     """update_ext_header_and_dir_in_place (flag changes only): the autoclear bit is cleared
-    while the directory is rewritten, so a crash leaves the bitmaps marked stale."""
+    while the directory is rewritten, so a crash leaves the bitmaps marked stale. Each
+    header update is update_header_sync's: the header written, then the file flushed. An
+    I/O error stops it where it happens (the bit stays cleared: the bitmaps are lost)."""
     assert header.bitmaps is not None
+
+    def update_header_sync() -> None:
+        update_header()
+        io.flush()
+
     header.autoclear_features &= ~AUTOCLEAR_BITMAPS
-    update_header()
+    update_header_sync()
     io.pwrite(header.bitmaps.directory_offset, b"".join(entry.pack() for entry in entries))
+    update_header_sync()
     header.autoclear_features |= AUTOCLEAR_BITMAPS
-    update_header()
+    update_header_sync()

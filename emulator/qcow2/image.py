@@ -21,7 +21,7 @@ import struct
 import zlib
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from emulator.qcow2 import bitmaps as bm
@@ -388,10 +388,9 @@ class Qcow2Image:
         data: dict[str, object] = {"compat": "1.1", "extended-l2": False,
                                    "lazy-refcounts": self.lazy_refcounts,
                                    "corrupt": self.corrupt, "refcount-bits": self.refcount_bits}
-        stored = self.load_bitmaps()
-        if stored:
-            data["bitmaps"] = [{"flags": list(sb.flags), "name": sb.name,
-                                "granularity": int(sb.granularity)} for sb in stored]
+        bitmaps = self.bitmap_info()
+        if bitmaps:
+            data["bitmaps"] = bitmaps
         data["compression-type"] = compression
         return data
 
@@ -865,40 +864,105 @@ class Qcow2Image:
         it opens an image read-write) the stored flags gain IN_USE until `store_bitmaps`."""
         entries = bm.read_directory(self.io, self.header)
         bitmaps = [bm.load_bitmap(self.io, e, self.size, self.cluster_size) for e in entries]
-        if mark_in_use and entries and not self.read_only:
+        if mark_in_use and not self.read_only and \
+                any(not e.flags & bm.BME_FLAG_IN_USE for e in entries):
             for entry in entries:
                 entry.flags |= bm.BME_FLAG_IN_USE
-            bm.rewrite_directory_in_place(self.io, self.header, entries, self._write_header)
+            try:
+                bm.rewrite_directory_in_place(self.io, self.header, entries,
+                                              self._write_header)
+            except OSError as e:
+                raise Qcow2Error("Can't update bitmap directory: "
+                                 f"{os.strerror(e.errno or errno.EIO)}") from None
         return bitmaps
 
-    def store_bitmaps(self, bitmaps: list[bm.StoredBitmap]) -> None:
-        """Make `bitmaps` (in this order) the image's persistent bitmaps, replacing all stored
-        ones: new data and tables first, then the directory and header, then the old clusters
-        are freed (qcow2_store_persistent_dirty_bitmaps)."""
-        self._check_writable(0, 0)
-        if len(bitmaps) > bm.QCOW2_MAX_BITMAPS:
-            raise Qcow2Error("Too many persistent bitmaps")
-        names = set()
+    def bitmap_info(self) -> list[dict[str, object]]:
+        """qcow2_get_bitmap_info_list: what the directory says (no bitmap data is read)."""
+        return [{"flags": ["in-use"] * bool(e.flags & bm.BME_FLAG_IN_USE)
+                 + ["auto"] * bool(e.flags & bm.BME_FLAG_AUTO),
+                 "name": e.name, "granularity": 1 << e.granularity_bits}
+                for e in bm.read_directory(self.io, self.header)]
+
+    def store_bitmaps(self, bitmaps: list[bm.StoredBitmap], *,
+                      writable: bool = True) -> set[str]:
+        """qcow2_store_persistent_dirty_bitmaps' image side: `bitmaps` are the node's
+        persistent, consistent, writable ones. The directory is read once; each of them
+        gets new data clusters and a new table (a stored entry of its name must be in use:
+        its old table is dropped once the new directory is in place; a new name is
+        appended), then the directory and header are rewritten. Entries no bitmap names
+        stay as they are. Returns the names the directory held (the caller releases its
+        read-only bitmaps by them)."""
+        entries = bm.read_directory(self.io, self.header)
+        by_name = {e.name: e for e in entries}
+        stored = set(by_name)
+        count = len(entries)
+        dir_size = self.header.bitmaps.directory_size if entries and self.header.bitmaps \
+            else 0
+        chosen: dict[str, bm.StoredBitmap] = {}
+        dropped: list[bm.DirectoryEntry] = []
         for bitmap in bitmaps:
-            bm.check_constraints(bitmap.name, bitmap.granularity, self.size)
-            if bitmap.name in names:
-                raise Qcow2Error(f"Bitmap '{bitmap.name}' already exists in the image")
-            names.add(bitmap.name)
-        old = bm.read_directory(self.io, self.header)
-        entries: list[bm.DirectoryEntry] = []
+            try:
+                bm.check_constraints(bitmap.name, bitmap.granularity, self.size)
+            except Qcow2Error as e:
+                raise Qcow2Error(f"Bitmap '{bitmap.name}' doesn't satisfy the constraints: "
+                                 f"{e}") from None
+            entry = by_name.get(bitmap.name)
+            if entry is None:
+                count += 1
+                if count > bm.QCOW2_MAX_BITMAPS:
+                    raise Qcow2Error("Too many persistent bitmaps")
+                dir_size += bm.calc_dir_entry_size(len(bitmap.name.encode()))
+                if dir_size > bm.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+                    raise Qcow2Error("Bitmap directory is too large")
+                entry = by_name[bitmap.name] = bm.DirectoryEntry(0, 0, 0, 0, bitmap.name)
+                entries.append(entry)
+            else:
+                if not entry.flags & bm.BME_FLAG_IN_USE:
+                    raise Qcow2Error(f"Bitmap '{bitmap.name}' already exists in the image")
+                dropped.append(replace(entry))
+                entry.table_offset = entry.table_size = 0
+            entry.flags = bm.BME_FLAG_AUTO if bitmap.auto else 0
+            entry.granularity_bits = bitmap.granularity.bit_length() - 1
+            chosen[bitmap.name] = bitmap
+        if not chosen:
+            return stored
+        if not writable:
+            raise Qcow2Error("No write access")
+        self._check_writable(0, 0)
+        written: list[bm.DirectoryEntry] = []
         try:
-            for bitmap in bitmaps:
-                entries.append(bm.store_bitmap(self.io, self.refcounts, bitmap, self.size,
-                                               self.cluster_size))
+            for entry in entries:   # in directory order
+                if entry.name not in chosen:
+                    continue
+                new = bm.store_bitmap(self.io, self.refcounts, chosen[entry.name], self.size,
+                                      self.cluster_size)
+                entry.table_offset, entry.table_size = new.table_offset, new.table_size
+                written.append(entry)
             bm.write_directory(self.io, self.refcounts, self.header, entries,
                                self._write_header, self.flush_caches)
         except Qcow2Error:   # the tables stored so far are freed (if they can be read back)
-            for entry in entries:
+            for entry in written:
                 with contextlib.suppress(OSError):
                     bm.free_bitmap_clusters(self.io, self.refcounts, entry, self.cluster_size)
             raise
-        for entry in old:
-            bm.free_bitmap_clusters(self.io, self.refcounts, entry, self.cluster_size)
+        for entry in dropped:   # "TODO it is better to reuse these clusters"
+            with contextlib.suppress(OSError):
+                bm.free_bitmap_clusters(self.io, self.refcounts, entry, self.cluster_size)
+        return stored
+
+    def remove_bitmap(self, name: str) -> None:
+        """qcow2_co_remove_persistent_dirty_bitmap: a new directory without ``name``, then
+        the bitmap's table and data clusters freed; the other bitmaps stay where they are.
+        Absent is fine."""
+        entries = bm.read_directory(self.io, self.header)
+        victim = next((e for e in entries if e.name == name), None)
+        if victim is None:
+            return
+        bm.write_directory(self.io, self.refcounts, self.header,
+                           [e for e in entries if e is not victim], self._write_header,
+                           self.flush_caches)
+        with contextlib.suppress(OSError):   # its return value is not looked at
+            bm.free_bitmap_clusters(self.io, self.refcounts, victim, self.cluster_size)
 
     def check(self, fix: int = 0) -> CheckResult:
         """qcow2_co_check_locked: the refcount check (and, with ``fix``, repair: see

@@ -35,27 +35,23 @@ from emulator.block.perm import Role
 from emulator.block.qemu_opts import absorb_sizes, number
 from emulator.block.subtree import subtree
 from emulator.qcow2 import Qcow2Error
+from emulator.qcow2.bitmaps import (
+    BME_MAX_GRANULARITY_BITS,
+    BME_MAX_NAME_SIZE,
+    BME_MAX_PHYS_SIZE,
+    BME_MAX_TABLE_SIZE,
+    BME_MIN_GRANULARITY_BITS,
+    QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+    QCOW2_MAX_BITMAPS,
+    calc_dir_entry_size,
+)
 from emulator.qcow2.blockio import report_to
 from emulator.qcow2.cache import cache_sizes
 from emulator.qcow2.image import Status
 
-QCOW2_MAX_BITMAPS = 65535
-QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
-BME_MAX_GRANULARITY_BITS = 31
-BME_MIN_GRANULARITY_BITS = 9
-BME_MAX_NAME_SIZE = 1023
-BME_MAX_TABLE_SIZE = 0x8000000
-BME_MAX_PHYS_SIZE = 0x20000000
-
-
 CACHE_SIZE_OPTIONS = ("cache-size", "l2-cache-size", "l2-cache-entry-size",
                       "refcount-cache-size")   # QEMU_OPT_SIZE in qcow2_runtime_opts
 UINT_MAX = 2**32 - 1
-
-
-def calc_dir_entry_size(name_size: int, extra_data_size: int = 0) -> int:
-    """calc_dir_entry_size: 24-byte entry + extra data + name, aligned to 8."""
-    return (24 + extra_data_size + name_size + 7) & ~7
 
 
 class ChildIO:
@@ -238,7 +234,10 @@ class Qcow2Node(BlockDriverState):
 
     def get_specific_info(self) -> dict | None:
         """qcow2_get_specific_info."""
-        return {"type": "qcow2", "data": self.image.specific_info()}
+        try:
+            return {"type": "qcow2", "data": self.image.specific_info()}
+        except Qcow2Error as e:   # the bitmap directory could not be read
+            raise GenericError(str(e)) from None
 
     # -- persistent dirty bitmaps -----------------------------------------------------------
     def supports_persistent_dirty_bitmap(self) -> bool:
@@ -247,7 +246,10 @@ class Qcow2Node(BlockDriverState):
     def _load_dirty_bitmaps(self) -> None:
         """qcow2_load_dirty_bitmaps: every stored bitmap becomes a persistent BdrvDirtyBitmap;
         a writable node marks them all IN_USE in the image right away."""
-        stored = self.image.load_bitmaps(mark_in_use=self.is_writable())
+        try:
+            stored = self.image.load_bitmaps(mark_in_use=self.is_writable())
+        except Qcow2Error as e:
+            raise GenericError(str(e)) from None
         for sb in stored:
             if sb.in_use and self.find_dirty_bitmap(sb.name) is not None:
                 continue
@@ -307,60 +309,33 @@ class Qcow2Node(BlockDriverState):
         """qcow2_co_remove_persistent_dirty_bitmap: a new directory without ``name``, then the
         bitmap's table and data clusters freed; the other bitmaps stay where they are.
         Absent is fine."""
-        remove = getattr(self.image, "remove_bitmap", None)
-        if remove is not None:
-            remove(name)
-            return
-        from emulator.qcow2 import bitmaps as bm
-
-        img = self.image
-        entries = bm.read_directory(img.io, img.header)
-        victim = next((e for e in entries if e.name == name), None)
-        if victim is None:
-            return
-        kept = [e for e in entries if e is not victim]
         try:
-            bm.write_directory(img.io, img.refcounts, img.header, kept, img._write_header,
-                               img.flush_caches)
+            self.image.remove_bitmap(name)
         except Qcow2Error as e:
             raise GenericError(str(e)) from None
-        bm.free_bitmap_clusters(img.io, img.refcounts, victim, int(img.cluster_size))
 
     def store_persistent_dirty_bitmaps(self, *, release: bool) -> None:
-        """qcow2_store_persistent_dirty_bitmaps: write every persistent, consistent,
-        non-readonly bitmap (flags: AUTO iff enabled, IN_USE cleared); keep the others."""
-        from emulator.qcow2 import Qcow2Error, StoredBitmap
+        """qcow2_store_persistent_dirty_bitmaps: every persistent, consistent, non-readonly
+        bitmap is written (flags: AUTO iff enabled); stored entries without one stay as
+        they are. With ``release``, the written ones and the read-only ones the image
+        holds are released."""
+        from emulator.qcow2 import StoredBitmap
 
-        stored = {sb.name: sb for sb in self.image.load_bitmaps()}
-        order = list(stored)
-        to_release: list[BdrvDirtyBitmap] = []
-        need_write = False
+        written: list[BdrvDirtyBitmap] = []
+        readonly: list[BdrvDirtyBitmap] = []
         for bm in self.dirty_bitmaps:
             if not bm.get_persistence() or bm.inconsistent:
                 continue
-            name = bm.name or ""
-            if bm.readonly:
-                if name in stored:
-                    to_release.append(bm)
-                continue
-            need_write = True
-            self._check_constraints(name, bm.granularity)
-            if name in stored and not stored[name].in_use:
-                raise GenericError(f"Bitmap '{name}' already exists in the image")
-            if name not in stored:
-                order.append(name)
-            stored[name] = StoredBitmap(name=name, granularity=bm.granularity,
-                                        dirty=bm.bitmap.bits, in_use=False, auto=bm.enabled())
-            to_release.append(bm)
-        if need_write:
-            if not self.is_writable():
-                raise GenericError("No write access")
-            try:
-                self.image.store_bitmaps([stored[n] for n in order])
-            except Qcow2Error as e:
-                raise GenericError(str(e)) from None
+            (readonly if bm.readonly else written).append(bm)
+        try:
+            stored = self.image.store_bitmaps(
+                [StoredBitmap(name=bm.name or "", granularity=bm.granularity,
+                              dirty=bm.bitmap.bits, auto=bm.enabled()) for bm in written],
+                writable=self.is_writable())
+        except Qcow2Error as e:
+            raise GenericError(str(e)) from None
         if release:
-            for bm in to_release:
+            for bm in written + [bm for bm in readonly if (bm.name or "") in stored]:
                 if bm in self.dirty_bitmaps:
                     bm.busy = False
                     bm.successor = None
