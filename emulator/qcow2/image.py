@@ -30,6 +30,7 @@ from emulator.qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckResult, check_refco
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import (
     AUTOCLEAR_BITMAPS,
+    AUTOCLEAR_MASK,
     COMPAT_LAZY_REFCOUNTS,
     EXT_BACKING_FORMAT,
     EXT_BITMAPS,
@@ -152,6 +153,7 @@ class OpenReads:
     header: Header
     l1: bytes
     reftable: bytes | None
+    stale_bitmaps: bool = False   # a bitmaps extension without its autoclear bit
 
     @classmethod
     def read(cls, io: BlockIO) -> OpenReads:
@@ -173,16 +175,18 @@ class OpenReads:
                               header.refcount_table_clusters * header.cluster_size,
                               "Could not initialize refcount handling")
         backing_offset, backing_size = struct.unpack_from(">QI", fixed, 8)
-        cls._read_extensions(io, header, cluster0, backing_offset or len(cluster0))
+        stale = cls._read_extensions(io, header, cluster0, backing_offset or len(cluster0))
         if backing_offset and backing_size <= min(1023, len(cluster0) - backing_offset):
             cluster0[backing_offset:backing_offset + backing_size] = _pread(
                 io, backing_offset, backing_size, "Could not read backing file name")
-        return cls(Header.parse(bytes(cluster0)), l1, reftable)
+        return cls(Header.parse(bytes(cluster0)), l1, reftable, stale)
 
     @staticmethod
-    def _read_extensions(io: BlockIO, header: Header, cluster0: bytearray, end: int) -> None:
-        """qcow2_read_extensions' reads (Header.parse decodes and checks what they read)."""
+    def _read_extensions(io: BlockIO, header: Header, cluster0: bytearray, end: int) -> bool:
+        """qcow2_read_extensions' reads (Header.parse decodes and checks what they read);
+        True if a bitmaps extension was left stale (its autoclear bit cleared)."""
         offset = header.header_length
+        stale = False
         while offset < end:
             ext = _pread(io, offset, 8, "qcow2_read_extension: ERROR: pread fail from "
                                         f"offset {offset}")
@@ -190,16 +194,18 @@ class OpenReads:
             magic, length = struct.unpack(">II", ext)
             offset += 8
             if magic == EXT_END or offset > end or length > end - offset:
-                return
+                return stale
             failure = _EXTENSION_READS.get(magic, "ERROR: unknown extension: Could not read "
                                                   "data")
             if magic == EXT_BITMAPS:
                 failure = "bitmaps_ext: Could not read ext header"
                 if length != 24 or not header.autoclear_features & AUTOCLEAR_BITMAPS:
                     failure = ""
+                    stale = length == 24
             if magic != EXT_FEATURE_TABLE and failure:
                 cluster0[offset:offset + length] = _pread(io, offset, length, failure)
             offset += (length + 7) & ~7
+        return stale
 
 
 class _TaskFailed(Exception):
@@ -291,6 +297,14 @@ class Qcow2Image:
         if not read_only and not check_mode and header.incompatible_features & INCOMPAT_CORRUPT:
             raise Qcow2Error("qcow2: Image is corrupt; cannot be opened read/write")
         image = cls(io, start, read_only=read_only)
+        if not read_only and (start.stale_bitmaps or header.autoclear_features & ~AUTOCLEAR_MASK):
+            # the stale extension dropped, unknown autoclear bits cleared
+            header.autoclear_features &= AUTOCLEAR_MASK
+            try:
+                image._write_header()
+            except OSError as e:
+                raise Qcow2Error("Could not update qcow2 header: "
+                                 f"{os.strerror(e.errno or errno.EIO)}") from None
         if not read_only and not check_mode and header.incompatible_features & INCOMPAT_DIRTY:
             image._repair_dirty(report if report is not None else stderr_of(io))
         return image

@@ -99,3 +99,23 @@ def test_in_use_while_open_and_inconsistent_after_crash(tmp_path: Path) -> None:
             c("query-named-block-nodes", flat=True)]
     (tmp_path / "b").mkdir()
     compare_replies(tmp_path / "b", cmds, setup=dirty_copy)
+
+
+def test_stale_extension_and_unknown_autoclear_bits_dropped_at_read_write_open(
+        tmp_path: Path) -> None:
+    """A bitmaps extension whose autoclear bit a program without bitmap support cleared is
+    ignored (no bitmap is loaded) and, like unknown autoclear bits, dropped from the header
+    as soon as a node opens the image read-write (qcow2_do_open's update_header)."""
+    import struct
+
+    def setup(d: Path) -> None:
+        create_qcow2(d / "img.qcow2", "4M")
+        qemu_img("bitmap", "--add", d / "img.qcow2", "b")
+        with open(d / "img.qcow2", "r+b") as f:   # autoclear: bitmaps bit off, bit 40 on
+            f.seek(88)
+            f.write(struct.pack(">Q", 1 << 40))
+    cmds = [c("blockdev-add", **QCOW2), c("query-named-block-nodes", flat=True),
+            c("blockdev-del", **{"node-name": "d"})]
+    compare_replies(tmp_path, cmds, setup=setup)
+    assert (tmp_path / "emu" / "img.qcow2").read_bytes() == \
+        (tmp_path / "qemu" / "img.qcow2").read_bytes()
