@@ -236,6 +236,7 @@ class Qcow2Image:
         # set by a block node over this image; without one (an image opened on its own,
         # as qemu-img and offline qemu-io do here) the backing data is read instead
         self.zero_status: ZeroStatus | None = None
+        self._header_update_pending = False   # set by open(), done by finish_open()
 
     # -- creating and opening ----------------------------------------------------------------
     @classmethod
@@ -282,14 +283,13 @@ class Qcow2Image:
 
     @classmethod
     def open(cls, io: BlockIO, *, read_only: bool = False, check_mode: bool = False,
-             report: Report | None = None) -> Qcow2Image:
+             report: Report | None = None, finish: bool = True) -> Qcow2Image:
         """qcow2_open: read and check the header; metadata is loaded on demand.
 
         ``check_mode`` is BDRV_O_CHECK (``qemu-img check``): a corrupt image may be opened
-        read-write and a dirty one is not repaired. Otherwise a dirty image (lazy refcounts)
-        opened read-write is repaired at once, as qcow2_do_open does; what the repair prints
-        goes to ``report`` (by default the stderr of the block graph over ``io``, if any).
-        """
+        read-write and a dirty one is not repaired. ``finish`` runs :meth:`finish_open` at
+        once; a block node first takes its options and loads its bitmaps, as
+        qcow2_do_open does, then calls it."""
         start = OpenReads.read(io)
         header = start.header
         if header.nb_snapshots:
@@ -298,22 +298,34 @@ class Qcow2Image:
             raise Qcow2Error("qcow2: Image is corrupt; cannot be opened read/write")
         image = cls(io, start, read_only=read_only)
         if not read_only and (start.stale_bitmaps or header.autoclear_features & ~AUTOCLEAR_MASK):
-            # the stale extension dropped, unknown autoclear bits cleared
+            # qcow2_do_open's update_header: the stale extension and unknown autoclear bits
+            # go; the header is written by finish_open, unless loading the bitmaps does
             header.autoclear_features &= AUTOCLEAR_MASK
+            image._header_update_pending = True
+        if finish:
+            image.finish_open(check_mode=check_mode, report=report)
+        return image
+
+    def finish_open(self, *, check_mode: bool = False, report: Report | None = None) -> None:
+        """The end of qcow2_do_open, opened read-write: the header update open() left
+        pending (if loading the bitmaps did not write the header), then a dirty image (lazy
+        refcounts) repaired; what the repair prints goes to ``report`` (by default the
+        stderr of the block graph over the image, if any)."""
+        if self.read_only:
+            return
+        if self._header_update_pending:
             try:
-                image._write_header()
+                self._write_header()
             except OSError as e:
                 raise Qcow2Error("Could not update qcow2 header: "
                                  f"{os.strerror(e.errno or errno.EIO)}") from None
-        if not read_only and not check_mode and header.incompatible_features & INCOMPAT_DIRTY:
-            image._repair_dirty(report if report is not None else stderr_of(io))
-        return image
+            self._header_update_pending = False
+        if not check_mode and self.header.incompatible_features & INCOMPAT_DIRTY:
+            self._repair_dirty(report if report is not None else stderr_of(self.io))
 
     def _repair_dirty(self, report: Report | None) -> None:
         """qcow2_do_open's "Repair image if dirty": qcow2_co_check_locked with
-        BDRV_FIX_ERRORS | BDRV_FIX_LEAKS; the open fails if that fails. The refcount blocks
-        the repair changed are written back now if the image stays dirty (QEMU would write
-        them later: the same bytes), as the node's options then resize the caches."""
+        BDRV_FIX_ERRORS | BDRV_FIX_LEAKS; the open fails if that fails."""
         result = self.check(FIX_ERRORS | FIX_LEAKS)
         if report is not None:
             for line in result.messages:
@@ -321,7 +333,6 @@ class Qcow2Image:
         if result.ret < 0 or result.check_errors:
             code = -result.ret if result.ret < 0 else errno.EIO
             raise Qcow2Error(f"Could not repair dirty image: {os.strerror(code)}")
-        self.refcounts.cache.write()
 
     def _grow_l1(self, size: int) -> None:
         """qcow2_co_truncate on a new image: an L1 table of exactly the needed size (the
@@ -888,6 +899,7 @@ class Qcow2Image:
             except OSError as e:
                 raise Qcow2Error("Can't update bitmap directory: "
                                  f"{os.strerror(e.errno or errno.EIO)}") from None
+            self._header_update_pending = False   # "header_updated"
         return bitmaps
 
     def bitmap_info(self) -> list[dict[str, object]]:

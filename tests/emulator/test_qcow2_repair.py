@@ -398,6 +398,28 @@ def test_dirty_image_added_to_a_vm(tmp_path: Path) -> None:
         (tmp_path / "emu" / "a.qcow2").read_bytes()
 
 
+@requires_qemu
+@requires_qemu_img
+@requires_qemu_io
+@pytest.mark.parametrize("options", [
+    {"cache-clean-interval": 1 << 40},   # an option refused: no repair at all
+    {"l2-cache-size": 65536},            # the repair works with the node's cache sizes
+], ids=["refused-option", "small-cache"])
+def test_dirty_image_repaired_after_the_options(tmp_path: Path, options: dict) -> None:
+    """qcow2_do_open takes the node's options, loads the bitmaps and updates the header
+    before it repairs a dirty image: an option it refuses leaves the image as it was."""
+    def setup(directory: Path) -> None:
+        _killed()(directory / "a.qcow2")
+
+    commands = [c("blockdev-add", driver="qcow2", **{"node-name": "n"}, **options,
+                  file={"driver": "file", "filename": "a.qcow2"}),
+                c("blockdev-del", **{"node-name": "n"})]
+    qemu, emu = on_both(tmp_path, lambda d, q: run_commands(d, commands, qemu=q), setup)
+    assert emu == qemu
+    assert (tmp_path / "qemu" / "a.qcow2").read_bytes() == \
+        (tmp_path / "emu" / "a.qcow2").read_bytes()
+
+
 # -- without QEMU -----------------------------------------------------------------------------
 def _stale_image(path: Path) -> None:
     """An emulator-made lazy-refcounts image left as a killed process leaves it: the L2

@@ -112,7 +112,8 @@ class Qcow2Node(BlockDriverState):
         open_child(options.get("file"), "file", Role.DATA | Role.METADATA | Role.PRIMARY)
         assert self.file is not None and self.file.bs is not None
         try:
-            self.image = Qcow2Image.open(ChildIO(self.file), read_only=not self.is_writable())
+            self.image = Qcow2Image.open(ChildIO(self.file), read_only=not self.is_writable(),
+                                         finish=False)
             self.image.zero_status = self._zero_status
             self._update_options(options)
         except Qcow2Error as e:
@@ -132,6 +133,10 @@ class Qcow2Node(BlockDriverState):
         self.backing_format = self.image.backing_format or ""
         self.auto_backing_file = self.backing_file
         self._load_dirty_bitmaps()
+        try:   # the header update and the repair of a dirty image come last
+            self.image.finish_open()
+        except Qcow2Error as e:
+            raise GenericError(str(e)) from None
 
     def _update_options(self, options: dict[str, Any]) -> None:
         """qcow2_update_options_prepare's checks, in its order; the cache sizes taken."""
