@@ -20,6 +20,8 @@ from typing import Any, TextIO
 
 from emulator import qemu_io
 from emulator.block import create as create_image
+from emulator.block import locking
+from emulator.block import perm as P
 from emulator.block.create_opts import UINT64_MAX, CreateOpts, help_text, split_options
 from emulator.block.errors import GenericError
 from emulator.block.probe import BLOCK_PROBE_BUF_SIZE, probe
@@ -76,7 +78,8 @@ class Image:
 
     def __init__(self, sandbox: Sandbox, path: Path, name: str, fmt: str | None, *,
                  writable: bool = False, open_backing: bool = True, depth: int = 0,
-                 check_mode: bool = False, report: Report | None = None) -> None:
+                 check_mode: bool = False, report: Report | None = None,
+                 force_share: bool = False) -> None:
         self.path = path
         self.backing: Image | None = None
         self.qcow2: Qcow2Image | None = None
@@ -87,13 +90,15 @@ class Image:
                             f"{os.strerror(exc.errno or errno.EIO)}") from None
         try:
             self.format = fmt or _probe(self.io)
+            if self.format in ("qcow2", "raw"):
+                self._lock(name, writable, force_share)
             if self.format == "qcow2":
                 self.qcow2 = Qcow2Image.open(self.io, read_only=not writable,
                                              check_mode=check_mode, report=report)
             elif self.format != "raw":
                 raise OpenError(f"Unknown driver '{self.format}'")
             if open_backing and self.qcow2 is not None and self.qcow2.backing_file:
-                self.backing = self._open_backing(sandbox, depth)
+                self.backing = self._open_backing(sandbox, depth, force_share)
         except Qcow2Error as exc:
             self.close()
             raise OpenError(str(exc)) from None
@@ -101,14 +106,28 @@ class Image:
             self.close()
             raise
 
-    def _open_backing(self, sandbox: Sandbox, depth: int) -> Image:
+    def _lock(self, name: str, writable: bool, force_share: bool) -> None:
+        """The lock bytes the image's file node would hold under qemu-img: a qcow2 node
+        takes consistent read (and write and resize when writable) and shares neither
+        write nor resize; a raw one passes its user's permissions through, sharing all;
+        -U (force-share) shares all."""
+        qcow2 = self.format == "qcow2"
+        perm = P.CONSISTENT_READ | (P.WRITE | (P.RESIZE if qcow2 else 0) if writable else 0)
+        shared = P.ALL if force_share or not qcow2 else P.ALL & ~(P.WRITE | P.RESIZE)
+        try:
+            locking.lock(self.io.fileno(), perm, shared)
+        except locking.LockError as exc:
+            raise OpenError(f"{exc.desc}\n{exc.hint(name)}") from None
+
+    def _open_backing(self, sandbox: Sandbox, depth: int, force_share: bool) -> Image:
         assert self.qcow2 is not None and self.qcow2.backing_file
         name = self.qcow2.backing_file
         try:
             if depth >= 64:
                 raise OpenError("Backing chain too deep")
             path = sandbox.resolve_backing(self.path, name)
-            return Image(sandbox, path, name, self.qcow2.backing_format, depth=depth + 1)
+            return Image(sandbox, path, name, self.qcow2.backing_format, depth=depth + 1,
+                         force_share=force_share)
         except SandboxError as exc:
             raise OpenError(f"Could not open backing file: {exc.desc}") from None
         except OpenError as exc:
@@ -190,14 +209,15 @@ class OpenError(Exception):
 def open_image(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
                writable: bool = False, open_backing: bool = True,
                exit_code: int = 1, check_mode: bool = False,
-               report: Report | None = None) -> Image:
+               report: Report | None = None, force_share: bool = False) -> Image:
     """img_open: the image and its backing chain, or ImgError("Could not open ...").
     ``check_mode`` is BDRV_O_CHECK; ``report`` gets what qcow2 prints (a dirty image's
     repair)."""
     try:
         path = sandbox.resolve(filename)
         return Image(sandbox, path, filename, fmt, writable=writable,
-                     open_backing=open_backing, check_mode=check_mode, report=report)
+                     open_backing=open_backing, check_mode=check_mode, report=report,
+                     force_share=force_share)
     except SandboxError as exc:
         raise ImgError(f"Could not open '{filename}': {exc.desc}", exit_code) from None
     except OpenError as exc:
@@ -207,9 +227,9 @@ def open_image(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
 @contextmanager
 def opened(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
            writable: bool = False, open_backing: bool = True, check_mode: bool = False,
-           report: Report | None = None) -> Iterator[Image]:
+           report: Report | None = None, force_share: bool = False) -> Iterator[Image]:
     image = open_image(sandbox, filename, fmt, writable=writable, open_backing=open_backing,
-                       check_mode=check_mode, report=report)
+                       check_mode=check_mode, report=report, force_share=force_share)
     try:
         yield image
     finally:
@@ -267,7 +287,9 @@ def _create(sandbox: Sandbox, filename: str, fmt: str, size: int | None,
                            preallocation=None if fmt == "qcow2" else opts.get("preallocation"),
                            extent_size_hint=None if hint == UINT64_MAX else hint)
     except (SandboxError, GenericError) as exc:
-        raise ImgError(f"{filename}: {exc.desc}", stdout=line) from None
+        lock = exc.hint if isinstance(exc, create_image.CreateError) else ""
+        raise ImgError(f"{filename}: {exc.desc}" + (f"\n{lock}" if lock else ""),
+                       stdout=line) from None
     return line
 
 
@@ -299,11 +321,12 @@ class CompareResult:
 
 
 def compare(sandbox: Sandbox, filename1: str, filename2: str, *, fmt1: str | None = None,
-            fmt2: str | None = None, strict: bool = False) -> CompareResult:
+            fmt2: str | None = None, strict: bool = False,
+            force_share: bool = False) -> CompareResult:
     """img_compare: allocation-aware comparison; unallocated and zero ranges are equal."""
-    image1 = open_image(sandbox, filename1, fmt1, exit_code=2)
+    image1 = open_image(sandbox, filename1, fmt1, exit_code=2, force_share=force_share)
     try:
-        image2 = open_image(sandbox, filename2, fmt2, exit_code=2)
+        image2 = open_image(sandbox, filename2, fmt2, exit_code=2, force_share=force_share)
     except ImgError:
         image1.close()
         raise
@@ -414,11 +437,12 @@ class CheckReport:
 
 
 def check(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
-          output_format: str = "human", fix: int = 0) -> CheckReport:
+          output_format: str = "human", fix: int = 0,
+          force_share: bool = False) -> CheckReport:
     """img_check: the image opened with BDRV_O_CHECK (read-write to repair: ``fix`` is
     BDRV_FIX_LEAKS / BDRV_FIX_ERRORS), checked, and checked again after a repair."""
     with opened(sandbox, filename, fmt, writable=bool(fix), open_backing=False,
-                check_mode=True) as image:
+                check_mode=True, force_share=force_share) as image:
         if image.qcow2 is None:
             return CheckReport(63, "", "qemu-img: This image format does not support checks\n")
         qcow2 = image.qcow2
@@ -512,9 +536,10 @@ def _check_json(result: CheckResult, filename: str, fmt: str) -> str:
 
 
 # -- info and map -------------------------------------------------------------------------------
-def info(sandbox: Sandbox, filename: str, fmt: str | None = None) -> dict[str, Any]:
+def info(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
+         force_share: bool = False) -> dict[str, Any]:
     """``qemu-img info --output=json`` as a dict in QAPI member order (ImageInfo)."""
-    with opened(sandbox, filename, fmt, open_backing=False) as image:
+    with opened(sandbox, filename, fmt, open_backing=False, force_share=force_share) as image:
         fields: dict[str, Any] = {
             "filename": filename, "format": image.format,
             "dirty-flag": image.qcow2 is not None and image.qcow2.get_info()["is_dirty"],
@@ -540,10 +565,11 @@ def _full_backing_filename(filename: str, backing_file: str) -> str:
     return filename[:filename.rindex("/") + 1] + backing_file
 
 
-def map_image(sandbox: Sandbox, filename: str, fmt: str | None = None) -> list[dict[str, Any]]:
+def map_image(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
+              force_share: bool = False) -> list[dict[str, Any]]:
     """``qemu-img map --output=json``: merged extents of the whole chain (img_map)."""
     entries: list[dict[str, Any]] = []
-    with opened(sandbox, filename, fmt) as image:
+    with opened(sandbox, filename, fmt, force_share=force_share) as image:
         size = image.size
         offset = 0
         while offset < size:
@@ -632,6 +658,11 @@ def main(argv: list[str], *, sandbox: Sandbox | None = None, stdout: TextIO | No
         return 1
 
 
+def _force_share(flags: dict[str, str]) -> bool:
+    """-U / --force-share: the image is opened sharing every permission."""
+    return "-U" in flags or "--force-share" in flags
+
+
 def _usage_error(message: str) -> ImgError:
     return ImgError(f"{message}\nTry 'qemu-img --help' for more information")
 
@@ -683,14 +714,15 @@ def _main_create(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int
 
 
 def _main_compare(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
-    options, operands = getopt.gnu_getopt(args, "hf:F:T:pqs",
+    options, operands = getopt.gnu_getopt(args, "hf:F:T:pqsU",
                                           ["object=", "image-opts", "force-share"])
     flags = dict(options)
     if len(operands) != 2:
         raise _usage_error("Expecting two image file names")
     try:
         result = compare(box, operands[0], operands[1], fmt1=flags.get("-f"),
-                         fmt2=flags.get("-F"), strict="-s" in flags)
+                         fmt2=flags.get("-F"), strict="-s" in flags,
+                         force_share=_force_share(flags))
     except ImgError as exc:
         err.write(f"qemu-img: {exc}\n")
         return exc.exit_code
@@ -733,7 +765,8 @@ def _main_check(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
     output_format = flags.get("--output", "human")
     if output_format not in ("human", "json"):
         raise ImgError("--output must be used with human or json as argument.")
-    report = check(box, operands[0], flags.get("-f"), output_format=output_format, fix=fix)
+    report = check(box, operands[0], flags.get("-f"), output_format=output_format, fix=fix,
+                   force_share=_force_share(flags))
     err.write(report.messages)
     if "-q" not in flags:
         out.write(report.output)
@@ -752,7 +785,8 @@ def _main_info(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
         raise _usage_error("Expecting one image file name")
     if flags.get("--output") != "json":
         raise ImgError("The emulator's qemu-img info prints --output=json only")
-    out.write(to_json_pretty(info(box, operands[0], flags.get("-f"))) + "\n")
+    out.write(to_json_pretty(info(box, operands[0], flags.get("-f"),
+                                  force_share=_force_share(flags))) + "\n")
     return 0
 
 
@@ -765,7 +799,8 @@ def _main_map(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
         raise _usage_error("Expecting one image file name")
     if flags.get("--output") != "json":
         raise ImgError("The emulator's qemu-img map prints --output=json only")
-    out.write(map_json(map_image(box, operands[0], flags.get("-f"))))
+    out.write(map_json(map_image(box, operands[0], flags.get("-f"),
+                                 force_share=_force_share(flags))))
     return 0
 
 
@@ -833,6 +868,9 @@ def _open_node(layer: Any, filename: str, fmt: str | None, *, read_only: bool) -
     """img_open with BDRV_O_NO_BACKING: an anonymous BlockBackend over the image's node."""
     try:
         blk = layer.blk_new_open(filename, fmt, backing=None, **{"read-only": read_only})
+    except locking.LockError as exc:
+        raise ImgError(f"Could not open '{filename}': {exc.desc}\n{exc.hint(filename)}") \
+            from None
     except GenericError as exc:
         raise ImgError(f"Could not open '{filename}': {exc.desc}") from None
     return blk.bs

@@ -589,7 +589,9 @@ def offline(sandbox: Any, filename: str, fmt: str | None, commands: Sequence[str
     try:
         blk = layer.blk_new_open(filename, fmt, discard="unmap", cache=cache)
     except GenericError as e:
-        return 1, "".join(printed) + f"qemu-io: can't open device {filename}: {e.desc}\n"
+        from emulator.block.locking import LockError
+        hint = f"{e.hint(filename)}\n" if isinstance(e, LockError) else ""
+        return 1, "".join(printed) + f"qemu-io: can't open device {filename}: {e.desc}\n" + hint
     try:
         status = 0
         for command in commands:   # command_loop: a failed command makes the exit status 1

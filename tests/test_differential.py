@@ -331,12 +331,16 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
     def drive_backup(self, sync: str, source: str, mode: str | None, fmt: str | None,
                      on_error: str | None) -> None:
         """The legacy command: the target image is made (qemu-img create semantics, a
-        backing file for sync=top and none) or opened, then the job runs as blockdev-backup's."""
+        backing file for sync=top and none) or opened — its file locked as file-posix locks
+        it, so a target still in use refuses a second one — then the job runs as
+        blockdev-backup's."""
         args = {"job-id": "j", "device": source, "target": "DIR/db", "sync": sync,
                 "bitmap": "a" if sync == "bitmap" else None, "mode": mode, "format": fmt,
                 "on-source-error": on_error, "on-target-error": on_error}
         reply = self.both("drive-backup", {k: v for k, v in args.items() if v is not None})
         event("drive-backup started" if "return" in reply else "drive-backup refused")
+        if sync == "none" and "return" in reply:   # it copies until cancelled (fleecing)
+            self.both("job-cancel", {"id": "j"})
         self.same_events()
 
     @rule(verb=st.sampled_from(["job-cancel", "job-finalize", "job-dismiss", "job-pause",

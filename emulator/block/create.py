@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable, Generator
 from typing import Any
 
+from emulator.block import locking
+from emulator.block import perm as P
 from emulator.block.drivers import BACKING_CREATORS, IMAGE_CREATORS, QEMU_DRIVERS
 from emulator.block.errors import GenericError
 
@@ -110,6 +112,10 @@ def raw_co_create(path: str | os.PathLike[str], filename: str, size: int, preall
     except OSError as e:
         raise oserror(f"Could not create '{filename}'", e) from None
     try:
+        try:   # nobody else may be using the file ("Failed to get "resize" lock")
+            locking.lock(fd, P.WRITE | P.RESIZE, P.ALL & ~P.RESIZE)
+        except locking.LockError as e:
+            raise CreateError(e.desc, errno.EAGAIN, hint=e.hint(filename)) from None
         yield
         try:
             os.ftruncate(fd, 0)
@@ -155,9 +161,10 @@ def _allocate_first_block(fd: int, size: int) -> None:
 
 
 class CreateError(GenericError):
-    def __init__(self, desc: str, err: int = errno.EINVAL) -> None:
+    def __init__(self, desc: str, err: int = errno.EINVAL, *, hint: str = "") -> None:
         super().__init__(desc)
         self.errno = err
+        self.hint = hint   # the line qemu-img prints after the error (error_append_hint)
 
 
 def qcow2_create_checks(opts: dict[str, Any]) -> tuple[int, int, int]:

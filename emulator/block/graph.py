@@ -181,7 +181,7 @@ class BlockGraph:
                     and bs.getlength() % bs.request_alignment):
                 raise GenericError("Cannot get 'write' permission without 'resize': "
                                    "Image size is not a multiple of request alignment")
-        bs.check_perm(perm, shared)
+        bs.check_perm(perm, shared, tran)
         for c in bs.children:
             nperm, nshared = bs.child_perm(c, c.role, perm, shared)
             if nperm != c.perm or nshared != c.shared_perm:

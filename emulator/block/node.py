@@ -36,7 +36,7 @@ from emulator.block.perm import Role
 from emulator.qmp.json_writer import qdict_keys, to_json
 
 if TYPE_CHECKING:
-    from emulator.block.graph import BlockGraph
+    from emulator.block.graph import BlockGraph, Transaction
 
 # what .bdrv_co_block_status returns: (BDRV_BLOCK_* flags, bytes, mapped offset, file node)
 BlockStatus = tuple[int, int, int, "BlockDriverState | None"]
@@ -330,8 +330,10 @@ class BlockDriverState:
             nshared = P.ALL
         return nperm, nshared
 
-    def check_perm(self, perm: int, shared: int) -> None:
-        """.bdrv_check_perm: a driver may refuse a cumulative permission set."""
+    def check_perm(self, perm: int, shared: int, tran: Transaction) -> None:
+        """.bdrv_check_perm: a driver may refuse a cumulative permission set; what it
+        prepares is committed (.bdrv_set_perm) or undone (.bdrv_abort_perm_update) with
+        ``tran``."""
 
     def refresh_limits(self) -> None:
         """bdrv_refresh_limits: max_transfer is the smallest non-zero one of the data,

@@ -144,6 +144,9 @@ class FileIO:
         """Bytes the host file system really uses: ``actual-size`` in qemu-img info."""
         return os.fstat(self._fd).st_blocks * 512
 
+    def fileno(self) -> int:
+        return self._fd
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from emulator.block import locking
+from emulator.block import perm as P
 from emulator.block.drivers import register
 from emulator.block.errors import GenericError
 from emulator.block.flags import BDRV_REQ_MAY_UNMAP
+from emulator.block.locking import LockBytes
 from emulator.block.node import (
     BDRV_BLOCK_DATA,
     BDRV_BLOCK_OFFSET_VALID,
@@ -29,6 +32,9 @@ from emulator.qcow2.blockio import (
     fallocate,
     punch_hole,
 )
+
+if TYPE_CHECKING:
+    from emulator.block.graph import Transaction
 
 # bdrv_open_common's text for a driver with .bdrv_needs_filename given none
 NEEDS_FILENAME = "The 'file' block driver requires a file name"
@@ -76,6 +82,10 @@ class FileNode(BlockDriverState):
             self.fd = -1
             raise GenericError(f"Could not open '{filename}': Is a directory")
         self.file_length = st.st_size
+        # raw_open_common: no lock byte is held until permissions are taken
+        self.use_lock = self.locking != "off"   # on, or auto: OFD locks exist here
+        self.lock_bytes = LockBytes(self.fd)
+        self.perm, self.shared_perm = 0, P.ALL
         if self.aio == "native" and not self.cache_direct:   # Linux AIO needs O_DIRECT
             raise GenericError("aio=native was specified, but it requires cache.direct=on, "
                                "which was not specified.")
@@ -184,12 +194,44 @@ class FileNode(BlockDriverState):
 
     def drv_close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            os.close(self.fd)   # its lock bytes go with it
             self.fd = -1
 
     def drv_reopen_read_only(self) -> None:
-        """Reopen the host file read-only (raw_reopen_prepare with a new O_RDONLY fd)."""
+        """Reopen the host file read-only (raw_reopen_prepare with a new O_RDONLY fd; the
+        lock bytes held are copied to it before the old one closes)."""
         if self.fd >= 0 and not self.read_only:
             fd = os.open(self.host_path, os.O_RDONLY | os.O_CLOEXEC)
+            locks = LockBytes(fd)
+            if self.use_lock:
+                locks.apply(self.lock_bytes.perm, self.lock_bytes.unshared, unlock=False)
             os.close(self.fd)
-            self.fd = fd
+            self.fd, self.lock_bytes = fd, locks
+
+    # -- image locking ----------------------------------------------------------------------
+    def check_perm(self, perm: int, shared: int, tran: Transaction) -> None:
+        """raw_check_perm -> raw_handle_perm_lock(PREPARE): lock what either the old or the
+        new permissions need, then check the new ones against other users; on failure, or
+        when the transaction aborts, back to the old locks; on commit, exactly the new
+        ones (raw_set_perm)."""
+        if not self.use_lock or self.inactive or self.fd < 0:
+            return
+        if (self.perm | perm) != self.perm or (self.shared_perm & shared) != self.shared_perm:
+            try:
+                self.lock_bytes.apply(self.perm | perm, ~self.shared_perm & P.ALL
+                                      | ~shared & P.ALL, unlock=False)
+                locking.check(self.fd, perm, shared)
+            except GenericError:
+                self._restore_locks()
+                raise
+
+        def commit() -> None:
+            self.lock_bytes.apply(perm, ~shared & P.ALL, unlock=True)
+            self.perm, self.shared_perm = perm, shared
+
+        tran.add(abort=self._restore_locks, commit=commit)
+
+    def _restore_locks(self) -> None:
+        """RAW_PL_ABORT: the locks of the permissions in force."""
+        if self.fd >= 0:
+            self.lock_bytes.apply(self.perm, ~self.shared_perm & P.ALL, unlock=True)
