@@ -12,6 +12,7 @@ Child options inherit cache, read-only and force-share from the parent and defau
 from __future__ import annotations
 
 import errno
+import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -275,9 +276,10 @@ class Opener:
             child = self._open_backing_child(value, opts, bs)
         elif bs.backing_file:
             path = full_backing_filename(bs)
-            definition: dict[str, Any] = {"file": {"driver": "file", "filename": path}}
-            if bs.backing_format:   # else probed, as bdrv_open_inherit does
-                definition["driver"] = bs.backing_format
+            definition: dict[str, Any] = json_filename_options(path) or \
+                {"file": {"driver": "file", "filename": path}}
+            if bs.backing_format and "driver" not in definition:   # else probed, as
+                definition["driver"] = bs.backing_format            # bdrv_open_inherit does
             child = self._open_backing_child(definition, opts, bs)
             child.refresh_filename()
             bs.auto_backing_file = child.filename
@@ -327,6 +329,28 @@ def bdrv_dirname(bs: BlockDriverState) -> str | None:
     if bs.exact_filename:
         return os.path.dirname(bs.exact_filename) + "/" if "/" in bs.exact_filename else ""
     return None
+
+
+def json_filename_options(name: str) -> dict[str, Any] | None:
+    """parse_json_filename: the options a ``json:{...}`` file name stands for (what QEMU
+    writes as a backing file name when the backing node has no plain one), dotted keys
+    nested; None for a plain name (or one that is not a JSON object)."""
+    if not name.startswith("json:"):
+        return None
+    try:
+        flat = json.loads(name[5:])
+    except ValueError:
+        return None
+    if not isinstance(flat, dict):
+        return None
+    options: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        target = options
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[last] = value
+    return options
 
 
 def full_backing_filename(bs: BlockDriverState) -> str:

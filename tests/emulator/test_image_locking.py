@@ -50,6 +50,13 @@ CASES = {
                       file={"driver": "file", "filename": "@DIR@/other"}),
         c("drive-backup", **{"job-id": "j"}, device="top", target="@DIR@/t", sync="top",
           format="qcow2")],
+    "json-backing-file": [   # t's backing file is json:{...} (top has no plain name)
+        qcow2("a"), c("blockdev-add", driver="qcow2", **{"node-name": "top"}, backing="a",
+                      file={"driver": "file", "filename": "@DIR@/other"}),
+        c("drive-backup", **{"job-id": "j1"}, device="top", target="@DIR@/t", sync="none"),
+        c("job-cancel", id="j1"),
+        c("drive-backup", **{"job-id": "j2"}, device="a", target="@DIR@/t", sync="full",
+          mode="existing")],
     "below-an-overlay": [qcow2("a"), qcow2("base", "other"),
                          c("blockdev-snapshot-sync", **{"node-name": "a",
                            "snapshot-file": "@DIR@/snap", "snapshot-node-name": "snap"}),
