@@ -34,6 +34,7 @@ from emulator.qcow2 import (
     Status,
     StoredBitmap,
 )
+from emulator.qcow2.blockio import tool_stderr
 from emulator.qcow2.check import FIX_ERRORS, FIX_LEAKS
 from emulator.qcow2.image import Report
 from emulator.qmp.json_writer import qdict_keys, quote
@@ -647,7 +648,8 @@ def main(argv: list[str], *, sandbox: Sandbox | None = None, stdout: TextIO | No
         err.write(f"qemu-img: Command not found: {argv[0]}\n")
         return 1
     try:
-        return verb(box, argv[1:], out, err)
+        with tool_stderr("qemu-img", err.write):
+            return verb(box, argv[1:], out, err)
     except ImgError as exc:
         if "-q" not in argv:
             out.write(exc.stdout)

@@ -581,10 +581,18 @@ def offline(sandbox: Any, filename: str, fmt: str | None, commands: Sequence[str
     qemu-io opens it (blk_new_open read-write with BDRV_O_UNMAP, writethrough unless told)
     on a block layer of its own, so the commands meet the same nodes a VM's drive has;
     closed at the end. Returns the exit status and everything printed."""
+    from emulator.qcow2.blockio import tool_stderr
+
+    printed: list[str] = []   # stderr (warnings) and stdout, as they come
+    with tool_stderr("qemu-io", printed.append):
+        return _offline(sandbox, filename, fmt, commands, cache, printed)
+
+
+def _offline(sandbox: Any, filename: str, fmt: str | None, commands: Sequence[str],
+             cache: str, printed: list[str]) -> tuple[int, str]:
     from emulator.block.errors import GenericError
     from emulator.block.layer import BlockLayer
 
-    printed: list[str] = []   # stderr (raw's probing warning) and stdout, as they come
     layer = BlockLayer(sandbox, warn=printed.append)
     try:
         blk = layer.blk_new_open(filename, fmt, discard="unmap", cache=cache)

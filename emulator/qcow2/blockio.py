@@ -6,10 +6,12 @@ the same requests and debug events (``BLKDBG_EVENT(bs->file, ...)``) as in QEMU.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 Report = Callable[[str], object]   # where a library writes what QEMU prints to stderr
@@ -167,3 +169,26 @@ def report_to(io: Any, line: str) -> None:
     report = stderr_of(io)
     if report is not None:
         report(line + "\n")
+
+
+# The running tool's name and stderr (qemu-img, offline qemu-io): what QEMU's warn_report()
+# prefixes and prints to. None in a VM, whose stderr nobody sees.
+_TOOL: ContextVar[tuple[str, Report] | None] = ContextVar("tool", default=None)
+
+
+@contextlib.contextmanager
+def tool_stderr(progname: str, write: Report) -> Iterator[None]:
+    """Run a tool's work with ``write`` as the stderr warn_report() prints to."""
+    token = _TOOL.set((progname, write))
+    try:
+        yield
+    finally:
+        _TOOL.reset(token)
+
+
+def warn_report(text: str) -> None:
+    """warn_report(): "<tool>: warning: <text>" on the running tool's stderr. ``text`` ends
+    as QEMU's does (a message followed by error_printf() may end without a newline)."""
+    tool = _TOOL.get()
+    if tool is not None:
+        tool[1](f"{tool[0]}: warning: {text}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from emulator.qcow2 import bitmaps as bm
-from emulator.qcow2.blockio import BlockIO, Report, report_to, stderr_of
+from emulator.qcow2.blockio import BlockIO, Report, report_to, stderr_of, warn_report
 from emulator.qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckResult, check_refcounts
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import (
@@ -202,10 +202,23 @@ class OpenReads:
                 if length != 24 or not header.autoclear_features & AUTOCLEAR_BITMAPS:
                     failure = ""
                     stale = length == 24
+                    if stale:
+                        warn_report(_STALE_BITMAPS[header.version >= 3])
             if magic != EXT_FEATURE_TABLE and failure:
                 cluster0[offset:offset + length] = _pread(io, offset, length, failure)
             offset += (length + 7) & ~7
         return stale
+
+
+# qcow2_read_extensions' warning for a stale bitmaps extension (by "version >= 3"), and the
+# error_printf() after it, which ends without a newline
+_LEAKED = "\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+_STALE_BITMAPS = {
+    False: "This qcow2 v2 image contains bitmaps, but they may have been modified by a "
+           "program without persistent bitmap support; so now they must all be considered "
+           "inconsistent" + _LEAKED,
+    True: "a program lacking bitmap support modified this file, so all bitmaps are now "
+          "considered inconsistent" + _LEAKED}
 
 
 class _TaskFailed(Exception):

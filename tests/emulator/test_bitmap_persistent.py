@@ -119,3 +119,40 @@ def test_stale_extension_and_unknown_autoclear_bits_dropped_at_read_write_open(
     compare_replies(tmp_path, cmds, setup=setup)
     assert (tmp_path / "emu" / "img.qcow2").read_bytes() == \
         (tmp_path / "qemu" / "img.qcow2").read_bytes()
+
+
+def test_tools_warn_of_a_stale_extension_as_qemu_img_does(tmp_path: Path) -> None:
+    """qemu-img and qemu-io print qcow2_read_extensions' warning (the tool's name, then
+    "Some clusters may be leaked, ..." with no newline) and leave the same bytes; check -r
+    frees the stale bitmaps' clusters."""
+    import io as textio
+    import shutil
+    import struct
+    import subprocess
+
+    from emulator import img, qemu_io
+    from emulator.sandbox import Sandbox
+    create_qcow2(tmp_path / "stale", "4M")
+    qemu_img("bitmap", "--add", tmp_path / "stale", "b")
+    with open(tmp_path / "stale", "r+b") as f:   # the bitmaps autoclear bit off
+        f.seek(88)
+        f.write(struct.pack(">Q", 0))
+    for run in ("info --output=json", "check", "map --output=json", "check -r all"):
+        for name in ("real", "mine"):
+            shutil.copy(tmp_path / "stale", tmp_path / name)
+        real = subprocess.run(["qemu-img", *run.split(), "real"], cwd=tmp_path,
+                              capture_output=True, text=True)
+        out, err = textio.StringIO(), textio.StringIO()
+        status = img.main([*run.split(), "mine"], sandbox=Sandbox(tmp_path), stdout=out,
+                          stderr=err)
+        assert (status, err.getvalue().replace("mine", "real")) == \
+            (real.returncode, real.stderr), run
+        assert "lacking bitmap support" in real.stderr
+        assert (tmp_path / "mine").read_bytes() == (tmp_path / "real").read_bytes(), run
+    for name in ("real", "mine"):
+        shutil.copy(tmp_path / "stale", tmp_path / name)
+    real = subprocess.run(["qemu-io", "-c", "write 0 512", "real"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    status, printed = qemu_io.offline(Sandbox(tmp_path), "mine", None, ["write 0 512"])
+    assert printed.startswith(real.stderr) and status == real.returncode
+    assert (tmp_path / "mine").read_bytes() == (tmp_path / "real").read_bytes()
