@@ -839,7 +839,7 @@ def _main_bitmap(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int
         if failed:
             raise ImgError(message)
     filename, name = operands
-    layer = BlockLayer(box, warn=err.write)
+    layer = BlockLayer(box)
     try:
         bs = _open_node(layer, filename, flags.get("-f"), read_only=False)
         src_bs = bs if "-b" not in flags else \

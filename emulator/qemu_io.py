@@ -593,19 +593,19 @@ def _offline(sandbox: Any, filename: str, fmt: str | None, commands: Sequence[st
     from emulator.block.errors import GenericError
     from emulator.block.layer import BlockLayer
 
-    layer = BlockLayer(sandbox, warn=printed.append)
+    layer = BlockLayer(sandbox)
     try:
         blk = layer.blk_new_open(filename, fmt, discard="unmap", cache=cache)
     except GenericError as e:
         from emulator.block.locking import LockError
         hint = f"{e.hint(filename)}\n" if isinstance(e, LockError) else ""
         return 1, "".join(printed) + f"qemu-io: can't open device {filename}: {e.desc}\n" + hint
+    status = 0
     try:
-        status = 0
         for command in commands:   # command_loop: a failed command makes the exit status 1
             ret, text = run_command(blk, command)
             printed.append(text)
             status = 1 if ret < 0 else status
-        return status, "".join(printed)
     finally:
-        layer.close_all()
+        layer.close_all()   # what closing prints (a failed cache flush) is output too
+    return status, "".join(printed)

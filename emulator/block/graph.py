@@ -92,9 +92,6 @@ class BlockGraph:
         # results depend on (edges from BlockBackends and jobs do not count)
         self.generation = 0
         self._rng = random.Random(7)   # QEMU appends two random digits; ours are seeded
-        # where the process's stderr would get what drivers print there (raw's warning
-        # about a probed image); nothing for a VM, the tool's stderr for qemu-img/qemu-io
-        self.warn: Callable[[str], object] | None = None
 
     # -- names --------------------------------------------------------------------------------
     def generate_node_name(self) -> str:

@@ -18,7 +18,7 @@ from emulator.block.backend import BlockBackend
 from emulator.block.errors import GenericError
 from emulator.block.graph import BlockGraph
 from emulator.block.node import BlockDriverState
-from emulator.block.open import Opener
+from emulator.block.open import Opener, json_filename_options
 from emulator.block.query import block_device_info, block_info
 
 _CACHE_MODES = {  # bdrv_parse_cache_mode: (writeback, direct, no-flush)
@@ -41,12 +41,10 @@ def _onoff(value: Any, name: str) -> bool:
 class BlockLayer:
     """The node graph and BlockBackends of one emulated VM."""
 
-    def __init__(self, sandbox: Any = None, emit: Any = None,
-                 warn: Callable[[str], object] | None = None) -> None:
+    def __init__(self, sandbox: Any = None, emit: Any = None) -> None:
         self.sandbox = sandbox
         self.emit = emit
         self.graph = BlockGraph()
-        self.graph.warn = warn
         # set by the job manager: cancel jobs synchronously before the nodes close (quit)
         self.before_close_all: Callable[[], None] | None = None
 
@@ -183,7 +181,11 @@ class BlockLayer:
         else:   # without a format, the Opener probes the file (bdrv_open_inherit)
             if fmt is not None:
                 node_opts["driver"] = fmt
-            node_opts.setdefault("file", {"driver": "file", "filename": filename})
+            described = json_filename_options(filename)   # json:{...}: the options it holds
+            if described is None:
+                node_opts.setdefault("file", {"driver": "file", "filename": filename})
+            for key, value in (described or {}).items():   # the explicit ones win
+                node_opts.setdefault(key, value)
         blk.perm = P.CONSISTENT_READ | (0 if read_only else P.WRITE)
         blk.shared_perm = P.ALL
         bs = Opener(self).open(node_opts)

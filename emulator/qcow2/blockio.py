@@ -155,30 +155,15 @@ class FileIO:
             self._fd = -1
 
 
-def stderr_of(io: Any) -> Report | None:
-    """The process's stderr for a qcow2 node: its block graph's ``warn`` (the tool's stderr
-    under qemu-img and qemu-io, nothing in a VM), reached through the node's file child
-    (a ChildIO); None for an image opened on its own."""
-    bs = getattr(getattr(io, "child", None), "bs", None)
-    warn = getattr(getattr(bs, "graph", None), "warn", None)
-    return warn if callable(warn) else None
-
-
-def report_to(io: Any, line: str) -> None:
-    """error_report()/fprintf(stderr) from the qcow2 code: one line on the node's stderr."""
-    report = stderr_of(io)
-    if report is not None:
-        report(line + "\n")
-
-
-# The running tool's name and stderr (qemu-img, offline qemu-io): what QEMU's warn_report()
-# prefixes and prints to. None in a VM, whose stderr nobody sees.
+# The running tool's name and stderr (qemu-img, offline qemu-io): where QEMU's fprintf(stderr),
+# error_report() and warn_report() print, the latter two after the tool's name. None in a
+# VM, whose stderr nobody sees.
 _TOOL: ContextVar[tuple[str, Report] | None] = ContextVar("tool", default=None)
 
 
 @contextlib.contextmanager
 def tool_stderr(progname: str, write: Report) -> Iterator[None]:
-    """Run a tool's work with ``write`` as the stderr warn_report() prints to."""
+    """Run a tool's work with ``write`` as its stderr."""
     token = _TOOL.set((progname, write))
     try:
         yield
@@ -186,9 +171,23 @@ def tool_stderr(progname: str, write: Report) -> Iterator[None]:
         _TOOL.reset(token)
 
 
+def fprintf_stderr(text: str) -> None:
+    """fprintf(stderr, ...): ``text`` as it is, on the running tool's stderr."""
+    tool = _TOOL.get()
+    if tool is not None:
+        tool[1](text)
+
+
+def error_report(text: str) -> None:
+    """error_report(): "<tool>: <text>" and a newline."""
+    tool = _TOOL.get()
+    if tool is not None:
+        tool[1](f"{tool[0]}: {text}\n")
+
+
 def warn_report(text: str) -> None:
-    """warn_report(): "<tool>: warning: <text>" on the running tool's stderr. ``text`` ends
-    as QEMU's does (a message followed by error_printf() may end without a newline)."""
+    """warn_report(): "<tool>: warning: <text>". ``text`` ends as QEMU's does (a message
+    followed by error_printf() may end without a newline)."""
     tool = _TOOL.get()
     if tool is not None:
         tool[1](f"{tool[0]}: warning: {text}")

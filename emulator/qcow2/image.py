@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from emulator.qcow2 import bitmaps as bm
-from emulator.qcow2.blockio import BlockIO, Report, report_to, stderr_of, warn_report
+from emulator.qcow2.blockio import BlockIO, Report, error_report, fprintf_stderr, warn_report
 from emulator.qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckResult, check_refcounts
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import (
@@ -334,7 +334,7 @@ class Qcow2Image:
                                  f"{os.strerror(e.errno or errno.EIO)}") from None
             self._header_update_pending = False
         if not check_mode and self.header.incompatible_features & INCOMPAT_DIRTY:
-            self._repair_dirty(report if report is not None else stderr_of(self.io))
+            self._repair_dirty(report if report is not None else fprintf_stderr)
 
     def _repair_dirty(self, report: Report | None) -> None:
         """qcow2_do_open's "Repair image if dirty": qcow2_co_check_locked with
@@ -1035,8 +1035,8 @@ class Qcow2Image:
                 cache.flush()
             except OSError as e:
                 failed = True
-                report_to(self.io, f"Failed to flush the {name} cache: "
-                                   f"{os.strerror(e.errno or errno.EIO)}")
+                error_report(f"Failed to flush the {name} cache: "
+                             f"{os.strerror(e.errno or errno.EIO)}")
         if not failed:
             with contextlib.suppress(OSError):
                 self._mark_clean()

@@ -17,7 +17,7 @@ import sys
 from array import array
 from errno import EIO
 
-from emulator.qcow2.blockio import BlockIO, report_to
+from emulator.qcow2.blockio import BlockIO, fprintf_stderr
 from emulator.qcow2.cache import MIN_REFCOUNT_CACHE_SIZE, Qcow2Cache
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import OFFSET_REFCOUNT_TABLE, Header
@@ -215,7 +215,7 @@ class Refcounts:
         try:
             self.update(offset, size, -1, kind)
         except OSError as e:
-            report_to(self.io, f"qcow2_free_clusters failed: {os.strerror(e.errno or EIO)}")
+            fprintf_stderr(f"qcow2_free_clusters failed: {os.strerror(e.errno or EIO)}\n")
 
     def queue_discard(self, offset: int, length: int) -> None:
         """update_refcount_discard: add a freed range to the queue, merged with a queued

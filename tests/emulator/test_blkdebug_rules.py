@@ -10,6 +10,7 @@ docs/qemu-semantics.md §7 (257's intermediate failure) step by step.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -315,3 +316,37 @@ def test_persistent_bitmaps_meet_failing_io(tmp_path: Path, rule: dict[str, Any]
                        check=True, capture_output=True)   # the directory is now at 0xb0000
     compare_replies(tmp_path, commands, setup=setup)
     assert (tmp_path / "emu" / "img").read_bytes() == (tmp_path / "qemu" / "img").read_bytes()
+
+
+@requires_qemu_img
+@pytest.mark.parametrize("rule", [
+    {"event": "l2_update", "errno": 5},        # the caches cannot be written back at close
+    {"event": "cluster_alloc", "errno": 28},   # the write itself fails
+    {"event": "none", "errno": 5},
+], ids=["close", "write", "none"])
+def test_offline_qemu_io_on_a_json_filename(tmp_path: Path, rule: dict[str, Any]) -> None:
+    """qemu-io opens a json:{...} file name as the options it holds (here qcow2 over
+    blkdebug); what closing prints comes after the commands' output, with the tool's name
+    (error_report: "qemu-io: Failed to flush the L2 table cache: ...")."""
+    import json
+
+    from emulator import qemu_io
+    name = "json:" + json.dumps({"driver": "qcow2", "file": {
+        "driver": "blkdebug", "inject-error": [rule],
+        "image": {"driver": "file", "filename": "img"}}})
+    outputs, images = [], []
+    for side in ("real", "mine"):
+        (tmp_path / side).mkdir()
+        create_qcow2(tmp_path / side / "img", "4M")
+        if side == "real":
+            real = subprocess.run(["qemu-io", "-c", "write -P 7 0 64k", name],
+                                  cwd=tmp_path / side, capture_output=True, text=True)
+            outputs.append((real.returncode, real.stdout + real.stderr))
+        else:
+            outputs.append(qemu_io.offline(Sandbox(tmp_path / side), name, None,
+                                           ["write -P 7 0 64k"]))
+        images.append((tmp_path / side / "img").read_bytes())
+    def timeless(out: tuple[int, str]) -> tuple[int, str]:
+        return out[0], re.sub(r"; [\d:.]+ sec \(.*\)", "; TIME", out[1])
+    assert timeless(outputs[1]) == timeless(outputs[0])
+    assert images[0] == images[1]

@@ -45,7 +45,7 @@ from emulator.qcow2.bitmaps import (
     QCOW2_MAX_BITMAPS,
     calc_dir_entry_size,
 )
-from emulator.qcow2.blockio import report_to
+from emulator.qcow2.blockio import error_report
 from emulator.qcow2.cache import cache_sizes
 from emulator.qcow2.image import Status
 
@@ -367,8 +367,8 @@ class Qcow2Node(BlockDriverState):
                 lost = True
                 text = e.desc if isinstance(e, GenericError) else \
                     os.strerror(e.errno or errno.EIO)
-                report_to(self.image.io, "Lost persistent bitmaps during inactivation of "
-                                         f"node '{self.device_or_node_name()}': {text}")
+                error_report("Lost persistent bitmaps during inactivation of node "
+                             f"'{self.device_or_node_name()}': {text}")
         self.image.close(bitmaps_lost=lost)
         self.image = None
 

@@ -20,6 +20,7 @@ from emulator.block.node import (
 from emulator.block.perm import Role
 from emulator.block.probe import BLOCK_PROBE_BUF_SIZE, probe
 from emulator.block.qemu_opts import absorb_sizes
+from emulator.qcow2.blockio import fprintf_stderr
 
 
 @register
@@ -50,9 +51,9 @@ class RawNode(BlockDriverState):
                                f"file ({real})")
         if self.size is not None and self.size % 512:
             raise GenericError("Specified size is not multiple of 512")
-        if self.probed and self.is_writable() and self.graph.warn is not None:
+        if self.probed and self.is_writable():
             self.file.bs.refresh_filename()
-            self.graph.warn(
+            fprintf_stderr(
                 f"WARNING: Image format was not specified for '{self.file.bs.filename}' and "
                 "probing guessed raw.\n         Automatically detecting the format is "
                 "dangerous for raw images, write operations on block 0 will be restricted.\n"
