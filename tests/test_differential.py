@@ -2,9 +2,11 @@
 emulator and to real QEMU 7.2, and their replies, events and bitmap listings must agree.
 
 A hypothesis state machine (bitmaps, transactions, guest writes, nodes, backup jobs and job
-verbs, and a qcow2 node over blkdebug with random inject-error and set-state rules that
-guest writes, flushes and backups run into, as 257 does) drives both backends through the
-harness's Backend interface (qemu.qmp clients on both sides). Two inputs are left out
+verbs, drive-backup with its image creation, drive0 closed and reopened with qemu-img
+info/check/bitmap run on its image in between, and a qcow2 node over blkdebug with random
+inject-error and set-state rules that guest writes, flushes and backups run into, as 257
+does) drives both backends through the harness's Backend interface (qemu.qmp clients on
+both sides). Two inputs are left out
 because they crash QEMU 7.2.22 with SIGSEGV (both found by this test; see
 docs/qemu-semantics.md §4): a merge with an empty source list, and a transaction that
 enables a bitmap that does not exist; what the emulator answers instead is pinned by
@@ -115,11 +117,22 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
         replies = []
         for backend, d in zip(self.backends, self.dirs, strict=True):
             args = normalize_in(arguments, str(d))
-            replies.append(normalize(self.run(backend.execute(command, args)),
-                                     tuple(map(str, self.dirs))))
+            replies.append(self.hostless(normalize(self.run(backend.execute(command, args)),
+                                                   tuple(map(str, self.dirs)))))
         assert replies[0] == replies[1], f"{command} {arguments}: qemu {replies[0]} " \
                                          f"!= emulator {replies[1]}"
         return replies[0]
+
+    def hostless(self, reply: Any) -> Any:
+        """A backup target's file length: QEMU's block-copy workers run in parallel, so how
+        many clusters a failing backup allocated before it stopped varies from run to run
+        (its guest data is compared at the end)."""
+        for node in reply.get("return", []) if isinstance(reply.get("return"), list) else []:
+            image = node.get("image") if isinstance(node, dict) else None
+            if node.get("drv") == "file" and isinstance(image, dict) and \
+                    image.get("filename", "").removeprefix("TEST_DIR/") in self.backup_targets:
+                image.pop("virtual-size", None)
+        return reply
 
     def teardown(self) -> None:
         try:
@@ -138,7 +151,7 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
                     continue
                 if name not in self.backup_targets | {"db"}:
                     assert files[0].read_bytes() == files[1].read_bytes(), name
-                compare = subprocess.run(["qemu-img", "compare", *map(str, files)],
+                compare = subprocess.run(["qemu-img", "compare", *map(top_layer, files)],
                                          capture_output=True, text=True)
                 assert compare.returncode == 0, compare.stdout + compare.stderr
         finally:   # a failing example leaves nothing behind either
@@ -384,6 +397,17 @@ def one_cluster(sector: int, length: int) -> bool:
     starts) and the emulator one after the other: blkdebug rules armed by an event would see
     the order differ (docs/qemu-semantics.md §20 says what is and is not emulated)."""
     return sector * 512 // 65536 == (sector * 512 + length - 1) // 65536
+
+
+def top_layer(path: Path) -> str:
+    """The image without its backing chain (a drive-backup target's backing file may be a
+    node over blkdebug, whose rules would fail the reads)."""
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
+                                     capture_output=True, text=True, check=True).stdout)
+    if info["format"] != "qcow2" or "backing-filename" not in info:
+        return str(path)
+    return "json:" + json.dumps({"driver": "qcow2", "backing": None,
+                                 "file": {"driver": "file", "filename": str(path)}})
 
 
 def normalize_in(arguments: Any, directory: str) -> Any:
