@@ -51,29 +51,44 @@ def _locked_by_others(fd: int, offset: int) -> bool:
 
 
 class LockBytes:
-    """The lock bytes one open file holds (s->locked_perm, s->locked_shared_perm)."""
+    """The lock bytes one open file holds (s->locked_perm, s->locked_shared_perm): a set of
+    byte offsets, 100 + i for a permission held, 200 + i for one not shared."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.perm = 0        # bits whose byte 100 + i is locked
-        self.unshared = 0    # bits whose byte 200 + i is locked
+        self.locked: set[int] = set()
+
+    @property
+    def perm(self) -> int:
+        return _bits(self.locked, RAW_LOCK_PERM_BASE)
+
+    @property
+    def unshared(self) -> int:
+        return _bits(self.locked, RAW_LOCK_SHARED_BASE)
 
     def apply(self, perm: int, unshared: int, *, unlock: bool) -> None:
         """raw_apply_lock_bytes: lock the bytes of ``perm`` and ``unshared`` not locked yet;
         with ``unlock``, release the ones they no longer name."""
-        for base, wanted, attr in ((RAW_LOCK_PERM_BASE, perm, "perm"),
-                                   (RAW_LOCK_SHARED_BASE, unshared, "unshared")):
-            for i, bit in enumerate(_BITS):
-                held = getattr(self, attr)
-                if wanted & bit and not held & bit:
-                    try:
-                        _fcntl(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, base + i)
-                    except OSError as e:
-                        raise _lock_error(f"Failed to lock byte {base + i}", e) from None
-                    setattr(self, attr, held | bit)
-                elif unlock and held & bit and not wanted & bit:
-                    _fcntl(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, base + i)
-                    setattr(self, attr, held & ~bit)
+        wanted = _offsets(perm, RAW_LOCK_PERM_BASE) + _offsets(unshared, RAW_LOCK_SHARED_BASE)
+        for offset in wanted:
+            if offset not in self.locked:
+                try:
+                    _fcntl(self.fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, offset)
+                except OSError as e:
+                    raise _lock_error(f"Failed to lock byte {offset}", e) from None
+                self.locked.add(offset)
+        if unlock:
+            for offset in sorted(self.locked - set(wanted)):
+                _fcntl(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, offset)
+                self.locked.discard(offset)
+
+
+def _offsets(bits: int, base: int) -> list[int]:
+    return [base + i for i, bit in enumerate(_BITS) if bits & bit]
+
+
+def _bits(offsets: set[int], base: int) -> int:
+    return sum(bit for i, bit in enumerate(_BITS) if base + i in offsets)
 
 
 def check(fd: int, perm: int, shared: int) -> None:
