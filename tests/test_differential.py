@@ -299,9 +299,10 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
     @rule(inject=INJECT_RULES, set_state=SET_STATE_RULES,
           sync=st.sampled_from(["full", "top", "bitmap"]),
           dest=st.sampled_from(["null0", "v2", "drive0"]),
-          on_error=st.sampled_from([None, "report", "ignore", "stop", "enospc"]))
+          on_error=st.sampled_from([None, "report", "ignore", "stop", "enospc"]),
+          workers=st.sampled_from([None, 1]))
     def faulty_backup(self, inject: list[dict[str, Any]], set_state: list[dict[str, Any]],
-                      sync: str, dest: str, on_error: str | None) -> None:
+                      sync: str, dest: str, on_error: str | None, workers: int | None) -> None:
         """A backup of a node over fresh blkdebug rules (what 257 does, at random)."""
         if self.has_dbg:
             self.delete("dbg")
@@ -310,7 +311,7 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
             self.add("dbg", "fb", None, None, None)
             self.write(0x44, 1800, 100, "dbg")
         self.backup(sync, "fb" if sync == "bitmap" else None, None, None, None, "dbg", dest,
-                    None, on_error)
+                    None, on_error, workers)
 
     @rule(node=NODES)
     def flush(self, node: str) -> None:
@@ -324,21 +325,27 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
           source=st.sampled_from(["drive0", "dbg", "dbg"]),
           dest=st.sampled_from(["null0", "null0", "null0", "drive0", "v2", "dbg"]),
           filter_name=st.sampled_from([None, "cbw"]),
-          on_error=st.sampled_from([None, None, "report", "ignore", "stop", "enospc"]))
+          on_error=st.sampled_from([None, None, "report", "ignore", "stop", "enospc"]),
+          workers=st.sampled_from([None, 1]))
     def backup(self, sync: str, bitmap: str | None, mode: str | None, finalize: bool | None,
                dismiss: bool | None, source: str, dest: str, filter_name: str | None,
-               on_error: str | None) -> None:
+               on_error: str | None, workers: int | None) -> None:
+        """blockdev-backup. With x-perf max-workers=1 QEMU's block-copy runs one task at a
+        time, as the emulator always does: the target's layout is then QEMU's to the byte
+        (compared at the end); with its 64 workers only the guest data is."""
         # a job that ignores an error which never goes away retries for ever, in QEMU too
         # (25,000 BLOCK_JOB_ERROR events a second)
         assume(not (on_error == "ignore" and self.dbg_permanent and "dbg" in (source, dest)))
         args = {"job-id": "j", "device": source, "target": dest, "sync": sync,
                 "bitmap": bitmap, "bitmap-mode": mode, "auto-finalize": finalize,
                 "auto-dismiss": dismiss, "filter-node-name": filter_name,
-                "on-source-error": on_error, "on-target-error": on_error}
+                "on-source-error": on_error, "on-target-error": on_error,
+                "x-perf": {"max-workers": workers} if workers else None}
         reply = self.both("blockdev-backup", {k: v for k, v in args.items() if v is not None})
-        if "return" in reply:
+        if "return" in reply and not workers:
             self.backup_targets.add({"drive0": "img", "dbg": "faulty"}.get(dest, dest))
-        event("backup started" if "return" in reply else "backup refused")
+        event(("serial backup" if workers else "backup") +
+              (" started" if "return" in reply else " refused"))
         self.same_events()
 
     @rule(sync=st.sampled_from(["full", "top", "none", "bitmap"]),
