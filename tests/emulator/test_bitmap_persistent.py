@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import requires_qemu, requires_qemu_img
+from tests.conftest import requires_qemu, requires_qemu_img, requires_qemu_io
 from tests.emulator.qemu_runner import c, compare_replies, create_qcow2, io, qemu_img, run_commands
 
 pytestmark = [requires_qemu, requires_qemu_img]
@@ -121,6 +121,7 @@ def test_stale_extension_and_unknown_autoclear_bits_dropped_at_read_write_open(
         (tmp_path / "qemu" / "img.qcow2").read_bytes()
 
 
+@requires_qemu_io
 def test_tools_warn_of_a_stale_extension_as_qemu_img_does(tmp_path: Path) -> None:
     """qemu-img and qemu-io print qcow2_read_extensions' warning (the tool's name, then
     "Some clusters may be leaked, ..." with no newline) and leave the same bytes; check -r

@@ -22,7 +22,7 @@ from emulator.block.drivers.blkdebug import BlkdebugNode
 from emulator.block.layer import BlockLayer
 from emulator.block.perm import ALL, CONSISTENT_READ, WRITE
 from emulator.sandbox import Sandbox
-from tests.conftest import requires_qemu, requires_qemu_img
+from tests.conftest import requires_qemu, requires_qemu_img, requires_qemu_io
 from tests.emulator.qemu_runner import c, compare_replies, create_qcow2, run_commands
 
 
@@ -281,6 +281,7 @@ def test_split_write_runs_its_stretches_as_tasks(tmp_path: Path, immediately: bo
 
 @requires_qemu
 @requires_qemu_img
+@requires_qemu_io
 @pytest.mark.parametrize("rule", [
     {"event": "reftable_load", "errno": 28, "iotype": "flush"},   # open: the first header sync
     {"event": "reftable_load", "errno": 5, "iotype": "write", "sector": 0},   # its write
@@ -318,6 +319,7 @@ def test_persistent_bitmaps_meet_failing_io(tmp_path: Path, rule: dict[str, Any]
     assert (tmp_path / "emu" / "img").read_bytes() == (tmp_path / "qemu" / "img").read_bytes()
 
 
+@requires_qemu_io
 @requires_qemu_img
 @pytest.mark.parametrize("rule", [
     {"event": "l2_update", "errno": 5},        # the caches cannot be written back at close

@@ -17,7 +17,7 @@ from emulator.block.backend import BlockBackend
 from emulator.block.layer import BlockLayer
 from emulator.block.perm import ALL, CONSISTENT_READ, WRITE
 from emulator.sandbox import Sandbox
-from tests.conftest import requires_qemu, requires_qemu_img
+from tests.conftest import requires_qemu, requires_qemu_img, requires_qemu_io
 from tests.emulator.qemu_runner import c, compare_replies, create_qcow2, io
 
 
@@ -99,6 +99,7 @@ def test_real_qemu_img_sees_the_emulators_locks(tmp_path: Path) -> None:
 
 
 @requires_qemu_img
+@requires_qemu_io
 def test_emulator_sees_real_qemu_ios_locks(tmp_path: Path) -> None:
     """A real qemu-io holding the image open read-write: the emulator's node cannot take it."""
     create_qcow2(tmp_path / "img", "4M")
@@ -123,6 +124,7 @@ TOOL_RUNS = ["info --output=json held", "info --output=json top", "check held",
 
 
 @requires_qemu_img
+@requires_qemu_io
 def test_tools_refuse_an_image_in_use_as_qemu_img_does(tmp_path: Path) -> None:
     """A real qemu-io holds ``held`` open read-write: the emulator's qemu-img verbs and
     offline qemu-io print what the real ones print (the hint naming the image included),
