@@ -24,6 +24,7 @@ from emulator.block import locking
 from emulator.block import perm as P
 from emulator.block.create_opts import UINT64_MAX, CreateOpts, help_text, split_options
 from emulator.block.errors import GenericError
+from emulator.block.open import json_filename_options
 from emulator.block.probe import BLOCK_PROBE_BUF_SIZE, probe
 from emulator.qcow2 import (
     Backing,
@@ -80,7 +81,7 @@ class Image:
     def __init__(self, sandbox: Sandbox, path: Path, name: str, fmt: str | None, *,
                  writable: bool = False, open_backing: bool = True, depth: int = 0,
                  check_mode: bool = False, report: Report | None = None,
-                 force_share: bool = False) -> None:
+                 force_share: bool = False, backing: dict[str, Any] | None = None) -> None:
         self.path = path
         self.backing: Image | None = None
         self.qcow2: Qcow2Image | None = None
@@ -98,14 +99,32 @@ class Image:
                                              check_mode=check_mode, report=report)
             elif self.format != "raw":
                 raise OpenError(f"Unknown driver '{self.format}'")
-            if open_backing and self.qcow2 is not None and self.qcow2.backing_file:
-                self.backing = self._open_backing(sandbox, depth, force_share)
+            if open_backing and self.qcow2 is not None and \
+                    (backing is not None or self.qcow2.backing_file):
+                self.backing = self._open_backing(sandbox, depth, force_share, backing)
         except Qcow2Error as exc:
             self.close()
             raise OpenError(str(exc)) from None
         except OpenError:
             self.close()
             raise
+
+    def _open_described(self, sandbox: Sandbox, options: dict[str, Any], depth: int,
+                        force_share: bool, driver: str | None) -> Image:
+        """A backing node given as options (a qcow2 or raw image over a file, its own
+        backing again as options, or none with "backing": null); the file name is the
+        process's, as QEMU takes it (relative to the working directory)."""
+        file = options.get("file")
+        filename = file.get("filename") if isinstance(file, dict) and \
+            file.get("driver", "file") == "file" else None
+        nested = options.get("backing", {})
+        if not isinstance(filename, str) or driver not in (None, "qcow2", "raw") or \
+                not isinstance(nested, dict | None):
+            raise OpenError("The emulator's qemu-img opens a described (json:) backing file "
+                            "only as a qcow2 or raw image over a file")
+        return Image(sandbox, sandbox.resolve(filename), filename, driver, depth=depth + 1,
+                     force_share=force_share, open_backing=nested is not None,
+                     backing=nested or None)
 
     def _lock(self, name: str, writable: bool, force_share: bool) -> None:
         """The lock bytes the image's file node would hold under qemu-img: a qcow2 node
@@ -120,12 +139,23 @@ class Image:
         except locking.LockError as exc:
             raise OpenError(f"{exc.desc}\n{exc.hint(name)}") from None
 
-    def _open_backing(self, sandbox: Sandbox, depth: int, force_share: bool) -> Image:
-        assert self.qcow2 is not None and self.qcow2.backing_file
-        name = self.qcow2.backing_file
+    def _open_backing(self, sandbox: Sandbox, depth: int, force_share: bool,
+                      options: dict[str, Any] | None) -> Image:
+        """bdrv_open_backing_file: the header's backing file, or what a json:{...} name or
+        a described parent gives as the backing node's options."""
+        assert self.qcow2 is not None
+        name = self.qcow2.backing_file or ""
         try:
             if depth >= 64:
                 raise OpenError("Backing chain too deep")
+            if options is not None:   # given as options: their driver, else the format
+                return self._open_described(sandbox, options, depth, force_share,
+                                            options.get("driver", self.qcow2.backing_format))
+            described = json_filename_options(name)
+            if described is not None:   # the header's format is put first, and wins
+                return self._open_described(sandbox, described, depth, force_share,
+                                            self.qcow2.backing_format or
+                                            described.get("driver"))
             path = sandbox.resolve_backing(self.path, name)
             return Image(sandbox, path, name, self.qcow2.backing_format, depth=depth + 1,
                          force_share=force_share)

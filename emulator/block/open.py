@@ -276,10 +276,11 @@ class Opener:
             child = self._open_backing_child(value, opts, bs)
         elif bs.backing_file:
             path = full_backing_filename(bs)
+            # a json:{...} name's options join what is there: the header's format wins
             definition: dict[str, Any] = json_filename_options(path) or \
                 {"file": {"driver": "file", "filename": path}}
-            if bs.backing_format and "driver" not in definition:   # else probed, as
-                definition["driver"] = bs.backing_format            # bdrv_open_inherit does
+            if bs.backing_format:   # else probed, as bdrv_open_inherit does
+                definition["driver"] = bs.backing_format
             child = self._open_backing_child(definition, opts, bs)
             child.refresh_filename()
             bs.auto_backing_file = child.filename

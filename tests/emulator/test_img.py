@@ -14,7 +14,7 @@ from emulator import img
 from emulator import qemu_io as emulated_qemu_io
 from emulator.qcow2 import FileIO, Qcow2Image, StoredBitmap
 from emulator.sandbox import Sandbox
-from tests.conftest import requires_qemu_img
+from tests.conftest import requires_qemu, requires_qemu_img
 
 
 def mine(root: Path, *argv: str) -> tuple[int, str, str]:
@@ -218,3 +218,61 @@ def test_offline_qemu_io_like_qemu_io(tmp_path: Path) -> None:
     done = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "map", "nonexist"], cwd=roots[1],
                           capture_output=True, text=True)
     assert (status, out) == (done.returncode, done.stderr)
+
+
+@requires_qemu_img
+@pytest.mark.parametrize("backing", [
+    {"backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "b0"}}},
+    {"backing": None},
+    {},
+    {"driver": "raw"},
+], ids=["described-chain", "no-backing", "header-backing", "raw"])
+def test_json_backing_file_names_like_qemu_img(tmp_path: Path, backing: dict) -> None:
+    """An image whose backing file name is json:{...} (what QEMU writes for a node without
+    a plain file name, e.g. a drive-backup target's): qemu-img map and compare open the
+    chain it describes — its own backing as options, none with "backing": null, or the
+    header's — as the real qemu-img does."""
+    described = {"driver": "qcow2", "file": {"driver": "file", "filename": "b1"}, **backing}
+    name = "json:" + json.dumps(described)
+    outcomes = []
+    for side, run in (("qemu", real), ("emu", mine)):
+        root = tmp_path / side
+        root.mkdir()
+        real(root, "create", "-q", "-f", "qcow2", "b0", "1M")
+        real(root, "create", "-q", "-f", "qcow2", "-b", "b0", "-F", "qcow2", "b1", "1M")
+        real(root, "create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "qcow2", "top",
+             "1M")
+        qemu_io(root / "b0", "write -P 1 0 64k", "write -P 3 512k 64k")
+        qemu_io(root / "b1", "write -P 2 64k 64k")
+        subprocess.run(["qemu-io", "-c", "write -P 4 256k 4k", "top"], cwd=root, check=True,
+                       capture_output=True)   # its backing's file names are the cwd's
+        outcomes.append([run(root, *argv) for argv in (
+            ["map", "--output=json", "top"], ["compare", "top", "b0"],
+            ["compare", "top", "b1"], ["info", "--output=json", "top"])])
+    for argv, emu, qemu in zip(("map", "compare b0", "compare b1", "info"), *outcomes,
+                               strict=True):
+        if argv == "info":   # actual-size is the host's
+            emu, qemu = ((c, json.loads(o).get("backing-filename"), e) for c, o, e in (emu, qemu))
+        assert emu == qemu, argv
+
+
+@requires_qemu
+@requires_qemu_img
+@pytest.mark.parametrize("driver", ["qcow2", "raw"])
+def test_json_backing_file_names_in_a_vm(tmp_path: Path, driver: str) -> None:
+    """blockdev-add of such an image: the backing node is opened from the json:{...}
+    options, with the header's backing format put first (it wins over their driver)."""
+    from tests.emulator.qemu_runner import c, compare_replies
+
+    name = "json:" + json.dumps({"driver": driver, "file": {"driver": "file",
+                                                            "filename": "@DIR@/b1"}})
+
+    def setup(root: Path) -> None:
+        real(root, "create", "-q", "-f", "qcow2", "b0", "1M")
+        real(root, "create", "-q", "-f", "qcow2", "-b", "b0", "-F", "qcow2", "b1", "1M")
+        real(root, "create", "-q", "-f", "qcow2", "-u", "-b",
+             name.replace("@DIR@", str(root)), "-F", "qcow2", "top", "1M")
+    compare_replies(tmp_path, [
+        c("blockdev-add", driver="qcow2", **{"node-name": "top"},
+          file={"driver": "file", "filename": "@DIR@/top"}),
+        c("query-named-block-nodes", flat=True)], setup=setup)
