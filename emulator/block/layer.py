@@ -18,7 +18,7 @@ from emulator.block.backend import BlockBackend
 from emulator.block.errors import GenericError
 from emulator.block.graph import BlockGraph
 from emulator.block.node import BlockDriverState
-from emulator.block.open import Opener, json_filename_options
+from emulator.block.open import Opener, json_filename_options, path_has_protocol
 from emulator.block.query import block_device_info, block_info
 
 _CACHE_MODES = {  # bdrv_parse_cache_mode: (writeback, direct, no-flush)
@@ -233,14 +233,30 @@ class BlockLayer:
             self._set_read_only(c.bs)
 
     def create_image(self, filename: str, fmt: str, size: int, *, backing_file: str | None = None,
-                     backing_format: str | None = None) -> None:
-        """bdrv_img_create for an image a command makes (emulator/block/create.py)."""
+                     backing_format: str | None = None, open_backing: bool = False) -> None:
+        """bdrv_img_create for an image a command makes (emulator/block/create.py). With
+        ``open_backing`` (no BDRV_O_NO_BACKING: drive-backup sync=top alone) the backing
+        file is opened first, sharing all, and an error opening it is the command's."""
         from emulator.block import create
         create.check(filename, fmt, backing_file)
+        if backing_file and open_backing:
+            self._try_backing(filename, backing_file, backing_format)
         path = self.resolve_path(filename, for_create=True)
         options = {"backing-file": backing_file, "backing-fmt": backing_format}
         create.write(path, filename, fmt, size,
                      {k: v for k, v in options.items() if v is not None})
+
+    def _try_backing(self, filename: str, backing_file: str, backing_format: str | None) -> None:
+        """bdrv_img_create's check that the backing file opens (read-only, force-share;
+        the format put in first, as it wins over a json:{...} name's driver)."""
+        full = backing_file
+        if not (path_has_protocol(full) or os.path.isabs(full)):
+            full = os.path.join(os.path.dirname(filename), full)
+        opts = json_filename_options(full) or {"file": {"driver": "file", "filename": full}}
+        if backing_format:
+            opts["driver"] = backing_format
+        opts.update({"read-only": True, "force-share": True})
+        self.graph.unref(Opener(self).open(opts))
 
     def external_snapshot(self, old_bs: BlockDriverState, snapshot_file: str, fmt: str,
                           node_name: str | None, mode: str) -> BlockDriverState:

@@ -166,7 +166,8 @@ class DriveBackupAction(_BackupAction):
                 explicit = source.skip_implicit_filters()
                 explicit.refresh_filename()
                 block.create_image(d["target"], fmt, size, backing_file=explicit.filename,
-                                   backing_format=explicit.format_name)
+                                   backing_format=explicit.format_name,
+                                   open_backing=not no_backing)
             else:
                 block.create_image(d["target"], fmt, size)
         opts: dict[str, Any] = {"discard": "unmap", "detect-zeroes": "unmap"}

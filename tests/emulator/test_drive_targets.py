@@ -80,3 +80,31 @@ def test_drive_targets_like_qemu(tmp_path: Path, command: str) -> None:
     assert len(errors) > 10   # many different checks are met
     differ = [f"{q}\n  emulator {e}" for q, e in zip(*replies, strict=True) if q != e]
     assert not differ, "\n".join(differ[:5])
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named-filter", "implicit-filter"])
+def test_drive_backup_top_opens_the_backing_file_first(tmp_path: Path,
+                                                        named: bool) -> None:
+    """drive-backup sync=top is the one image creation that opens the new image's backing
+    file first (bdrv_img_create without BDRV_O_NO_BACKING): a backing node that cannot be
+    opened from its file name — a copy-before-write filter's json:{...} names no target —
+    fails the command before the target exists ("Parameter 'target' is missing")."""
+    from tests.emulator.qemu_runner import c, compare_replies
+
+    def setup(d: Path) -> None:
+        create_qcow2(d / "img", "4M")
+        create_qcow2(d / "other", "4M")
+        create_qcow2(d / "fleece", "4M")
+    filter_name = {"filter-node-name": "f"} if named else {}
+    compare_replies(tmp_path, [
+        c("blockdev-add", driver="qcow2", **{"node-name": "a"},
+          file={"driver": "file", "filename": "@DIR@/img"}),
+        c("blockdev-add", driver="qcow2", **{"node-name": "fl"},
+          file={"driver": "file", "filename": "@DIR@/fleece"}),
+        c("blockdev-add", driver="qcow2", **{"node-name": "top"}, backing="a",
+          file={"driver": "file", "filename": "@DIR@/other"}),
+        c("blockdev-backup", **{"job-id": "j1"}, device="a", target="fl", sync="none",
+          **filter_name),   # the filter goes above a: top's backing is now the filter
+        c("drive-backup", **{"job-id": "j2"}, device="top", target="@DIR@/t", sync="top"),
+        c("query-named-block-nodes", flat=True)], setup=setup)
+    assert (tmp_path / "qemu" / "t").exists() == (tmp_path / "emu" / "t").exists()

@@ -30,7 +30,11 @@ class CopyBeforeWriteNode(SourceFilter):
     target: BdrvChild | None = None
 
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
-        """cbw_open: file, target, the optional bitmap, block-copy state, two bitmaps."""
+        """cbw_open: its options parsed as BlockdevOptionsCbw (a json:{...} name may lack
+        a child), then file, target, the optional bitmap, block-copy state, two bitmaps."""
+        for member in ("file", "target"):
+            if member not in options:
+                raise GenericError(f"Parameter '{member}' is missing")
         open_child(options.get("file"), "file", Role.FILTERED | Role.PRIMARY)
         self.target = open_child(options.get("target"), "target", Role.DATA)
         bitmap = None
