@@ -24,7 +24,7 @@ from emulator.block import locking
 from emulator.block import perm as P
 from emulator.block.create_opts import UINT64_MAX, CreateOpts, help_text, split_options
 from emulator.block.errors import GenericError
-from emulator.block.open import json_filename_options
+from emulator.block.open import backing_definition, json_filename_options
 from emulator.block.probe import BLOCK_PROBE_BUF_SIZE, probe
 from emulator.qcow2 import (
     Backing,
@@ -110,7 +110,7 @@ class Image:
             raise
 
     def _open_described(self, sandbox: Sandbox, options: dict[str, Any], depth: int,
-                        force_share: bool, driver: str | None) -> Image:
+                        force_share: bool) -> Image:
         """A backing node given as options (a qcow2 or raw image over a file, its own
         backing again as options, or none with "backing": null); the file name is the
         process's, as QEMU takes it (relative to the working directory)."""
@@ -118,6 +118,7 @@ class Image:
         filename = file.get("filename") if isinstance(file, dict) and \
             file.get("driver", "file") == "file" else None
         nested = options.get("backing", {})
+        driver = options.get("driver") or None
         if not isinstance(filename, str) or driver not in (None, "qcow2", "raw") or \
                 not isinstance(nested, dict | None):
             raise OpenError("The emulator's qemu-img opens a described (json:) backing file "
@@ -135,9 +136,9 @@ class Image:
         perm = P.CONSISTENT_READ | (P.WRITE | (P.RESIZE if qcow2 else 0) if writable else 0)
         shared = P.ALL if force_share or not qcow2 else P.ALL & ~(P.WRITE | P.RESIZE)
         try:
-            locking.lock(self.io.fileno(), perm, shared)
-        except locking.LockError as exc:
-            raise OpenError(f"{exc.desc}\n{exc.hint(name)}") from None
+            locking.lock(self.io.fileno(), perm, shared, name)
+        except GenericError as exc:
+            raise OpenError(_with_hint(exc)) from None
 
     def _open_backing(self, sandbox: Sandbox, depth: int, force_share: bool,
                       options: dict[str, Any] | None) -> Image:
@@ -148,14 +149,13 @@ class Image:
         try:
             if depth >= 64:
                 raise OpenError("Backing chain too deep")
+            fmt = self.qcow2.backing_format
             if options is not None:   # given as options: their driver, else the format
-                return self._open_described(sandbox, options, depth, force_share,
-                                            options.get("driver", self.qcow2.backing_format))
-            described = json_filename_options(name)
-            if described is not None:   # the header's format is put first, and wins
-                return self._open_described(sandbox, described, depth, force_share,
-                                            self.qcow2.backing_format or
-                                            described.get("driver"))
+                return self._open_described(sandbox, {"driver": fmt, **options}, depth,
+                                            force_share)
+            if json_filename_options(name) is not None:
+                return self._open_described(sandbox, backing_definition(name, fmt), depth,
+                                            force_share)
             path = sandbox.resolve_backing(self.path, name)
             return Image(sandbox, path, name, self.qcow2.backing_format, depth=depth + 1,
                          force_share=force_share)
@@ -318,9 +318,7 @@ def _create(sandbox: Sandbox, filename: str, fmt: str, size: int | None,
                            preallocation=None if fmt == "qcow2" else opts.get("preallocation"),
                            extent_size_hint=None if hint == UINT64_MAX else hint)
     except (SandboxError, GenericError) as exc:
-        lock = exc.hint if isinstance(exc, create_image.CreateError) else ""
-        raise ImgError(f"{filename}: {exc.desc}" + (f"\n{lock}" if lock else ""),
-                       stdout=line) from None
+        raise ImgError(f"{filename}: {_with_hint(exc)}", stdout=line) from None
     return line
 
 
@@ -690,6 +688,11 @@ def main(argv: list[str], *, sandbox: Sandbox | None = None, stdout: TextIO | No
         return 1
 
 
+def _with_hint(exc: GenericError) -> str:
+    """error_report_err: the message, and the hint appended to it on the next line."""
+    return f"{exc.desc}\n{exc.hint}" if exc.hint else exc.desc
+
+
 def _force_share(flags: dict[str, str]) -> bool:
     """-U / --force-share: the image is opened sharing every permission."""
     return "-U" in flags or "--force-share" in flags
@@ -900,11 +903,8 @@ def _open_node(layer: Any, filename: str, fmt: str | None, *, read_only: bool) -
     """img_open with BDRV_O_NO_BACKING: an anonymous BlockBackend over the image's node."""
     try:
         blk = layer.blk_new_open(filename, fmt, backing=None, **{"read-only": read_only})
-    except locking.LockError as exc:
-        raise ImgError(f"Could not open '{filename}': {exc.desc}\n{exc.hint(filename)}") \
-            from None
     except GenericError as exc:
-        raise ImgError(f"Could not open '{filename}': {exc.desc}") from None
+        raise ImgError(f"Could not open '{filename}': {_with_hint(exc)}") from None
     return blk.bs
 
 

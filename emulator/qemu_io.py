@@ -581,31 +581,25 @@ def offline(sandbox: Any, filename: str, fmt: str | None, commands: Sequence[str
     qemu-io opens it (blk_new_open read-write with BDRV_O_UNMAP, writethrough unless told)
     on a block layer of its own, so the commands meet the same nodes a VM's drive has;
     closed at the end. Returns the exit status and everything printed."""
+    from emulator.block.errors import GenericError
+    from emulator.block.layer import BlockLayer
     from emulator.qcow2.blockio import tool_stderr
 
     printed: list[str] = []   # stderr (warnings) and stdout, as they come
-    with tool_stderr("qemu-io", printed.append):
-        return _offline(sandbox, filename, fmt, commands, cache, printed)
-
-
-def _offline(sandbox: Any, filename: str, fmt: str | None, commands: Sequence[str],
-             cache: str, printed: list[str]) -> tuple[int, str]:
-    from emulator.block.errors import GenericError
-    from emulator.block.layer import BlockLayer
-
-    layer = BlockLayer(sandbox)
-    try:
-        blk = layer.blk_new_open(filename, fmt, discard="unmap", cache=cache)
-    except GenericError as e:
-        from emulator.block.locking import LockError
-        hint = f"{e.hint(filename)}\n" if isinstance(e, LockError) else ""
-        return 1, "".join(printed) + f"qemu-io: can't open device {filename}: {e.desc}\n" + hint
     status = 0
-    try:
-        for command in commands:   # command_loop: a failed command makes the exit status 1
-            ret, text = run_command(blk, command)
-            printed.append(text)
-            status = 1 if ret < 0 else status
-    finally:
-        layer.close_all()   # what closing prints (a failed cache flush) is output too
+    with tool_stderr("qemu-io", printed.append):
+        layer = BlockLayer(sandbox)
+        try:
+            blk = layer.blk_new_open(filename, fmt, discard="unmap", cache=cache)
+        except GenericError as e:
+            hint = f"{e.hint}\n" if e.hint else ""
+            return 1, "".join(printed) + f"qemu-io: can't open device {filename}: " \
+                f"{e.desc}\n{hint}"
+        try:
+            for command in commands:   # command_loop: a failed command makes the status 1
+                ret, text = run_command(blk, command)
+                printed.append(text)
+                status = 1 if ret < 0 else status
+        finally:
+            layer.close_all()   # what closing prints (a failed cache flush) is output too
     return status, "".join(printed)

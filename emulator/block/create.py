@@ -113,9 +113,9 @@ def raw_co_create(path: str | os.PathLike[str], filename: str, size: int, preall
         raise oserror(f"Could not create '{filename}'", e) from None
     try:
         try:   # nobody else may be using the file ("Failed to get "resize" lock")
-            locking.lock(fd, P.WRITE | P.RESIZE, P.ALL & ~P.RESIZE)
-        except locking.LockError as e:
-            raise CreateError(e.desc, errno.EAGAIN, hint=e.hint(filename)) from None
+            locking.lock(fd, P.WRITE | P.RESIZE, P.ALL & ~P.RESIZE, filename)
+        except GenericError as e:
+            raise CreateError(e.desc, errno.EAGAIN, hint=e.hint) from None
         yield
         try:
             os.ftruncate(fd, 0)
@@ -162,9 +162,8 @@ def _allocate_first_block(fd: int, size: int) -> None:
 
 class CreateError(GenericError):
     def __init__(self, desc: str, err: int = errno.EINVAL, *, hint: str = "") -> None:
-        super().__init__(desc)
+        super().__init__(desc, hint=hint)
         self.errno = err
-        self.hint = hint   # the line qemu-img prints after the error (error_append_hint)
 
 
 def qcow2_create_checks(opts: dict[str, Any]) -> tuple[int, int, int]:

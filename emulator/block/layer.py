@@ -18,7 +18,12 @@ from emulator.block.backend import BlockBackend
 from emulator.block.errors import GenericError
 from emulator.block.graph import BlockGraph
 from emulator.block.node import BlockDriverState
-from emulator.block.open import Opener, json_filename_options, path_has_protocol
+from emulator.block.open import (
+    Opener,
+    backing_definition,
+    json_filename_options,
+    path_has_protocol,
+)
 from emulator.block.query import block_device_info, block_info
 
 _CACHE_MODES = {  # bdrv_parse_cache_mode: (writeback, direct, no-flush)
@@ -252,9 +257,7 @@ class BlockLayer:
         full = backing_file
         if not (path_has_protocol(full) or os.path.isabs(full)):
             full = os.path.join(os.path.dirname(filename), full)
-        opts = json_filename_options(full) or {"file": {"driver": "file", "filename": full}}
-        if backing_format:
-            opts["driver"] = backing_format
+        opts = backing_definition(full, backing_format)
         opts.update({"read-only": True, "force-share": True})
         self.graph.unref(Opener(self).open(opts))
 

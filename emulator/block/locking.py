@@ -31,14 +31,6 @@ def _fcntl(fd: int, cmd: int, kind: int, offset: int) -> int:
     return int(struct.unpack(_FLOCK, answer)[0])
 
 
-class LockError(GenericError):
-    """Another user holds a conflicting lock. QEMU appends a hint naming the file; tools
-    print it on the next line (QMP replies do not carry hints)."""
-
-    def hint(self, filename: str) -> str:
-        return f"Is another process using the image [{filename}]?"
-
-
 def _lock_error(fmt: str, e: OSError) -> GenericError:
     """raw_lock_error_setg_errno: EAGAIN is another user, and says so by name only."""
     code = e.errno or errno.EIO
@@ -57,14 +49,6 @@ class LockBytes:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.locked: set[int] = set()
-
-    @property
-    def perm(self) -> int:
-        return _bits(self.locked, RAW_LOCK_PERM_BASE)
-
-    @property
-    def unshared(self) -> int:
-        return _bits(self.locked, RAW_LOCK_SHARED_BASE)
 
     def apply(self, perm: int, unshared: int, *, unlock: bool) -> None:
         """raw_apply_lock_bytes: lock the bytes of ``perm`` and ``unshared`` not locked yet;
@@ -87,24 +71,22 @@ def _offsets(bits: int, base: int) -> list[int]:
     return [base + i for i, bit in enumerate(_BITS) if bits & bit]
 
 
-def _bits(offsets: set[int], base: int) -> int:
-    return sum(bit for i, bit in enumerate(_BITS) if base + i in offsets)
-
-
-def check(fd: int, perm: int, shared: int) -> None:
+def check(fd: int, perm: int, shared: int, filename: str) -> None:
     """raw_check_lock_bytes: first every permission we want, then every one we do not
-    share, each against the other side's lock bytes."""
+    share, each against the other side's lock bytes; the error carries the hint
+    raw_handle_perm_lock appends, naming the file."""
+    hint = f"Is another process using the image [{filename}]?"
     for i, bit in enumerate(_BITS):
         if perm & bit and _locked_by_others(fd, RAW_LOCK_SHARED_BASE + i):
-            raise LockError(f'Failed to get "{P.perm_names(bit)}" lock')
+            raise GenericError(f'Failed to get "{P.perm_names(bit)}" lock', hint=hint)
     for i, bit in enumerate(_BITS):
         if not shared & bit and _locked_by_others(fd, RAW_LOCK_PERM_BASE + i):
-            raise LockError(f'Failed to get shared "{P.perm_names(bit)}" lock')
+            raise GenericError(f'Failed to get shared "{P.perm_names(bit)}" lock', hint=hint)
 
 
-def lock(fd: int, perm: int, shared: int) -> None:
+def lock(fd: int, perm: int, shared: int, filename: str) -> None:
     """Lock bytes taken and checked at once, for a file that holds them until it is closed:
     raw_co_create's (write and resize, resize not shared: the new size is a promise), or a
     qemu-img image's (what its nodes would take)."""
     LockBytes(fd).apply(perm, ~shared & P.ALL, unlock=False)
-    check(fd, perm, shared)
+    check(fd, perm, shared, filename)

@@ -275,12 +275,7 @@ class Opener:
                 return
             child = self._open_backing_child(value, opts, bs)
         elif bs.backing_file:
-            path = full_backing_filename(bs)
-            # a json:{...} name's options join what is there: the header's format wins
-            definition: dict[str, Any] = json_filename_options(path) or \
-                {"file": {"driver": "file", "filename": path}}
-            if bs.backing_format:   # else probed, as bdrv_open_inherit does
-                definition["driver"] = bs.backing_format
+            definition = backing_definition(full_backing_filename(bs), bs.backing_format)
             child = self._open_backing_child(definition, opts, bs)
             child.refresh_filename()
             bs.auto_backing_file = child.filename
@@ -352,6 +347,17 @@ def json_filename_options(name: str) -> dict[str, Any] | None:
             target = target.setdefault(part, {})
         target[last] = value
     return options
+
+
+def backing_definition(filename: str, backing_format: str | None) -> dict[str, Any]:
+    """What bdrv_open_backing_file opens for a backing file name: the file, or the options a
+    json:{...} name holds; the backing format, put into the options first, wins over their
+    driver (without one the image is probed, as bdrv_open_inherit does)."""
+    definition = json_filename_options(filename) or \
+        {"file": {"driver": "file", "filename": filename}}
+    if backing_format:
+        definition["driver"] = backing_format
+    return definition
 
 
 def full_backing_filename(bs: BlockDriverState) -> str:

@@ -234,8 +234,7 @@ def write_directory(io: BlockIO, refcounts: Refcounts, header: Header,
         else:
             header.bitmaps = None
             header.autoclear_features &= ~AUTOCLEAR_BITMAPS
-        update_header()
-        io.flush()
+        _update_header_sync(io, update_header)
     except OSError as e:   # the new directory is given back, the header fields restored
         if offset:
             refcounts.free(offset, len(raw), "other")
@@ -253,14 +252,15 @@ def rewrite_directory_in_place(io: BlockIO, header: Header, entries: list[Direct
     header update is update_header_sync's: the header written, then the file flushed. An
     I/O error stops it where it happens (the bit stays cleared: the bitmaps are lost)."""
     assert header.bitmaps is not None
-
-    def update_header_sync() -> None:
-        update_header()
-        io.flush()
-
     header.autoclear_features &= ~AUTOCLEAR_BITMAPS
-    update_header_sync()
+    _update_header_sync(io, update_header)
     io.pwrite(header.bitmaps.directory_offset, b"".join(entry.pack() for entry in entries))
-    update_header_sync()
+    _update_header_sync(io, update_header)
     header.autoclear_features |= AUTOCLEAR_BITMAPS
-    update_header_sync()
+    _update_header_sync(io, update_header)
+
+
+def _update_header_sync(io: BlockIO, update_header: Callable[[], None]) -> None:
+    """update_header_sync: the header written, then the file flushed."""
+    update_header()
+    io.flush()

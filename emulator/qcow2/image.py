@@ -532,10 +532,10 @@ class Qcow2Image:
                 before = self._requests()
                 guest = offset + done
                 host, nbytes, allocations = self._alloc_host_offset(guest, len(data) - done)
-                waited = self._requests() != before
+                started = self._requests()
+                waited = started != before
                 # the whole request in one stretch (the usual case) is written without a copy
                 part = data if nbytes == len(data) else data[done:done + nbytes]
-                started = self._requests()
                 try:
                     self._write_guest_data(host, guest, part, allocations, backing)
                 except _TaskFailed as task:
@@ -967,7 +967,6 @@ class Qcow2Image:
             return stored
         if not writable:
             raise Qcow2Error("No write access")
-        self._check_writable(0, 0)
         written: list[bm.DirectoryEntry] = []
         try:
             for entry in entries:   # in directory order

@@ -9,9 +9,11 @@ class QMPError(Exception):
 
     error_class = "GenericError"
 
-    def __init__(self, desc: str) -> None:
+    def __init__(self, desc: str, *, hint: str = "") -> None:
         super().__init__(desc)
         self.desc = desc
+        # error_append_hint(): a line tools print after the message; QMP replies drop it
+        self.hint = hint
 
 
 class GenericError(QMPError):

@@ -203,8 +203,8 @@ class FileNode(BlockDriverState):
         if self.fd >= 0 and not self.read_only:
             fd = os.open(self.host_path, os.O_RDONLY | os.O_CLOEXEC)
             locks = LockBytes(fd)
-            if self.use_lock:
-                locks.apply(self.lock_bytes.perm, self.lock_bytes.unshared, unlock=False)
+            if self.use_lock:   # raw_check_perm's "copy locks to the new fd"
+                locks.apply(self.perm, ~self.shared_perm & P.ALL, unlock=False)
             os.close(self.fd)
             self.fd, self.lock_bytes = fd, locks
 
@@ -214,13 +214,14 @@ class FileNode(BlockDriverState):
         new permissions need, then check the new ones against other users; on failure, or
         when the transaction aborts, back to the old locks; on commit, exactly the new
         ones (raw_set_perm)."""
-        if not self.use_lock or self.inactive or self.fd < 0:
+        if not self.use_lock or self.inactive or self.fd < 0 or \
+                (perm, shared) == (self.perm, self.shared_perm):   # nothing to lock or undo
             return
         if (self.perm | perm) != self.perm or (self.shared_perm & shared) != self.shared_perm:
             try:
                 self.lock_bytes.apply(self.perm | perm, ~self.shared_perm & P.ALL
                                       | ~shared & P.ALL, unlock=False)
-                locking.check(self.fd, perm, shared)
+                locking.check(self.fd, perm, shared, self.filename)
             except GenericError:
                 self._restore_locks()
                 raise
