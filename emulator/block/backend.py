@@ -68,9 +68,18 @@ class BlockBackend:
         finally:
             bs.refcnt -= 1
 
+    def drain(self) -> None:
+        """blk_drain: a drained section of the node — whatever is above it pauses and
+        resumes (a job in READY goes to standby and back)."""
+        bs = self.bs
+        if bs is not None:
+            blockio.drained_begin(bs)
+            blockio.drained_end(bs)
+
     def remove_bs(self) -> None:
-        """blk_remove_bs."""
+        """blk_remove_bs: drained first, then detached."""
         if self.root is not None:
+            self.drain()
             root, self.root = self.root, None
             self.graph.detach_child(root)
 
@@ -81,7 +90,9 @@ class BlockBackend:
         self.perm, self.shared_perm = perm, shared
 
     def unref(self) -> None:
-        """blk_unref of the last reference: detach from the graph, forget the name."""
+        """blk_unref of the last reference: drained, then deleted (blk_delete: detached from
+        the graph — a second drained section —, the name forgotten)."""
+        self.drain()
         self.remove_bs()
         if self in self.graph.backends:
             self.graph.backends.remove(self)

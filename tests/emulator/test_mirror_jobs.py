@@ -21,6 +21,9 @@ Facts they pin down:
   true), its graph changes wait for job-finalize;
 * with speed 256 KiB/s and buf-size 64 KiB each resume lets exactly one 64 KiB chunk through
   before the next rate-limit sleep (golden 219's numbers);
+* HMP qemu-io on a node name (not a device) goes through a temporary BlockBackend, whose
+  blk_unref drains the node twice (blk_unref, then blk_remove_bs): a job in READY goes to
+  standby and back twice;
 * quit in READY: the shutdown drain puts the job in standby, the cancel brings it back to
   ready and cancels it (BLOCK_JOB_CANCELLED, no pivot), before quit's reply.
 """
@@ -117,6 +120,10 @@ SCRIPTS: dict[str, list[Step]] = {
         FILL, mirror("j", sync="none", target="@DIR@/none.img"), QBJ,
         ("hmp", 'qemu-io drive0 "write -P 0x44 128k 64k"'), ("sleep", 0.3), QBJ,
         ("cmd", "block-job-cancel", {"device": "j"}), done("j"), QB,
+    ],
+    "temporary-backend-drains-twice": [
+        FILL, mirror("j"), ("rest", "j"), ("hmp", 'qemu-io drive0-node "flush"'), ("sleep", 0.1),
+        QJ, ("cmd", "job-cancel", {"id": "j"}), done("j"),
     ],
     "quit-in-ready-cancels": [
         FILL, mirror("j"), ("rest", "j"), ("cmd", "quit", None),
