@@ -468,10 +468,11 @@ class CheckReport:
 def check(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
           output_format: str = "human", fix: int = 0,
           force_share: bool = False) -> CheckReport:
-    """img_check: the image opened with BDRV_O_CHECK (read-write to repair: ``fix`` is
-    BDRV_FIX_LEAKS / BDRV_FIX_ERRORS), checked, and checked again after a repair."""
-    with opened(sandbox, filename, fmt, writable=bool(fix), open_backing=False,
-                check_mode=True, force_share=force_share) as image:
+    """img_check: the image opened with BDRV_O_CHECK and its backing chain (read-write to
+    repair: ``fix`` is BDRV_FIX_LEAKS / BDRV_FIX_ERRORS), checked, and checked again after a
+    repair."""
+    with opened(sandbox, filename, fmt, writable=bool(fix), check_mode=True,
+                force_share=force_share) as image:
         if image.qcow2 is None:
             return CheckReport(63, "", "qemu-img: This image format does not support checks\n")
         qcow2 = image.qcow2
@@ -585,6 +586,26 @@ def info(sandbox: Sandbox, filename: str, fmt: str | None = None, *,
                 fields["backing-filename-format"] = qcow2.backing_format
         fields["format-specific"] = {"type": "qcow2", "data": qcow2.specific_info()}
         return fields
+
+
+def info_chain(sandbox: Sandbox, filename: str, fmt: str | None, *, chain: bool,
+               force_share: bool = False) -> list[dict[str, Any]]:
+    """collect_image_info_list: the image's info and, with ``chain`` (--backing-chain), each
+    backing file's in turn, by its full name and recorded format; a name met twice is a
+    loop."""
+    infos: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    name: str | None = filename
+    while name is not None:
+        if name in seen:
+            raise ImgError(f"Backing file '{name}' creates an infinite loop.")
+        seen.add(name)
+        infos.append(info(sandbox, name, fmt, force_share=force_share))
+        if not chain:
+            break
+        name, fmt = (infos[-1].get("full-backing-filename"),
+                     infos[-1].get("backing-filename-format"))
+    return infos
 
 
 def _full_backing_filename(filename: str, backing_file: str) -> str:
@@ -820,8 +841,10 @@ def _main_info(box: Sandbox, args: list[str], out: TextIO, err: TextIO) -> int:
         raise _usage_error("Expecting one image file name")
     if flags.get("--output") != "json":
         raise ImgError("The emulator's qemu-img info prints --output=json only")
-    out.write(to_json_pretty(info(box, operands[0], flags.get("-f"),
-                                  force_share=_force_share(flags))) + "\n")
+    chain = "--backing-chain" in flags
+    infos = info_chain(box, operands[0], flags.get("-f"), chain=chain,
+                       force_share=_force_share(flags))
+    out.write(to_json_pretty(infos if chain else infos[0]) + "\n")
     return 0
 
 

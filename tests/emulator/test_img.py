@@ -64,6 +64,12 @@ SCENARIO = [
     ("info", "--output=json", "c.qcow2"),
     ("map", "--output=json", "o.qcow2"),
     ("map", "--output=json", "r.raw"),
+    ("info", "--output=json", "--backing-chain", "o.qcow2"),
+    ("info", "--output=json", "--backing-chain", "o2.qcow2"),
+    ("check", "o2.qcow2"),
+    ("create", "-f", "qcow2", "-u", "-b", "l2.qcow2", "-F", "qcow2", "l1.qcow2", "1M"),
+    ("create", "-f", "qcow2", "-u", "-b", "l1.qcow2", "-F", "qcow2", "l2.qcow2", "1M"),
+    ("info", "--output=json", "--backing-chain", "l1.qcow2"),
 ]
 
 AFTER_WRITES = [
