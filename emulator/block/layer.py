@@ -90,7 +90,7 @@ class BlockLayer:
             self.graph.replace_node(bs, new_bs)
         except GenericError as e:
             self.graph.unref(new_bs)
-            raise GenericError(f"Could not replace node: {e.desc}") from None
+            raise e.prepend("Could not replace node: ") from None
         return new_bs
 
     def add_blockdev(self, options: dict[str, Any]) -> BlockDriverState:

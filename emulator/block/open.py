@@ -265,7 +265,7 @@ class Opener:
         try:
             return self.open(ref, parent_opts=opts, role=backing_role(bs))
         except GenericError as e:
-            raise GenericError(f"Could not open backing file: {e.desc}") from None
+            raise e.prepend("Could not open backing file: ") from None
 
     def _open_backing(self, bs: BlockDriverState, opts: dict[str, Any]) -> None:
         """bdrv_open_backing_file: the ``backing`` option, else the header's backing file."""

@@ -161,8 +161,8 @@ class BlockCopyState:
                 self.copy_bitmap.merge(bitmap)
             except GenericError as e:
                 src.release_dirty_bitmap(self.copy_bitmap)
-                raise GenericError(f"Failed to merge bitmap '{bitmap.name}' to internal "
-                                   f"copy-bitmap: {e.desc}") from None
+                raise e.prepend(f"Failed to merge bitmap '{bitmap.name}' to internal "
+                                "copy-bitmap: ") from None
         else:
             self.copy_bitmap.set_dirty(0, self.copy_bitmap.size)
         self.len = self.copy_bitmap.size

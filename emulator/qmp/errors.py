@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 
 class QMPError(Exception):
     """A failed command, with QEMU's error class and human-readable description."""
@@ -14,6 +16,14 @@ class QMPError(Exception):
         self.desc = desc
         # error_append_hint(): a line tools print after the message; QMP replies drop it
         self.hint = hint
+
+    def prepend(self, prefix: str) -> Self:
+        """error_prepend(): ``prefix`` goes before the message; the class and the hint stay
+        (qemu-img and qemu-io still print "Is another process using the image [x]?" under
+        "Could not open backing file: ...")."""
+        self.desc = prefix + self.desc
+        self.args = (self.desc,)
+        return self
 
 
 class GenericError(QMPError):

@@ -50,7 +50,7 @@ class CopyBeforeWriteNode(SourceFilter):
         try:
             self.bcs = BlockCopyState(self.file, self.target, bitmap)
         except GenericError as e:
-            raise GenericError(f"Cannot create block-copy-state: {e.desc}") from None
+            raise e.prepend("Cannot create block-copy-state: ") from None
         cluster = self.bcs.cluster_size
         self.done_bitmap = self.create_dirty_bitmap(cluster, None)
         self.done_bitmap.disabled = True
@@ -127,12 +127,12 @@ def cbw_append(layer: Any, source: BlockDriverState, target: BlockDriverState,
     try:
         top = layer.open_node(opts)
     except GenericError as e:
-        raise GenericError(f"Could not create node: {e.desc}") from None
+        raise e.prepend("Could not create node: ") from None
     try:
         layer.graph.replace_node(source, top)
     except GenericError as e:
         layer.graph.unref(top)
-        raise GenericError(f"Could not replace node: {e.desc}") from None
+        raise e.prepend("Could not replace node: ") from None
     assert isinstance(top, CopyBeforeWriteNode)
     return top
 

@@ -299,7 +299,7 @@ class Qcow2Node(BlockDriverState):
         try:
             self._check_constraints(name, granularity)
         except GenericError as e:
-            raise GenericError(prefix + e.desc) from None
+            raise e.prepend(prefix) from None
         nb, size = 1, calc_dir_entry_size(len(name.encode()))
         for bm in self.dirty_bitmaps:
             if bm.get_persistence():
