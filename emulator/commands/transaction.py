@@ -304,8 +304,8 @@ class ExternalSnapshotAction(TransactionAction):
         if not old.read_only:
             try:
                 old.flush()
-            except OSError:
-                raise GenericError("Input/output error") from None
+            except OSError:   # QERR_IO_ERROR, whatever the errno
+                raise GenericError("An IO error has occurred") from None
         self.new_bs = new = self.open_overlay(old)
         perm, _ = new.cumulative_perm()
         from emulator.block import perm as P

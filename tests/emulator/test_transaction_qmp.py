@@ -116,6 +116,28 @@ def test_blockdev_snapshot_sync(tmp_path: Path) -> None:
     assert infos["emu", "top"] == infos["qemu", "top"]
 
 
+def test_snapshot_of_a_node_whose_flush_fails(tmp_path: Path) -> None:
+    """external_snapshot_prepare flushes the old top first; a failure is QERR_IO_ERROR's
+    text whatever the errno (found by the differential test's snapshot rule)."""
+    def setup(d: Path) -> None:
+        create_qcow2(d / "disk", "1M")
+
+    for errno in (5, 28):
+        cmds = [
+            c("blockdev-add", driver="qcow2", **{"node-name": "dbg"}, file={
+                "driver": "blkdebug", "image": {"driver": "file", "filename": "@DIR@/disk"},
+                "inject-error": [{"event": "flush_to_disk", "errno": errno}]}),
+            io("dbg", "write 0 512"),
+            c("blockdev-snapshot-sync", **{"node-name": "dbg", "snapshot-file": "@DIR@/top",
+                                           "snapshot-node-name": "top"}),
+            c("transaction", actions=[act("blockdev-snapshot-sync", **{
+                "node-name": "dbg", "snapshot-file": "@DIR@/top", "format": "raw"})]),
+            c("query-named-block-nodes", flat=True),
+        ]
+        (tmp_path / str(errno)).mkdir()
+        compare_replies(tmp_path / str(errno), cmds, setup=setup)
+
+
 def test_blockdev_snapshot(tmp_path: Path) -> None:
     """blockdev-snapshot: an overlay added with blockdev-add goes above a node (a drive's
     root, here, so the drive writes to it); its errors, in a transaction and rolled back."""
