@@ -38,6 +38,9 @@ from typing import Any
 import pytest
 
 from harness.backends import make_factory
+from harness.backends.base import Backend, VmConfig
+from harness.backends.emulator import EmulatorBackend
+from harness.backends.qemu import QemuBackend
 from harness.replay.recipe import find_recipe
 from harness.replay.runner import replay_transcript
 from harness.transcript import parse_file
@@ -197,3 +200,44 @@ def main() -> None:   # pragma: no cover - regenerates the recording from real Q
 
 if __name__ == "__main__":   # pragma: no cover
     main()
+
+
+async def _io_while_pending(backend: Backend, d: Path) -> dict[str, Any] | None:
+    """A mirror cancelled in READY with auto-finalize off waits in pending, its source
+    still drained; then a guest write to the source node: its reply, or None if none came."""
+    await backend.qemu_img("create", "-q", "-f", "qcow2", str(d / "img"), "4M")
+    await backend.start(VmConfig())
+    for name, args in [
+            ("blockdev-add", {"driver": "qcow2", "node-name": "drive0",
+                              "file": {"driver": "file", "filename": str(d / "img")}}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "null0", "size": 4 << 20}),
+            ("blockdev-mirror", {"job-id": "j", "device": "drive0", "target": "null0",
+                                 "sync": "none", "auto-finalize": False})]:
+        assert "return" in await backend.execute(name, args)
+    for status in ("ready", "pending"):
+        while (await backend.execute("query-jobs", {}))["return"][0]["status"] != status:
+            await asyncio.sleep(0.01)
+        if status == "ready":
+            await backend.execute("block-job-cancel", {"device": "j"})
+    write = backend.execute("human-monitor-command",
+                            {"command-line": 'qemu-io drive0 "write 0 512"'})
+    try:
+        return await asyncio.wait_for(write, 3.0)
+    except TimeoutError:
+        return None
+    finally:
+        await backend.close()
+
+
+@requires_qemu
+def test_io_to_a_node_a_pending_mirror_drains_hangs_qemu_not_the_emulator(
+        tmp_path: Path) -> None:
+    """Found by the differential test: the request waits for the drained section to end
+    (blk_wait_while_drained), which only job-finalize would end — but the monitor is busy
+    in the HMP command, so QEMU 7.2 never answers again. The emulator does not copy the
+    hang: the write is done and answered (docs/qemu-semantics.md §13)."""
+    dirs = [tmp_path / "qemu", tmp_path / "emu"]
+    for d in dirs:
+        d.mkdir()
+    assert asyncio.run(_io_while_pending(QemuBackend(dirs[0]), dirs[0])) is None
+    assert asyncio.run(_io_while_pending(EmulatorBackend(dirs[1]), dirs[1])) == {"return": ""}
