@@ -346,8 +346,9 @@ class MirrorJob(MirrorOps):
             assert unfiltered is not None
             try:
                 _open_backing_file(self.layer, unfiltered)
-            except GenericError as e:
+            except GenericError as e:   # the job fails ("Invalid argument"), pivot or not
                 log.error("%s", e.desc)
+                ret = -errno.EINVAL
         if self.should_complete and not abort:
             to_replace = self.to_replace or src
             if to_replace.read_only and not target_bs.read_only:

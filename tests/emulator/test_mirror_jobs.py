@@ -24,6 +24,9 @@ Facts they pin down:
 * HMP qemu-io on a node name (not a device) goes through a temporary BlockBackend, whose
   blk_unref drains the node twice (blk_unref, then blk_remove_bs): a job in READY goes to
   standby and back twice;
+* drive-mirror mode=existing opens the target's backing file at completion; when that fails
+  (here: the file is the source's, locked) the pivot is still done but the job fails with
+  "Invalid argument" (bdrv_open_backing_file's -EINVAL): pending, aborting, COMPLETED;
 * quit in READY: the shutdown drain puts the job in standby, the cancel brings it back to
   ready and cancels it (BLOCK_JOB_CANCELLED, no pivot), before quit's reply.
 """
@@ -127,6 +130,11 @@ SCRIPTS: dict[str, list[Step]] = {
     "temporary-backend-drains-twice": [
         FILL, mirror("j"), ("rest", "j"), ("hmp", 'qemu-io drive0-node "flush"'), ("sleep", 0.1),
         QJ, ("cmd", "job-cancel", {"id": "j"}), done("j"),
+    ],
+    "existing-target-whose-backing-file-is-locked": [
+        FILL, ("img", lambda d: create_qcow2(d / "t.img", "4M", "-u", backing=d / "disk.img")),
+        mirror("j", mode="existing", target="@DIR@/t.img"), ("rest", "j"),
+        ("cmd", "job-complete", {"id": "j"}), done("j"), QB, NODES,
     ],
     "quit-in-ready-cancels": [
         FILL, mirror("j"), ("rest", "j"), ("cmd", "quit", None),
