@@ -84,8 +84,25 @@ class BlockJob(Job):
 
     def child_cb_drained_begin(self, c: BdrvChild) -> None:
         """child_job_drained_begin: a drained section reaching one of the job's nodes
-        pauses it (once per edge; an edge to an already drained node pauses it on attach)."""
+        pauses it (once per edge; an edge to an already drained node pauses it on attach),
+        and bdrv_drained_begin polls until the job has stopped: a job busy with I/O goes
+        on to its pause point now, not after the section has ended."""
         self.pause()
+        for _ in range(10_000):
+            if not self.drained_poll():
+                break
+            self.poll()
+
+    def drained_poll(self) -> bool:
+        """child_job_drained_poll: an idle or completed job has nothing in flight; a busy
+        one may still issue requests unless its driver knows better."""
+        if not self.busy or self.is_completed():
+            return False
+        return self.driver_drained_poll()
+
+    def driver_drained_poll(self) -> bool:
+        """BlockJobDriver.drained_poll (none: assume requests may still come)."""
+        return True
 
     def child_cb_drained_end(self, c: BdrvChild) -> None:
         """child_job_drained_end."""

@@ -181,6 +181,13 @@ class MirrorOps(BlockJob):
         handle = self.manager.call_soon(run)
         self._io_pending.append(handle)
 
+    def driver_drained_poll(self) -> bool:
+        """mirror_drained_poll: running, not cancelled and not in one of its own drained
+        sections, the job may still issue requests; otherwise what is in flight counts."""
+        if not self.paused and not self.is_cancelled() and not self.in_drain:
+            return True
+        return bool(self.in_flight)
+
     def poll(self) -> None:
         """AIO_WAIT_WHILE round: deliver a pending I/O completion first."""
         if self._io_pending:

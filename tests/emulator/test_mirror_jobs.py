@@ -23,7 +23,8 @@ Facts they pin down:
   before the next rate-limit sleep (golden 219's numbers);
 * HMP qemu-io on a node name (not a device) goes through a temporary BlockBackend, whose
   blk_unref drains the node twice (blk_unref, then blk_remove_bs): a job in READY goes to
-  standby and back twice;
+  standby and back twice — also when the first resume finds data to copy: the second drain
+  waits for the copy in flight (mirror_drained_poll) and the job pauses again;
 * drive-mirror mode=existing opens the target's backing file at completion; when that fails
   (here: the file is the source's, locked) the pivot is still done but the job fails with
   "Invalid argument" (bdrv_open_backing_file's -EINVAL): pending, aborting, COMPLETED;
@@ -135,6 +136,10 @@ SCRIPTS: dict[str, list[Step]] = {
         FILL, ("img", lambda d: create_qcow2(d / "t.img", "4M", "-u", backing=d / "disk.img")),
         mirror("j", mode="existing", target="@DIR@/t.img"), ("rest", "j"),
         ("cmd", "job-complete", {"id": "j"}), done("j"), QB, NODES,
+    ],
+    "temporary-backend-drains-a-copying-mirror": [
+        FILL, mirror("j"), ("rest", "j"), ("hmp", 'qemu-io drive0-node "write -P 0x55 0 1M"'),
+        ("sleep", 0.3), QJ, ("cmd", "job-cancel", {"id": "j"}), done("j"),
     ],
     "quit-in-ready-cancels": [
         FILL, mirror("j"), ("rest", "j"), ("cmd", "quit", None),
