@@ -284,6 +284,7 @@ class ExternalSnapshotAction(TransactionAction):
     old_bs: BlockDriverState | None = None
     new_bs: BlockDriverState | None = None
     overlay_appended: bool = False
+    drained: bool = False
 
     def names(self) -> tuple[str | None, str | None]:
         """The node to snapshot, as bdrv_lookup_bs takes it: (device, node-name)."""
@@ -299,6 +300,8 @@ class ExternalSnapshotAction(TransactionAction):
         block = self.vm.block
         self.old_bs = block.lookup_bs(device, node_name)
         old = self.old_bs
+        self.vm.jobs.drained_begin(old)   # paired with clean: jobs above it pause
+        self.drained = True
         from emulator.block.graph import OP_EXTERNAL_SNAPSHOT
         block.graph.op_check_blocked(old, OP_EXTERNAL_SNAPSHOT)
         if not old.read_only:
@@ -335,6 +338,9 @@ class ExternalSnapshotAction(TransactionAction):
     def clean(self) -> None:
         if self.new_bs is not None:
             self.vm.block.graph.unref(self.new_bs)
+        if self.drained and self.old_bs is not None:
+            self.drained = False
+            self.vm.jobs.drained_end(self.old_bs)
 
 
 @action

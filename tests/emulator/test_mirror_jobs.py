@@ -28,6 +28,9 @@ Facts they pin down:
 * drive-mirror mode=existing opens the target's backing file at completion; when that fails
   (here: the file is the source's, locked) the pivot is still done but the job fails with
   "Invalid argument" (bdrv_open_backing_file's -EINVAL): pending, aborting, COMPLETED;
+* a snapshot's prepare drains the old top (paired with clean) after the transaction's drain
+  of everything: a mirror in READY above it goes to standby and back twice, even when the
+  snapshot is refused (the node is busy);
 * quit in READY: the shutdown drain puts the job in standby, the cancel brings it back to
   ready and cancels it (BLOCK_JOB_CANCELLED, no pivot), before quit's reply.
 """
@@ -140,6 +143,12 @@ SCRIPTS: dict[str, list[Step]] = {
     "temporary-backend-drains-a-copying-mirror": [
         FILL, mirror("j"), ("rest", "j"), ("hmp", 'qemu-io drive0-node "write -P 0x55 0 1M"'),
         ("sleep", 0.3), QJ, ("cmd", "job-cancel", {"id": "j"}), done("j"),
+    ],
+    "snapshot-of-a-mirrored-node-drains-it": [
+        FILL, mirror("j"), ("rest", "j"),
+        ("cmd", "blockdev-snapshot-sync", {"node-name": "drive0-node",
+                                           "snapshot-file": "@DIR@/snap"}),
+        ("sleep", 0.1), QJ, ("cmd", "job-cancel", {"id": "j"}), done("j"),
     ],
     "quit-in-ready-cancels": [
         FILL, mirror("j"), ("rest", "j"), ("cmd", "quit", None),
