@@ -2,7 +2,8 @@
 emulator and to real QEMU 7.2, and their replies, events and bitmap listings must agree.
 
 A hypothesis state machine (bitmaps, transactions, guest writes, nodes, backup jobs and job
-verbs, drive-backup with its image creation, drive0 closed and reopened with qemu-img
+verbs, blockdev-mirror and drive-mirror left in READY or ended at once, external snapshots,
+drive-backup with its image creation, drive0 closed and reopened with qemu-img
 info/check/bitmap run on its image in between, and a qcow2 node over blkdebug with random
 inject-error and set-state rules that guest writes, flushes and backups run into, as 257
 does) drives both backends through the harness's Backend interface (qemu.qmp clients on
@@ -11,7 +12,8 @@ because they crash QEMU 7.2.22 with SIGSEGV (both found by this test; see
 docs/qemu-semantics.md §4): a merge with an empty source list, and a transaction that
 enables a bitmap that does not exist; what the emulator answers instead is pinned by
 tests/emulator/test_bitmap_qmp.py::test_qemu_crashes_are_not_copied. A backup that ignores
-an error which never goes away is left out too: it retries for ever, in QEMU as well.
+an error which never goes away is left out too: it retries for ever, in QEMU as well; and
+so is guest I/O to a node a mirror waiting in pending keeps drained: QEMU's monitor hangs.
 Any divergence this test finds becomes such a regression test and a fix in the emulator.
 """
 
@@ -42,7 +44,8 @@ from tests.conftest import requires_qemu
 
 pytestmark = [requires_qemu, pytest.mark.slow]
 
-NODES = st.sampled_from(["drive0", "drive0", "drive0", "v2", "null0", "dbg", "nosuchnode"])
+NODES = st.sampled_from(["drive0", "drive0", "drive0", "v2", "null0", "dbg", "nosuchnode",
+                         "snap"])
 # blkdebug: events the qcow2 driver above it and the request layer raise, and the rules
 DEBUG_EVENTS = st.sampled_from(["read_aio", "read_aio", "write_aio", "write_aio",
                                 "flush_to_disk", "cluster_alloc", "l2_update", "cow_read",
@@ -64,6 +67,7 @@ NAMES = st.sampled_from(["a", "b", "c", "a", ""])
 GRANULARITIES = st.sampled_from([None, None, 512, 4096, 65536, 1 << 20, 1000, 256, 1 << 31])
 OPT_BOOL = st.sampled_from([None, True, False])
 SIZE = 4 << 20
+REPLY_TIMEOUT = int(os.environ.get("DIFF_TIMEOUT", "30"))
 
 
 def bitmap_args(node: str, name: str, **more: Any) -> dict[str, Any]:
@@ -114,17 +118,24 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
         self.has_dbg = False
         self.dbg_permanent = False
         self.backup_targets: set[str] = set()   # the images backups wrote to
+        self.mirroring = False   # a background-mode mirror was started
 
-    def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(coro)
+    def run(self, coro: Any, what: str = "") -> Any:
+        """A step on one side; a side that does not answer within REPLY_TIMEOUT fails the
+        example (so hypothesis shows the steps) instead of hanging the run."""
+        try:
+            return self.loop.run_until_complete(asyncio.wait_for(coro, REPLY_TIMEOUT))
+        except TimeoutError:
+            raise AssertionError(f"{what or 'a step'}: no answer in {REPLY_TIMEOUT} s") \
+                from None
 
     def both(self, command: str, arguments: dict[str, Any]) -> Any:
         """Send to both; the normalized replies must be equal; return QEMU's."""
         replies = []
         for backend, d in zip(self.backends, self.dirs, strict=True):
             args = normalize_in(arguments, str(d))
-            replies.append(self.hostless(normalize(self.run(backend.execute(command, args)),
-                                                   tuple(map(str, self.dirs)))))
+            reply = self.run(backend.execute(command, args), f"{backend.name}: {command}")
+            replies.append(self.hostless(normalize(reply, tuple(map(str, self.dirs)))))
         assert replies[0] == replies[1], f"{command} {arguments}: qemu {replies[0]} " \
                                          f"!= emulator {replies[1]}"
         return replies[0]
@@ -150,13 +161,15 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
             # closed. A backup target's host layout QEMU's block-copy workers make
             # differently from run to run (thread-pool completion order): its guest data
             # must match
-            for name in ("img", "v2", "faulty", "db"):
+            for name in ("img", "v2", "faulty", "db", "snap"):
                 files = [d / name for d in self.dirs]
                 assert files[0].exists() == files[1].exists(), name
                 if not files[0].exists():
                     continue
-                if name not in self.backup_targets | {"db"}:
-                    assert files[0].read_bytes() == files[1].read_bytes(), name
+                if name not in self.backup_targets | {"db"}:   # backing file names
+                    images = [f.read_bytes().replace(bytes(d), b"TEST_DIR")   # hold the dir
+                              for f, d in zip(files, self.dirs, strict=True)]
+                    assert images[0] == images[1], name
                 compare = subprocess.run(["qemu-img", "compare", *map(top_layer, files)],
                                          capture_output=True, text=True)
                 assert compare.returncode == 0, compare.stdout + compare.stderr
@@ -212,8 +225,10 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
     def write(self, pattern: int, sector: int, sectors: int, node: str) -> None:
         length = min(sectors, SIZE // 512 - sector) * 512
         assume(node != "dbg" or one_cluster(sector, length))
+        assume(not self.mirror_pending())
         self.both("human-monitor-command", {
             "command-line": f'qemu-io {node} "write -P 0x{pattern:02x} {sector * 512} {length}"'})
+        self.mirror_catches_up()
 
     @rule(node=NODES, sector=st.integers(0, SIZE // 512 - 1),
           sectors=st.sampled_from([1, 8, 128, 129, 300]),
@@ -221,8 +236,10 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
     def zero(self, node: str, sector: int, sectors: int, verb: str) -> None:
         length = min(sectors, SIZE // 512 - sector) * 512
         assume(node != "dbg" or one_cluster(sector, length))
+        assume(not self.mirror_pending())
         self.both("human-monitor-command", {
             "command-line": f'qemu-io {node} "{verb} {sector * 512} {length}"'})
+        self.mirror_catches_up()
 
     @precondition(lambda self: not getattr(self, "has_null", False))
     @rule(size=st.sampled_from([SIZE, 1 << 20]))
@@ -282,6 +299,38 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
                                          f"!= emulator {results[1]}"
         event(f"qemu-img {argv[0]} {'ok' if results[0][0] == 0 else 'failed'}")
 
+    @rule(command=st.sampled_from(["blockdev-snapshot-sync", "blockdev-snapshot",
+                                   "transaction"]),
+          # not null0: reading through it (copy-on-write from a backing null-co node)
+          # gives whatever QEMU's buffer held — heap bytes in the overlay
+          node=st.sampled_from(["drive0", "drive0", "v2", "dbg", "snap"]),
+          fmt=st.sampled_from([None, None, "qcow2", "raw"]),
+          mode=st.sampled_from([None, "absolute-paths", "existing"]),
+          abort=st.booleans())
+    def snapshot(self, command: str, node: str, fmt: str | None, mode: str | None,
+                 abort: bool) -> None:
+        """An external snapshot: the overlay — a new image (-sync, alone or in a
+        transaction with a bitmap and maybe an abort) or a node added without a backing
+        file — takes the node's place for its parents and gets it as backing."""
+        if command == "blockdev-snapshot":
+            self.both_tools(("create", "-q", "-f", "qcow2", "DIR/snap", str(SIZE)))
+            self.both("blockdev-add", {"driver": "qcow2", "node-name": "snap", "backing": None,
+                                       "file": {"driver": "file", "filename": "DIR/snap"}})
+            reply = self.both(command, {"node": node, "overlay": "snap"})
+        else:
+            data = {k: v for k, v in {"node-name": node, "snapshot-file": "DIR/snap",
+                                      "snapshot-node-name": "snap", "format": fmt,
+                                      "mode": mode}.items() if v is not None}
+            if command == "transaction":
+                actions = [{"type": "blockdev-snapshot-sync", "data": data},
+                           {"type": "block-dirty-bitmap-add",
+                            "data": {"node": node, "name": "s"}}]
+                reply = self.both(command, {"actions": actions + [
+                    {"type": "abort", "data": {}}] * abort})
+            else:
+                reply = self.both(command, data)
+        event(f"{command} {'done' if 'return' in reply else 'refused'}")
+
     # -- fault injection ---------------------------------------------------------------------
     @precondition(lambda self: not self.has_dbg)
     @rule(inject=INJECT_RULES, set_state=SET_STATE_RULES)
@@ -315,6 +364,7 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
 
     @rule(node=NODES)
     def flush(self, node: str) -> None:
+        assume(not self.mirror_pending())
         self.both("human-monitor-command", {"command-line": f'qemu-io {node} "flush"'})
 
     # -- jobs --------------------------------------------------------------------------------
@@ -368,12 +418,67 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
             self.both("job-cancel", {"id": "j"})
         self.same_events()
 
+    @rule(command=st.sampled_from(["blockdev-mirror", "blockdev-mirror", "drive-mirror"]),
+          sync=st.sampled_from(["full", "full", "top", "none", "incremental"]),
+          source=st.sampled_from(["drive0", "drive0", "v2", "dbg"]),
+          dest=st.sampled_from(["null0", "null0", "drive0", "v2", "dbg"]),
+          mode=st.sampled_from([None, "absolute-paths", "existing"]),
+          copy_mode=st.sampled_from([None, "background", "write-blocking"]),
+          granularity=st.sampled_from([None, None, 4096, 65536, 1000]),
+          filter_name=st.sampled_from([None, "mt"]),
+          finalize=OPT_BOOL, dismiss=OPT_BOOL,
+          on_error=st.sampled_from([None, None, "report", "stop", "enospc"]),
+          ending=st.sampled_from([None, "job-complete", "block-job-cancel", "job-cancel"]))
+    def mirror(self, command: str, sync: str, source: str, dest: str, mode: str | None,
+               copy_mode: str | None, granularity: int | None, filter_name: str | None,
+               finalize: bool | None, dismiss: bool | None, on_error: str | None,
+               ending: str | None) -> None:
+        """blockdev-mirror into a node, or drive-mirror into a new image: copied until
+        READY, then left mirroring (guest writes go on; the job verbs end it later) or
+        ended at once by a completion (the pivot) or a cancel."""
+        args: dict[str, Any] = {"job-id": "j", "device": source, "sync": sync,
+                                "granularity": granularity,
+                                "auto-finalize": finalize, "auto-dismiss": dismiss,
+                                "on-source-error": on_error, "on-target-error": on_error}
+        if command == "blockdev-mirror":
+            args.update({"target": dest, "filter-node-name": filter_name,
+                         "copy-mode": copy_mode})
+        else:
+            args.update({"target": "DIR/db", "mode": mode})
+        if "dbg" in (source, args["target"]):
+            # one operation in flight (a one-chunk buffer), or which of QEMU's 16 parallel
+            # operations meet a blkdebug error first varies from run to run
+            args.update({"granularity": 65536, "buf-size": 65536})
+        reply = self.both(command, {k: v for k, v in args.items() if v is not None})
+        event(f"{command} {'started' if 'return' in reply else 'refused'}")
+        if "return" in reply:   # QEMU's mirror keeps up to 16 operations in flight
+            self.backup_targets.add("db" if command == "drive-mirror" else
+                                    {"drive0": "img", "dbg": "faulty"}.get(dest, dest))
+            self.mirroring = copy_mode != "write-blocking"
+        self.same_events()
+        if ending is not None:
+            self.job_verb(ending)
+
     @rule(verb=st.sampled_from(["job-cancel", "job-finalize", "job-dismiss", "job-pause",
-                                "job-resume", "job-complete"]))
+                                "job-resume", "job-complete", "block-job-cancel"]))
     def job_verb(self, verb: str) -> None:
-        reply = self.both(verb, {"id": "j"})
+        reply = self.both(verb, {"device" if verb.startswith("block-") else "id": "j"})
         event(f"{verb} {'accepted' if 'return' in reply else 'refused'}")
         self.same_events()
+
+    def mirror_pending(self) -> bool:
+        """A mirror waiting in pending keeps its source drained: guest I/O to it would hang
+        QEMU's monitor for ever (test_mirror_jobs.py pins what the emulator does)."""
+        return any(j["type"] == "mirror" and j["status"] == "pending" for j in
+                   self.run(self.backends[0].execute("query-jobs", {}))["return"])
+
+    def mirror_catches_up(self) -> None:
+        """A mirror in READY copies what a guest write dirtied when it next wakes (every
+        100 ms, on both sides): its bitmap's count is compared once it has."""
+        if self.mirroring and any(j["status"] in ("ready", "standby") for j in
+                                  self.run(self.backends[0].execute("query-jobs", {}))
+                                  ["return"]):
+            self.run(asyncio.sleep(0.25))
 
     def same_events(self) -> None:
         """Both backends' events until their jobs rest: the same list, in the same order."""
