@@ -138,7 +138,7 @@ class Image:
         try:
             locking.lock(self.io.fileno(), perm, shared, name)
         except GenericError as exc:
-            raise OpenError(_with_hint(exc)) from None
+            raise OpenError(exc.report_text()) from None
 
     def _open_backing(self, sandbox: Sandbox, depth: int, force_share: bool,
                       options: dict[str, Any] | None) -> Image:
@@ -318,7 +318,7 @@ def _create(sandbox: Sandbox, filename: str, fmt: str, size: int | None,
                            preallocation=None if fmt == "qcow2" else opts.get("preallocation"),
                            extent_size_hint=None if hint == UINT64_MAX else hint)
     except (SandboxError, GenericError) as exc:
-        raise ImgError(f"{filename}: {_with_hint(exc)}", stdout=line) from None
+        raise ImgError(f"{filename}: {exc.report_text()}", stdout=line) from None
     return line
 
 
@@ -709,11 +709,6 @@ def main(argv: list[str], *, sandbox: Sandbox | None = None, stdout: TextIO | No
         return 1
 
 
-def _with_hint(exc: GenericError) -> str:
-    """error_report_err: the message, and the hint appended to it on the next line."""
-    return f"{exc.desc}\n{exc.hint}" if exc.hint else exc.desc
-
-
 def _force_share(flags: dict[str, str]) -> bool:
     """-U / --force-share: the image is opened sharing every permission."""
     return "-U" in flags or "--force-share" in flags
@@ -927,7 +922,7 @@ def _open_node(layer: Any, filename: str, fmt: str | None, *, read_only: bool) -
     try:
         blk = layer.blk_new_open(filename, fmt, backing=None, **{"read-only": read_only})
     except GenericError as exc:
-        raise ImgError(f"Could not open '{filename}': {_with_hint(exc)}") from None
+        raise ImgError(f"Could not open '{filename}': {exc.report_text()}") from None
     return blk.bs
 
 

@@ -592,9 +592,8 @@ def offline(sandbox: Any, filename: str, fmt: str | None, commands: Sequence[str
         try:
             blk = layer.blk_new_open(filename, fmt, discard="unmap", cache=cache)
         except GenericError as e:
-            hint = f"{e.hint}\n" if e.hint else ""
             return 1, "".join(printed) + f"qemu-io: can't open device {filename}: " \
-                f"{e.desc}\n{hint}"
+                f"{e.report_text()}\n"
         try:
             for command in commands:   # command_loop: a failed command makes the status 1
                 ret, text = run_command(blk, command)

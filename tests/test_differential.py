@@ -473,18 +473,20 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
         event(f"{verb} {'accepted' if 'return' in reply else 'refused'}")
         self.same_events()
 
+    def mirror_in(self, *statuses: str) -> bool:
+        """Whether QEMU has a mirror in one of ``statuses``."""
+        return any(j["type"] == "mirror" and j["status"] in statuses for j in
+                   self.run(self.backends[0].execute("query-jobs", {}))["return"])
+
     def mirror_pending(self) -> bool:
         """A mirror waiting in pending keeps its source drained: guest I/O to it would hang
         QEMU's monitor for ever (test_mirror_jobs.py pins what the emulator does)."""
-        return any(j["type"] == "mirror" and j["status"] == "pending" for j in
-                   self.run(self.backends[0].execute("query-jobs", {}))["return"])
+        return self.mirror_in("pending")
 
     def mirror_catches_up(self) -> None:
         """A mirror in READY copies what a guest write dirtied when it next wakes (every
         100 ms, on both sides): its bitmap's count is compared once it has."""
-        if self.mirroring and any(j["status"] in ("ready", "standby") for j in
-                                  self.run(self.backends[0].execute("query-jobs", {}))
-                                  ["return"]):
+        if self.mirroring and self.mirror_in("ready", "standby"):
             self.run(asyncio.sleep(0.25))
 
     def same_events(self) -> None:

@@ -96,14 +96,6 @@ class _BackupAction(TransactionAction):
             self.txn.job_txn = JobTxn()
         return self.txn.job_txn
 
-    drained: BlockDriverState | None = None
-
-    def drain(self, bs: BlockDriverState) -> None:
-        """bdrv_drained_begin(bs) in prepare, paired with clean: jobs above the source —
-        the new one too, once it holds the filter — pause until clean."""
-        self.drained = bs
-        self.vm.jobs.drained_begin(bs)
-
     def commit(self) -> None:
         assert self.job is not None
         self.job.start()
@@ -113,9 +105,7 @@ class _BackupAction(TransactionAction):
             self.job.cancel_sync(True)
 
     def clean(self) -> None:
-        if self.drained is not None:
-            self.vm.jobs.drained_end(self.drained)
-            self.drained = None
+        super().clean()
         self.vm.jobs.flush_bhs()   # `transaction` replies after them too
 
 

@@ -67,6 +67,7 @@ class TransactionAction:
     txn: TransactionState
     data: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    drained: BlockDriverState | None = None   # the node prepare drained, until clean
 
     @property
     def vm(self) -> Machine:
@@ -87,8 +88,17 @@ class TransactionAction:
     def abort(self) -> None:
         pass
 
+    def drain(self, bs: BlockDriverState) -> None:
+        """bdrv_drained_begin(bs) in prepare, paired with clean: jobs above bs pause until
+        then (a backup's new job too, once it holds its filter)."""
+        self.drained = bs
+        self.vm.jobs.drained_begin(bs)
+
     def clean(self) -> None:
-        pass
+        """Ends the drained section prepare began (first thing in QEMU's clean steps)."""
+        if self.drained is not None:
+            self.vm.jobs.drained_end(self.drained)
+            self.drained = None
 
 
 ACTIONS: dict[str, type[TransactionAction]] = {}
@@ -284,7 +294,6 @@ class ExternalSnapshotAction(TransactionAction):
     old_bs: BlockDriverState | None = None
     new_bs: BlockDriverState | None = None
     overlay_appended: bool = False
-    drained: bool = False
 
     def names(self) -> tuple[str | None, str | None]:
         """The node to snapshot, as bdrv_lookup_bs takes it: (device, node-name)."""
@@ -300,8 +309,7 @@ class ExternalSnapshotAction(TransactionAction):
         block = self.vm.block
         self.old_bs = block.lookup_bs(device, node_name)
         old = self.old_bs
-        self.vm.jobs.drained_begin(old)   # paired with clean: jobs above it pause
-        self.drained = True
+        self.drain(old)
         from emulator.block.graph import OP_EXTERNAL_SNAPSHOT
         block.graph.op_check_blocked(old, OP_EXTERNAL_SNAPSHOT)
         if not old.read_only:
@@ -336,11 +344,9 @@ class ExternalSnapshotAction(TransactionAction):
             graph.unref(self.old_bs)
 
     def clean(self) -> None:
+        super().clean()
         if self.new_bs is not None:
             self.vm.block.graph.unref(self.new_bs)
-        if self.drained and self.old_bs is not None:
-            self.drained = False
-            self.vm.jobs.drained_end(self.old_bs)
 
 
 @action

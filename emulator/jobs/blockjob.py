@@ -88,10 +88,7 @@ class BlockJob(Job):
         and bdrv_drained_begin polls until the job has stopped: a job busy with I/O goes
         on to its pause point now, not after the section has ended."""
         self.pause()
-        for _ in range(10_000):
-            if not self.drained_poll():
-                break
-            self.poll()
+        self.wait_while(self.drained_poll)
 
     def drained_poll(self) -> bool:
         """child_job_drained_poll: an idle or completed job has nothing in flight; a busy

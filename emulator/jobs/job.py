@@ -568,10 +568,7 @@ class Job:
         try:
             if finish is not None:
                 finish()
-            for _ in range(100000):
-                if self.is_completed():
-                    break
-                self.poll()
+            self.wait_while(lambda: not self.is_completed())
         finally:
             self.unref()
         return -errno.ECANCELED if self.is_cancelled() and self.ret == 0 else self.ret
@@ -579,6 +576,14 @@ class Job:
     def cancel_sync(self, force: bool) -> int:
         """job_cancel_sync_locked."""
         return self.finish_sync(lambda: self.cancel(force))
+
+    def wait_while(self, cond: Callable[[], bool], rounds: int = 100_000) -> None:
+        """AIO_WAIT_WHILE(cond) for this job: poll it until cond is false (bounded, so an
+        emulator bug cannot hang the monitor)."""
+        for _ in range(rounds):
+            if not cond():
+                return
+            self.poll()
 
     def poll(self) -> None:
         """One round of AIO_WAIT_WHILE for this job: run what is scheduled, else enter."""

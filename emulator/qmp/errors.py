@@ -17,6 +17,10 @@ class QMPError(Exception):
         # error_append_hint(): a line tools print after the message; QMP replies drop it
         self.hint = hint
 
+    def report_text(self) -> str:
+        """error_report_err: the message, and the hint on the next line if there is one."""
+        return f"{self.desc}\n{self.hint}" if self.hint else self.desc
+
     def prepend(self, prefix: str) -> Self:
         """error_prepend(): ``prefix`` goes before the message; the class and the hint stay
         (qemu-img and qemu-io still print "Is another process using the image [x]?" under
