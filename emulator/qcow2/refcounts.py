@@ -181,6 +181,19 @@ class Refcounts:
         return get_refcount(self.block(table[table_index]),
                             cluster_index & (self.block_entries - 1), self.order)
 
+    def metadata_preallocated(self, file_length: int, allocated: int) -> bool:
+        """qcow2_detect_metadata_preallocation: do more clusters have a refcount than the
+        file has clusters allocated (10/9 of them, or two more)? Reads refcount blocks
+        through the cache until it knows; errors propagate."""
+        real_clusters = allocated // self.cluster_size
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        count = 0
+        for i in range(-(-file_length // self.cluster_size)):
+            if count >= threshold:
+                break
+            count += bool(self.get(i))
+        return count >= threshold
+
     # -- allocation --------------------------------------------------------------------------
     def alloc(self, size: int) -> int:
         """qcow2_alloc_clusters: the host offset of `size` bytes of fresh, referenced clusters."""

@@ -64,6 +64,7 @@ SCENARIO = [
     ("info", "--output=json", "c.qcow2"),
     ("map", "--output=json", "o.qcow2"),
     ("map", "--output=json", "r.raw"),
+    ("map", "--output=json", "p.qcow2"),
     ("info", "--output=json", "--backing-chain", "o.qcow2"),
     ("info", "--output=json", "--backing-chain", "o2.qcow2"),
     ("check", "o2.qcow2"),
@@ -82,6 +83,8 @@ AFTER_WRITES = [
     ("check", "o.qcow2"),
     ("check", "--output=json", "o.qcow2"),
     ("map", "--output=json", "o.qcow2"),
+    ("map", "--output=json", "p.qcow2"),   # metadata preallocated: the file's holes, zero
+    ("compare", "p.qcow2", "a.qcow2"),
     ("info", "--output=json", "o.qcow2"),
     ("rebase", "-u", "-b", "", "o.qcow2"),
     ("info", "--output=json", "o.qcow2"),
@@ -97,6 +100,7 @@ WRITES = {
     "o.qcow2": ["write -P 0x6c 1M 64k", "write -P 0x11 1000000 1000", "write -z 5M 4k",
                 "write -z -u 0 64k"],
     "c.qcow2": ["write -P 0x49 0 64k", "write -P 0x6c 1M 64k", "write -P 0x77 1400000 3"],
+    "p.qcow2": ["write -P 0x49 0 64k", "write -P 0x6c 1M 64k"],
 }
 
 
@@ -104,7 +108,8 @@ WRITES = {
 def test_verbs_print_and_exit_like_the_real_qemu_img(tmp_path: Path) -> None:
     roots = tmp_path / "mine", tmp_path / "real"
     for root in roots:
-        root.mkdir()
+        root.mkdir()   # the emulator does not create preallocated images; it reads them
+        real(root, "create", "-f", "qcow2", "-o", "preallocation=metadata", "p.qcow2", "4M")
     for argv in SCENARIO:
         assert mine(roots[0], *argv) == real(roots[1], *argv), argv
     for root in roots:
@@ -112,7 +117,7 @@ def test_verbs_print_and_exit_like_the_real_qemu_img(tmp_path: Path) -> None:
             qemu_io(root / name, *commands)
     for argv in AFTER_WRITES:
         assert mine(roots[0], *argv) == real(roots[1], *argv), argv
-    for name in ("a.qcow2", "o.qcow2", "c.qcow2", "r.raw"):
+    for name in ("a.qcow2", "o.qcow2", "c.qcow2", "r.raw", "p.qcow2"):
         assert (roots[0] / name).read_bytes() == (roots[1] / name).read_bytes(), name
 
 
