@@ -220,22 +220,24 @@ class BlockLayer:
 
     # -- state changes --------------------------------------------------------------------------
     def reopen_read_only(self, bs: BlockDriverState) -> None:
-        """bdrv_reopen_set_read_only(bs, true): the node and the children that inherit
-        read-only; qcow2 stores its persistent bitmaps first (qcow2_reopen_bitmaps_ro)."""
-        if bs.read_only:
-            return
-        bs.flush()
-        bs.drv_reopen_read_only()
-        self._set_read_only(bs)
+        """bdrv_reopen_set_read_only(bs, true): a whole reopen, even of a node that is
+        read-only already (external_snapshot_commit reopens the old top every time). The
+        node and the children that inherit from it each go through their driver's reopen:
+        going read-only, qcow2 stores its persistent bitmaps first (qcow2_reopen_bitmaps_ro);
+        every qcow2 node starts over with empty metadata caches."""
+        if not bs.read_only:
+            bs.flush()
+        self._reopen_read_only(bs)
         self.graph.refresh_perms(bs)
 
-    def _set_read_only(self, bs: BlockDriverState) -> None:
-        bs.read_only = True
+    def _reopen_read_only(self, bs: BlockDriverState) -> None:
+        if not bs.read_only:
+            bs.drv_reopen_read_only()
+            bs.read_only = True
+        bs.drv_reopen_commit()
         for c in bs.children:
-            if c.bs is None or c is bs.backing or c.bs.read_only:
-                continue
-            c.bs.drv_reopen_read_only()
-            self._set_read_only(c.bs)
+            if c.bs is not None and c is not bs.backing:
+                self._reopen_read_only(c.bs)
 
     def create_image(self, filename: str, fmt: str, size: int, *, backing_file: str | None = None,
                      backing_format: str | None = None, open_backing: bool = False) -> None:

@@ -537,6 +537,9 @@ class BlockDriverState:
     def drv_reopen_read_only(self) -> None:
         """Reopen read-only: qcow2 stores its persistent bitmaps and marks them readonly."""
 
+    def drv_reopen_commit(self) -> None:
+        """.bdrv_reopen_commit, read-only or not: qcow2 swaps in new metadata caches."""
+
     def drv_close(self) -> None:
         pass
 

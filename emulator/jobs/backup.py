@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from emulator.block import perm as P
+from emulator.block import waits
 from emulator.block.dirty_bitmap import BDRV_BITMAP_DEFAULT, BdrvDirtyBitmap
 from emulator.block.drivers.copy_before_write import CopyBeforeWriteNode, cbw_append, cbw_drop
 from emulator.block.errors import GenericError
@@ -22,7 +23,6 @@ from emulator.block.node import BlockDriverState
 from emulator.jobs.block_copy import (
     BlockCopyCallState,
     BlockCopyState,
-    io_yields,
     supports_compressed_writes,
 )
 from emulator.jobs.blockjob import BlockJob, device_name
@@ -81,18 +81,21 @@ class BackupJob(BlockJob):
     def run(self) -> Co:
         """backup_run."""
         assert self.bcs is not None
+        self.bcs.waits_matter = lambda: not self._io_started
         self._init_bcs_bitmap()
         if self.sync_mode == "top":
             offset = 0
             while offset < self.len:
                 if self.is_cancelled():
                     return -errno.ECANCELED
+                yield from self.wait_for_io()
                 yield from self.pause_point()
                 if self.is_cancelled():
                     return -errno.ECANCELED
                 try:
                     _, count = self.bcs.reset_unallocated(offset)
                 except OSError as e:
+                    yield from self.wait_for_io()
                     return -(e.errno or errno.EIO)
                 offset += max(count, self.bcs.cluster_size)
             self.bcs.skip_unallocated = False
@@ -109,13 +112,24 @@ class BackupJob(BlockJob):
         return 0
 
     def _before_task(self) -> Co:
-        """Between block-copy tasks: a pause point; before the first I/O that goes to a
-        thread in QEMU, the coroutine yields (the command's reply goes out first)."""
+        """Between block-copy tasks: the wait of the task before, then a pause point."""
+        yield from self.wait_for_io()
         yield from self.pause_point()
-        if not self._io_started and self.bcs is not None and io_yields(self.bcs):
-            self._io_started = True
-            yield from self.io_yield()
         return 0
+
+    def wait_for_io(self) -> Co:
+        """The wait QEMU's coroutine had in the I/O done since the last yield point (see
+        emulator.block.waits): a request sent to a thread lets the command that entered the
+        job reply first; one that blkdebug failed first only yields to a bottom half. After
+        a thread wait the rest runs from the event loop, and later waits change nothing
+        until a command enters the job again (the note stays: zero_run may defer writes)."""
+        if self._io_started:
+            return
+        wait = waits.take()
+        if wait is None:
+            return
+        self._io_started = wait == waits.THREAD
+        yield from self.io_yield(bottom_half=wait == waits.BH)
 
     def resumed_from_pause(self) -> None:
         """Re-entered by job-resume (or a drain's end): its next I/O yields again, so that
@@ -130,6 +144,7 @@ class BackupJob(BlockJob):
             cs = self._new_call()
             yield from self.bcs.run_call(cs, self._sleep, self.is_cancelled,
                                          self._before_task)
+            yield from self.wait_for_io()
             if self.is_cancelled() or cs.succeeded():
                 ret = 0
                 break

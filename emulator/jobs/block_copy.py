@@ -41,7 +41,6 @@ from emulator.jobs.mirror_graph import (
     leaf,
     skip_filters,
 )
-from emulator.jobs.mirror_graph import io_yields as node_io_yields
 from emulator.jobs.progress import ProgressMeter
 from emulator.jobs.ratelimit import RateLimit
 from emulator.jobs.zero_run import ZeroRun
@@ -106,10 +105,6 @@ def supports_compressed_writes(bs: BlockDriverState) -> bool:
 def _leaf_is_file(bs: BlockDriverState | None) -> bool:
     bottom = leaf(bs)
     return bottom is not None and bottom.format_name == "file"
-
-
-def io_yields(bcs: BlockCopyState) -> bool:
-    return node_io_yields(bcs.source.bs) or node_io_yields(bcs.target.bs)
 
 
 @dataclass(eq=False)
@@ -177,6 +172,9 @@ class BlockCopyState:
         self.skip_unallocated = False
         self.progress: ProgressMeter | None = None
         self.rate_limit = RateLimit()
+        # does the next wait of a request still matter (see BackupJob.wait_for_io)? Then
+        # the fast paths must not move a request's wait past a yield point
+        self.waits_matter: Callable[[], bool] = lambda: False
         self.set_copy_opts(False, False)
 
     @staticmethod
@@ -434,7 +432,7 @@ class BlockCopyState:
             nbytes = end - offset
             if task.method == COPY_WRITE_ZEROES and zeroes.defer(task):
                 if (not zeroes.hook_yielded and not self.rate_limit.slice_quota
-                        and not self.skip_unallocated):
+                        and not self.skip_unallocated and not self.waits_matter()):
                     stop = self.zero_extent_end(task.offset)
                     if stop > offset:
                         offset = self.fast_forward_zeroes(cs, offset, end, stop, zeroes)

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from emulator.block import waits
 from emulator.jobs.progress import ProgressMeter
 from emulator.qmp.errors import GenericError
 
@@ -239,8 +240,10 @@ class Job:
         return ret
 
     def _step(self) -> None:
-        """Enter the coroutine until it yields; when run returns, defer job_exit."""
+        """Enter the coroutine until it yields; when run returns, defer job_exit. The waits
+        its I/O notes are its own: whoever entered it gets theirs back afterwards."""
         assert self._co is not None
+        outer = waits.take()
         try:
             self._co.send(None)
         except StopIteration as stop:
@@ -249,6 +252,8 @@ class Job:
             log.exception("job %s failed inside the emulator", self.id)
             self.err = f"internal error in the emulator's {self.job_type} job: {exc!r}"
             self._finished(-errno.EIO)
+        finally:
+            waits.take(outer)
 
     def _finished(self, ret: int) -> None:
         """The coroutine has returned ``ret``: job_exit runs from the main loop."""
@@ -373,10 +378,13 @@ class Job:
         self.transition("running")
         self._step()
 
-    def io_yield(self) -> Co:
+    def io_yield(self, bottom_half: bool = False) -> Co:
         """Yield as a coroutine does on I/O that completes in another thread (file-posix's
         thread pool): the job goes on from the event loop, after the current command's
-        reply. A pause or cancel that enters the job meanwhile just continues it."""
+        reply; or, with ``bottom_half``, as one that aio_co_schedule re-enters (blkdebug
+        before it fails a request): from a bottom half, which runs before that reply unless
+        the job already runs in one. A pause or cancel that enters the job meanwhile just
+        continues it."""
         token = object()
         self._io_token = token
 
@@ -385,7 +393,7 @@ class Job:
                 self._io_token = None
                 self.enter()
 
-        self.manager.call_soon(complete)
+        (self.manager.bh if bottom_half else self.manager.call_soon)(complete)
         yield from self.do_yield()
         self._io_token = None
 

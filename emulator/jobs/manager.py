@@ -108,11 +108,14 @@ class JobManager:
         return s
 
     def flush_bhs(self) -> None:
-        """Run the bottom halves scheduled so far (and those they schedule)."""
-        while self._bhs:
-            s = self._bhs.pop(0)
+        """Run the bottom halves scheduled so far: the main loop's next aio_bh_poll, which
+        comes before the monitor's reply. Those they schedule go to the poll after it (after
+        the reply): aio_bh_poll runs a slice of the list taken when it starts."""
+        pending, self._bhs = self._bhs, []
+        for s in pending:
             if not s.done:
                 s.run_now()
+        self._bhs.clear()
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Scheduled:
         """A QEMU_CLOCK_REALTIME timer."""

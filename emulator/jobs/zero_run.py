@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
+from emulator.block import waits
 from emulator.block.subtree import subtree
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class ZeroRun:
         """Take a write-zeroes task whose write may wait (its bookkeeping is done now, as
         for a task that succeeded); False when its write must be issued at once."""
         bcs = self.bcs
+        if bcs.waits_matter() and waits.pending() is None:
+            return False   # its write may be the first to wait: where it waits is seen
         if not self.ranges:
             assert bcs.source.bs is not None and bcs.target.bs is not None
             if not can_merge_writes(bcs.source.bs, bcs.target.bs):

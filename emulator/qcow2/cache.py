@@ -107,7 +107,7 @@ class Qcow2Cache:
         self._slots(size)
 
     def resize(self, size: int) -> None:
-        """A new number of slots, while nothing is cached yet (the options of an open)."""
+        """New, empty slots (an open's or a reopen's options); nothing may be dirty."""
         assert not any(self.dirty)
         self._slots(size)
 

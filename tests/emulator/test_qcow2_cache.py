@@ -15,6 +15,7 @@ import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,3 +175,41 @@ def test_l2_write_error_surfaces_at_write_back_like_qemu(tmp_path: Path) -> None
     for kind in ("qemu", "emu"):
         check = qemu_img("check", tmp_path / kind / "dst")
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+@requires_qemu
+@requires_qemu_img
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_a_reopen_empties_the_caches_like_qemu(tmp_path: Path, snapshot: bool) -> None:
+    """qcow2_update_options_commit swaps in new caches at every reopen, even of a node that
+    is read-only already: after a snapshot, a sync=top backup of the old top reads its L2
+    table again, through the blkdebug rule the first backup set off, and its block status
+    fails — the job aborts with no BLOCK_JOB_ERROR. Without the snapshot the table is still
+    cached and the copy's read is what fails (found by the differential test)."""
+    def setup(d: Path) -> None:
+        for name in ("faulty", "snap"):
+            qemu_img("create", "-q", "-f", "qcow2", d / name, "4M")
+        subprocess.run(["qemu-io", "-c", "write -P 1 0 64k", str(d / "faulty")], check=True,
+                       capture_output=True)
+
+    def backup(sync: str) -> list[tuple[Any, ...]]:
+        return [("cmd", "blockdev-backup", {"job-id": "j", "device": "dbg", "target": "null0",
+                                            "sync": sync}), ("rest", "j")]
+
+    steps = [
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "null0", "size": 4 << 20}),
+        ("cmd", "blockdev-add", {"driver": "qcow2", "node-name": "dbg", "file": {
+            "driver": "blkdebug", "image": {"driver": "file", "filename": "@DIR@/faulty"},
+            "inject-error": [{"event": "read_aio", "errno": 5}]}}),
+        *backup("full"),
+    ]
+    if snapshot:
+        steps += [("cmd", "blockdev-add", {"driver": "qcow2", "node-name": "snap",
+                                           "backing": None, "file": {
+                                               "driver": "file", "filename": "@DIR@/snap"}}),
+                  ("cmd", "blockdev-snapshot", {"node": "dbg", "overlay": "snap"})]
+    steps += backup("top")
+    real, mine = run_both(tmp_path, steps, setup)
+    assert mine == real
+    errors = [r for r in mine if r[:2] == ("event", "BLOCK_JOB_ERROR")]
+    assert len(errors) == (1 if snapshot else 2)

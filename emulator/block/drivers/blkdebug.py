@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from emulator.block import perm as P
+from emulator.block import waits
 from emulator.block.drivers import register
 from emulator.block.errors import GenericError
 from emulator.block.node import (
@@ -196,6 +197,8 @@ class BlkdebugNode(BlockDriverState):
         if rule.once:
             self.active_rules.remove(rule)
             self.rules[rule.event].remove(rule)
+        if not rule.immediately:
+            waits.note(waits.BH)
         error = OSError(rule.error, os.strerror(rule.error))
         error.immediate = rule.immediately   # type: ignore[attr-defined]
         raise error

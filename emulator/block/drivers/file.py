@@ -12,7 +12,7 @@ import os
 import stat
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from emulator.block import locking
+from emulator.block import locking, waits
 from emulator.block import perm as P
 from emulator.block.drivers import register
 from emulator.block.errors import GenericError
@@ -97,12 +97,14 @@ class FileNode(BlockDriverState):
         return self.file_length
 
     def drv_preadv(self, offset: int, length: int) -> bytes:
+        waits.note(waits.THREAD)   # every request below goes to the thread pool
         data = os.pread(self.fd, length, offset)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
 
     def drv_pwritev(self, offset: int, data: bytes, flags: int) -> None:
+        waits.note(waits.THREAD)
         written = os.pwrite(self.fd, data, offset)
         if written < len(data):   # a short write (rare): the rest, as raw_co_prw retries it
             self.drv_pwritev(offset + written, data[written:], flags)
@@ -114,6 +116,7 @@ class FileNode(BlockDriverState):
         handle_aiocb_write_zeroes: FALLOC_FL_ZERO_RANGE (blocks allocated, reading as
         zeroes), punching a hole and allocating it again, fallocate(0) past the end; where
         the file system does none, -ENOTSUP and the block layer writes zero buffers."""
+        waits.note(waits.THREAD)
         if flags & BDRV_REQ_MAY_UNMAP:
             ret = fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
                             length)
@@ -156,6 +159,7 @@ class FileNode(BlockDriverState):
         self.file_length = max(self.file_length, end)
 
     def drv_truncate(self, length: int) -> None:
+        waits.note(waits.THREAD)
         os.ftruncate(self.fd, length)
         self.file_length = length
 
@@ -163,6 +167,7 @@ class FileNode(BlockDriverState):
         """raw_co_pdiscard (handle_aiocb_discard): the range is punched out of the file and
         reads as zeroes. A file system that can't is not asked again, and its -ENOTSUP is
         success to bdrv_co_pdiscard."""
+        waits.note(waits.THREAD)
         if self.has_discard:
             self.has_discard = punch_hole(self.fd, offset, length)
 
@@ -170,6 +175,7 @@ class FileNode(BlockDriverState):
         """No fdatasync: the emulator's files live in a scratch test directory, and what a
         flush to disk adds (durability across a host crash) is nothing a client, qemu-img or
         any other process can observe; they see written data through the page cache at once."""
+        waits.note(waits.THREAD)
 
     def drv_block_status(self, want_zero: bool, offset: int, length: int) -> BlockStatus:
         """raw_co_block_status: SEEK_DATA/SEEK_HOLE, holes read as zeroes."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
+from emulator.block import waits
 from emulator.block.drivers import register
 from emulator.block.errors import GenericError
 from emulator.block.node import (
@@ -38,6 +39,7 @@ class NullCoNode(BlockDriverState):
 
     def _latency(self) -> None:
         if self.latency_ns:
+            waits.note(waits.THREAD)
             time.sleep(self.latency_ns / 1e9)
 
     def drv_getlength(self) -> int:

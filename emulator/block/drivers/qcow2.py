@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from emulator.block.dirty_bitmap import BdrvDirtyBitmap, ctz
 from emulator.block.drivers import register
 from emulator.block.errors import GenericError
-from emulator.block.flags import BDRV_REQ_NO_FALLBACK
+from emulator.block.flags import BDRV_BLOCK_RECURSE, BDRV_REQ_NO_FALLBACK
 from emulator.block.node import (
     BDRV_BLOCK_DATA,
     BDRV_BLOCK_OFFSET_VALID,
@@ -105,6 +105,7 @@ class Qcow2Node(BlockDriverState):
     strong_runtime_opts: ClassVar[tuple[str, ...]] = ("encrypt.key-secret",)
 
     image: Any = None
+    metadata_preallocation: bool | None = None   # None: not checked yet
 
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
         from emulator.qcow2 import Qcow2Image
@@ -189,6 +190,20 @@ class Qcow2Node(BlockDriverState):
     def drv_pwritev(self, offset: int, data: bytes, flags: int) -> None:
         self.image.write(offset, data, self._backing_reader())
 
+    def _detect_metadata_preallocation(self) -> bool:
+        """qcow2_detect_metadata_preallocation, at a node's first block status. Its refcount
+        reads go through the cache, the file child's rules and the thread pool (what a
+        job's first block status waits for); an error only makes the answer "no"."""
+        assert self.file is not None and self.file.bs is not None
+        allocated = self.file.bs.get_allocated_file_size()
+        if allocated is None:
+            return False
+        try:
+            return bool(self.image.refcounts.metadata_preallocated(self.file.bs.getlength(),
+                                                                   allocated))
+        except (OSError, Qcow2Error):
+            return False
+
     def _zero_status(self, offset: int, length: int, fast: bool) -> bool:
         """qcow2's is_zero (clamped to the image, a loop over extents) and is_zero_cow's
         bdrv_co_is_zero_fast (one extent, no want_zero), on this node and its chain."""
@@ -217,13 +232,17 @@ class Qcow2Node(BlockDriverState):
         self.image.flush()
 
     def drv_block_status(self, want_zero: bool, offset: int, length: int) -> BlockStatus:
+        if self.metadata_preallocation is None:
+            self.metadata_preallocation = self._detect_metadata_preallocation()
         status, pnum, host = self.image.map_extent(offset, length)
         file_bs = self.file.bs if self.file is not None else None
         if status == Status.DATA:
-            # --- mirror part: the host offset, and no BDRV_BLOCK_RECURSE (7.2 sets it only
-            # for metadata-preallocated images); the guest offset used to send the file's
-            # SEEK_DATA/SEEK_HOLE to the wrong place and split data runs (mirror chunks) ---
+            # the host offset (the guest offset used to send the file's SEEK_DATA/SEEK_HOLE
+            # to the wrong place and split data runs: mirror chunks); the file's status too
+            # only where metadata preallocation may have left allocated clusters unwritten
             flags = BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID
+            if self.metadata_preallocation:
+                flags |= BDRV_BLOCK_RECURSE
             return flags, pnum, host if host is not None else offset, file_bs
         if status == Status.ZERO:
             return BDRV_BLOCK_ZERO, pnum, offset, None
@@ -354,6 +373,13 @@ class Qcow2Node(BlockDriverState):
             if bm.get_persistence():
                 bm.readonly = True
         self.flush()
+
+    def drv_reopen_commit(self) -> None:
+        """qcow2_update_options_commit: the caches qcow2_update_options_prepare made (same
+        sizes, nothing in them) replace the flushed ones, so the next lookup of any table
+        reads it again, through blkdebug's rules too."""
+        for cache in (self.image.tables.cache, self.image.refcounts.cache):
+            cache.resize(cache.size)
 
     def drv_close(self) -> None:
         """qcow2_close -> qcow2_inactivate: store (and release) bitmaps, close the image."""
