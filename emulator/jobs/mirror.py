@@ -18,6 +18,7 @@ from collections.abc import Generator
 from typing import Any
 
 from emulator.block import io as blockio
+from emulator.block import waits
 from emulator.block.drivers.mirror_top import METHOD_COPY, METHOD_DISCARD, METHOD_ZERO
 from emulator.block.errors import GenericError
 from emulator.block.node import BDRV_BLOCK_DATA, BDRV_BLOCK_ZERO, BlockDriverState
@@ -26,7 +27,6 @@ from emulator.jobs.job import Co
 from emulator.jobs.mirror_graph import (
     backing_chain_next,
     can_write_zeroes_with_unmap,
-    io_yields,
     recurse_can_replace,
     round_to_clusters,
     skip_filters,
@@ -153,6 +153,15 @@ class MirrorJob(MirrorOps):
         else:
             yield from self.pause_point()
 
+    def _status_wait(self, waited: bool) -> Generator[None, None, bool]:
+        """Where the block status just asked waited in QEMU (emulator.block.waits), until
+        a thread wait has let the command that started the job reply; True from then on."""
+        wait = waits.take()
+        if waited or wait is None:
+            return waited
+        yield from self.io_yield(bottom_half=wait == waits.BH)
+        return wait == waits.THREAD
+
     def _dirty_init(self) -> Generator[None, None, int]:
         """mirror_dirty_init: zero the target if needed, then mark what is allocated."""
         bs = self.source
@@ -176,7 +185,7 @@ class MirrorJob(MirrorOps):
                 offset += nbytes
             yield from self._wait_for_all_io()
             self.initial_zeroing_ongoing = False
-        first = True
+        waited = False
         offset = 0
         while offset < self.bdev_length:
             nbytes = min(self.bdev_length - offset, INT_MAX // self.granularity
@@ -184,15 +193,16 @@ class MirrorJob(MirrorOps):
             yield from self._throttle()
             if self.is_cancelled():
                 return 0
-            if first and _status_yields(bs):
-                # qcow2's first block status reads refcounts (metadata preallocation check)
-                yield from self.io_yield()
-            first = False
+            waits.take()
             try:
                 allocated, count = bs.is_allocated_above(self.base_overlay, offset, nbytes,
                                                          include_base=True)
             except OSError as e:
+                yield from self._status_wait(waited)
                 return neg_errno(e)
+            # the first block status of a qcow2 node over a file reads refcounts (metadata
+            # preallocation check): the scan's first wait lets the command reply
+            waited = (yield from self._status_wait(waited))
             assert count
             if allocated:
                 self.bitmap.set_dirty(offset, count)
@@ -415,13 +425,6 @@ class MirrorJob(MirrorOps):
     def driver_cancel(self, force: bool) -> bool:
         """mirror_cancel: before READY every cancel is a forced one."""
         return force or not self.is_ready()
-
-
-def _status_yields(bs: BlockDriverState) -> bool:
-    """The first block status of a qcow2 node over a file reads its refcounts
-    (qcow2_detect_metadata_preallocation), which goes to the thread pool."""
-    top = skip_filters(bs)
-    return top is not None and top.format_name == "qcow2" and io_yields(top)
 
 
 def _open_backing_file(layer: Any, bs: BlockDriverState) -> None:

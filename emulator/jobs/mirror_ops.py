@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from emulator.block import waits
 from emulator.block.backend import BlockBackend
 from emulator.block.dirty_bitmap import BdrvDirtyBitmap
 from emulator.block.drivers.mirror_top import METHOD_COPY, METHOD_ZERO, MirrorTopNode
@@ -153,7 +154,12 @@ class MirrorOps(BlockJob):
         yield
 
     def _io_wait(self, bs: BlockDriverState | None, resume: Resume) -> Generator[None, None, None]:
-        """Wait for the completion of I/O just submitted on bs (see the module docstring)."""
+        """Wait for the completion of I/O just submitted on bs (see the module docstring):
+        from a bottom half if blkdebug failed it before it reached the thread pool."""
+        if waits.take() == waits.BH:
+            self._defer(functools.partial(self._co_run, resume), bottom_half=True)
+            yield
+            return
         if not io_yields(bs):
             return
         self._pool_done.append(resume)
@@ -169,7 +175,7 @@ class MirrorOps(BlockJob):
         for resume in reversed(done):
             self._co_run(resume)
 
-    def _defer(self, fn: Resume) -> None:
+    def _defer(self, fn: Resume, bottom_half: bool = False) -> None:
         """Run fn from the event loop (a thread-pool completion, a bottom half); poll()
         runs it at once when the job must finish synchronously (cancel at quit)."""
 
@@ -178,7 +184,7 @@ class MirrorOps(BlockJob):
                 self._io_pending.remove(handle)
             fn()
 
-        handle = self.manager.call_soon(run)
+        handle = (self.manager.bh if bottom_half else self.manager.call_soon)(run)
         self._io_pending.append(handle)
 
     def driver_drained_poll(self) -> bool:
@@ -337,6 +343,7 @@ class MirrorOps(BlockJob):
         assert self.mirror_top_bs is not None and self.mirror_top_bs.backing is not None
         data = b""
         try:
+            waits.take()
             data = self.mirror_top_bs.backing.pread(op.offset, op.bytes)
             ret = 0
         except OSError as e:
@@ -350,6 +357,7 @@ class MirrorOps(BlockJob):
         self._io_complete(op, ret, False)   # mirror_write_complete
 
     def _target_io(self, fn: Callable[[BlockBackend], None]) -> int:
+        waits.take()
         try:
             assert self.target_blk is not None
             fn(self.target_blk)
