@@ -25,6 +25,7 @@ from emulator.block.open import (
     path_has_protocol,
 )
 from emulator.block.query import block_device_info, block_info
+from emulator.qmp.json_writer import qdict_clone_shallow
 
 _CACHE_MODES = {  # bdrv_parse_cache_mode: (writeback, direct, no-flush)
     "none": (True, True, False), "off": (True, True, False),
@@ -222,22 +223,30 @@ class BlockLayer:
     def reopen_read_only(self, bs: BlockDriverState) -> None:
         """bdrv_reopen_set_read_only(bs, true): a whole reopen, even of a node that is
         read-only already (external_snapshot_commit reopens the old top every time). The
-        node and the children that inherit from it each go through their driver's reopen:
-        going read-only, qcow2 stores its persistent bitmaps first (qcow2_reopen_bitmaps_ro);
-        every qcow2 node starts over with empty metadata caches."""
+        node and the children it opened itself (inherits_from; not those it was given by
+        name) each go through their driver's reopen: going read-only, qcow2 stores its
+        persistent bitmaps first (qcow2_reopen_bitmaps_ro); every qcow2 node starts over
+        with empty metadata caches."""
         if not bs.read_only:
             bs.flush()
         self._reopen_read_only(bs)
         self.graph.refresh_perms(bs)
 
-    def _reopen_read_only(self, bs: BlockDriverState) -> None:
+    def _reopen_read_only(self, bs: BlockDriverState, child: bool = False) -> None:
+        if child:
+            # bdrv_reopen_queue_child: the first reopen takes the child's options from the
+            # parent's, which keep none afterwards; each later one from the child's explicit
+            # options, a qdict_clone_shallow of its options at the reopen before
+            bs.reopens += 1
+            if bs.reopens > 1:
+                bs.options = qdict_clone_shallow(bs.options)
         if not bs.read_only:
             bs.drv_reopen_read_only()
             bs.read_only = True
         bs.drv_reopen_commit()
         for c in bs.children:
-            if c.bs is not None and c is not bs.backing:
-                self._reopen_read_only(c.bs)
+            if c.bs is not None and c.bs.inherited:
+                self._reopen_read_only(c.bs, child=True)
 
     def create_image(self, filename: str, fmt: str, size: int, *, backing_file: str | None = None,
                      backing_format: str | None = None, open_backing: bool = False) -> None:

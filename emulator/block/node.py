@@ -158,6 +158,8 @@ class BlockDriverState:
         self.detect_zeroes = "off"
         self.discard = "ignore"
         self.implicit = False
+        self.inherited = False   # opened from a definition as a child (bs->inherits_from)
+        self.reopens = 0         # reopens through that parent (see BlockLayer.reopen_read_only)
         self.monitor_owned = False
         self.refcnt = 1
         self.write_gen = 0

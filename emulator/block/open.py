@@ -206,6 +206,7 @@ class Opener:
             raise
         bs = cls(self.graph)
         bs.probed = probed
+        bs.inherited = parent_opts is not None
         try:
             self._open_common(bs, opts, file_bs, order)
         except BaseException:

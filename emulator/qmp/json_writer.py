@@ -43,6 +43,12 @@ def qdict_keys(d: dict[str, Any]) -> list[str]:
     return [key for key, _ in _dict_layout(tuple(d))]
 
 
+def qdict_clone_shallow(d: dict[str, Any]) -> dict[str, Any]:
+    """qdict_clone_shallow: the copy takes the keys in QDict order, each at its bucket's
+    head, so within a bucket their order is reversed (across buckets it never counts)."""
+    return {key: d[key] for key in reversed(d)}
+
+
 @functools.lru_cache(maxsize=4096)
 def _dict_layout(keys: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """The keys of a dict inserted in this order, in QDict order, each with the text written

@@ -138,6 +138,33 @@ def test_snapshot_of_a_node_whose_flush_fails(tmp_path: Path) -> None:
         compare_replies(tmp_path / str(errno), cmds, setup=setup)
 
 
+def test_snapshots_reopen_what_the_old_top_opened(tmp_path: Path) -> None:
+    """Each snapshot reopens the old top read-only (bdrv_reopen_set_read_only), and with it
+    the children it opened itself, not one it was given by name: that file node stays
+    writable. A child's options are rebuilt at every reopen (qdict_clone_shallow from the
+    second on), so the two blkdebug keys of one QDict bucket swap places in the json: name
+    at every second snapshot, as in QEMU."""
+    def setup(d: Path) -> None:
+        create_qcow2(d / "base", "1M")
+        create_qcow2(d / "faulty", "1M")
+
+    cmds = [
+        c("blockdev-add", driver="file", **{"node-name": "f"}, filename="@DIR@/base"),
+        c("blockdev-add", driver="qcow2", **{"node-name": "b"}, file="f"),
+        c("blockdev-snapshot-sync", **{"node-name": "b", "snapshot-file": "@DIR@/s",
+                                       "snapshot-node-name": "s"}),
+        c("blockdev-add", driver="qcow2", **{"node-name": "dbg"}, file={
+            "driver": "blkdebug", "image": {"driver": "file", "filename": "@DIR@/faulty"},
+            "inject-error": [{"event": "read_aio", "errno": 5}]}),
+    ]
+    for i in range(4):
+        cmds += [c("blockdev-snapshot-sync", **{"node-name": "dbg",
+                                                "snapshot-file": f"@DIR@/top{i}",
+                                                "snapshot-node-name": f"top{i}"}),
+                 c("query-named-block-nodes", flat=True)]
+    compare_replies(tmp_path, cmds, setup=setup)
+
+
 def test_blockdev_snapshot(tmp_path: Path) -> None:
     """blockdev-snapshot: an overlay added with blockdev-add goes above a node (a drive's
     root, here, so the drive writes to it); its errors, in a transaction and rolled back."""
