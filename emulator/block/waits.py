@@ -6,7 +6,7 @@ the command running — goes on before the request completes; blkdebug fails a r
 (``immediately=off``) only after aio_co_schedule, a bottom half that still runs before that
 reply. The emulator's requests finish at once and leave a note of the first such wait here;
 a job asks for it at its next yield point (nothing it does in between is visible) and yields
-the way QEMU's coroutine did: see BackupJob.wait_for_io.
+the way QEMU's coroutine did: see Job.wait_for_io.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from emulator.block import perm as P
-from emulator.block import waits
 from emulator.block.dirty_bitmap import BDRV_BITMAP_DEFAULT, BdrvDirtyBitmap
 from emulator.block.drivers.copy_before_write import CopyBeforeWriteNode, cbw_append, cbw_drop
 from emulator.block.errors import GenericError
@@ -63,7 +62,6 @@ class BackupJob(BlockJob):
         self.perf = BackupPerf()
         self.bcs: BlockCopyState | None = None
         self.bg_call: BlockCopyCallState | None = None
-        self._io_started = False
 
     # -- the run ----------------------------------------------------------------------------
     def _init_bcs_bitmap(self) -> None:
@@ -116,25 +114,6 @@ class BackupJob(BlockJob):
         yield from self.wait_for_io()
         yield from self.pause_point()
         return 0
-
-    def wait_for_io(self) -> Co:
-        """The wait QEMU's coroutine had in the I/O done since the last yield point (see
-        emulator.block.waits): a request sent to a thread lets the command that entered the
-        job reply first; one that blkdebug failed first only yields to a bottom half. After
-        a thread wait the rest runs from the event loop, and later waits change nothing
-        until a command enters the job again (the note stays: zero_run may defer writes)."""
-        if self._io_started:
-            return
-        wait = waits.take()
-        if wait is None:
-            return
-        self._io_started = wait == waits.THREAD
-        yield from self.io_yield(bottom_half=wait == waits.BH)
-
-    def resumed_from_pause(self) -> None:
-        """Re-entered by job-resume (or a drain's end): its next I/O yields again, so that
-        the resuming command replies before the job goes on."""
-        self._io_started = False
 
     def _backup_loop(self) -> Co:
         """backup_loop: block-copy the whole disk; on failure act on the error policy."""

@@ -172,7 +172,7 @@ class BlockCopyState:
         self.skip_unallocated = False
         self.progress: ProgressMeter | None = None
         self.rate_limit = RateLimit()
-        # does the next wait of a request still matter (see BackupJob.wait_for_io)? Then
+        # does the next wait of a request still matter (see Job.wait_for_io)? Then
         # the fast paths must not move a request's wait past a yield point
         self.waits_matter: Callable[[], bool] = lambda: False
         self.set_copy_opts(False, False)

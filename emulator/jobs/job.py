@@ -121,6 +121,7 @@ class Job:
         self._timer: Any = None         # the sleep timer (job->sleep_timer)
         self._scheduled: Any = None     # the pending job_exit bottom half
         self._io_token: object | None = None
+        self._io_started = False   # a thread wait let the entering command reply
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id!r} {self.status}>"
@@ -155,7 +156,9 @@ class Job:
         pass
 
     def resumed_from_pause(self) -> None:
-        """The coroutine was re-entered after a pause (by a command)."""
+        """The coroutine was re-entered after a pause (job-resume, a drain's end): its next
+        wait lets the resuming command reply before the job goes on (wait_for_io)."""
+        self._io_started = False
 
     def driver_cancel(self, force: bool) -> bool:
         """.cancel: returns the effective force (no .cancel means force)."""
@@ -396,6 +399,20 @@ class Job:
         (self.manager.bh if bottom_half else self.manager.call_soon)(complete)
         yield from self.do_yield()
         self._io_token = None
+
+    def wait_for_io(self) -> Co:
+        """The wait QEMU's coroutine had in the I/O done since the last yield point (see
+        emulator.block.waits): a request sent to a thread lets the command that entered the
+        job reply first; one that blkdebug failed first only yields to a bottom half. After
+        a thread wait the rest runs from the event loop, and later waits change nothing
+        until a command enters the job again (the note stays: zero_run may defer writes)."""
+        if self._io_started:
+            return
+        wait = waits.take()
+        if wait is None:
+            return
+        self._io_started = wait == waits.THREAD
+        yield from self.io_yield(bottom_half=wait == waits.BH)
 
     def _exit(self) -> None:
         """job_exit (a bottom half)."""

@@ -153,15 +153,6 @@ class MirrorJob(MirrorOps):
         else:
             yield from self.pause_point()
 
-    def _status_wait(self, waited: bool) -> Generator[None, None, bool]:
-        """Where the block status just asked waited in QEMU (emulator.block.waits), until
-        a thread wait has let the command that started the job reply; True from then on."""
-        wait = waits.take()
-        if waited or wait is None:
-            return waited
-        yield from self.io_yield(bottom_half=wait == waits.BH)
-        return wait == waits.THREAD
-
     def _dirty_init(self) -> Generator[None, None, int]:
         """mirror_dirty_init: zero the target if needed, then mark what is allocated."""
         bs = self.source
@@ -185,7 +176,6 @@ class MirrorJob(MirrorOps):
                 offset += nbytes
             yield from self._wait_for_all_io()
             self.initial_zeroing_ongoing = False
-        waited = False
         offset = 0
         while offset < self.bdev_length:
             nbytes = min(self.bdev_length - offset, INT_MAX // self.granularity
@@ -198,11 +188,11 @@ class MirrorJob(MirrorOps):
                 allocated, count = bs.is_allocated_above(self.base_overlay, offset, nbytes,
                                                          include_base=True)
             except OSError as e:
-                yield from self._status_wait(waited)
+                yield from self.wait_for_io()
                 return neg_errno(e)
             # the first block status of a qcow2 node over a file reads refcounts (metadata
             # preallocation check): the scan's first wait lets the command reply
-            waited = (yield from self._status_wait(waited))
+            yield from self.wait_for_io()
             assert count
             if allocated:
                 self.bitmap.set_dirty(offset, count)
