@@ -7,7 +7,8 @@ drive-backup with its image creation, drive0 closed and reopened with qemu-img
 info/check/bitmap run on its image in between, and a qcow2 node over blkdebug with random
 inject-error and set-state rules that guest writes, flushes and backups run into, as 257
 does) drives both backends through the harness's Backend interface (qemu.qmp clients on
-both sides). Two inputs are left out
+both sides, the emulator's over its socket), and also compares how many events come before
+each reply. Two inputs are left out
 because they crash QEMU 7.2.22 with SIGSEGV (both found by this test; see
 docs/qemu-semantics.md §4): a merge with an empty source list, and a transaction that
 enables a bitmap that does not exist; what the emulator answers instead is pinned by
@@ -94,7 +95,8 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
         self.listing: list[dict[str, Any]] = []
         self.loop = asyncio.new_event_loop()
         self.dirs = [Path(tempfile.mkdtemp(prefix="qmpreplay-diff-")) for _ in range(2)]
-        self.backends: list[Backend] = [QemuBackend(self.dirs[0]), EmulatorBackend(self.dirs[1])]
+        self.backends: list[Backend] = [QemuBackend(self.dirs[0]),
+                                        EmulatorBackend(self.dirs[1], transport="socket")]
         # an example hypothesis gives up on mid-way (a shrink out of time) never reaches
         # teardown: its QEMU and directories go when the machine does, or at exit
         weakref.finalize(self, remove_leftovers, list(self.dirs), self.backends)
@@ -107,6 +109,7 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
                                      "write -P 0x22 1M 64k", "write -z 2M 64k",
                                      "write -P 0x33 3M 512"))
             self.run(backend.start(VmConfig()))
+        self.wire = [_count_wire(backend) for backend in self.backends]
         self.both("blockdev-add", {"driver": "qcow2", "node-name": "drive0",
                                    "file": {"driver": "file", "filename": "DIR/img"}})
         # a version 2 overlay of drive0: no zero flag, discards refused over a backing file
@@ -131,13 +134,20 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
 
     def both(self, command: str, arguments: dict[str, Any]) -> Any:
         """Send to both; the normalized replies must be equal; return QEMU's."""
-        replies = []
-        for backend, d in zip(self.backends, self.dirs, strict=True):
+        replies, before = [], []
+        for backend, d, wire in zip(self.backends, self.dirs, self.wire, strict=True):
             args = normalize_in(arguments, str(d))
+            sent = wire.events
             reply = self.run(backend.execute(command, args), f"{backend.name}: {command}")
             replies.append(self.hostless(normalize(reply, tuple(map(str, self.dirs)))))
+            before.append(wire.events_at_reply - sent)
         assert replies[0] == replies[1], f"{command} {arguments}: qemu {replies[0]} " \
                                          f"!= emulator {replies[1]}"
+        # What QEMU emits before a reply (synchronously, or in a bottom half the command
+        # scheduled) it always does; what follows a thread-pool wait may still beat the
+        # reply out, a race: so the emulator may put fewer events first, never more
+        assert before[1] <= before[0], f"{command} {arguments}: events before the reply: " \
+                                       f"qemu {before[0]} < emulator {before[1]}"
         return replies[0]
 
     def hostless(self, reply: Any) -> Any:
@@ -508,6 +518,31 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
     @invariant()
     def same_bitmap_listing(self) -> None:
         self.listing = self.both("query-named-block-nodes", {}).get("return", [])
+
+
+class _WireCount:
+    events = 0            # events received so far
+    events_at_reply = 0   # ... when the last reply came
+
+
+def _count_wire(backend: Backend) -> _WireCount:
+    """Count the events that reach the client before each reply: the order on the wire,
+    which qemu.qmp's inbound hook sees (as tests/emulator/qemu_runner.WireClient does)."""
+    count = _WireCount()
+    qmp = backend.qmp
+    assert qmp is not None
+    inbound = qmp._cb_inbound
+
+    def hook(msg: Any) -> Any:
+        msg = inbound(msg)
+        if "event" in msg:
+            count.events += 1
+        elif "return" in msg or "error" in msg:
+            count.events_at_reply = count.events
+        return msg
+
+    qmp._cb_inbound = hook  # type: ignore[method-assign]
+    return count
 
 
 def one_cluster(sector: int, length: int) -> bool:

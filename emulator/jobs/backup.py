@@ -93,7 +93,6 @@ class BackupJob(BlockJob):
                 try:
                     _, count = self.bcs.reset_unallocated(offset)
                 except OSError as e:
-                    yield from self.wait_for_io()
                     return -(e.errno or errno.EIO)
                 offset += max(count, self.bcs.cluster_size)
             self.bcs.skip_unallocated = False

@@ -237,9 +237,11 @@ class Job:
 
     # -- the coroutine ----------------------------------------------------------------------
     def _co_entry(self) -> Co:
-        """job_co_entry."""
+        """job_co_entry; the wait of the run's last requests comes before job_exit is
+        scheduled (a bottom half after a bottom-half wait runs after the reply)."""
         yield from self.pause_point()
         ret = yield from self.run()
+        yield from self.wait_for_io()
         return ret
 
     def _step(self) -> None:

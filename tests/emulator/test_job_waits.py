@@ -49,3 +49,28 @@ def test_a_read_blkdebug_fails_at_once_reports_before_the_reply(tmp_path: Path,
     kinds = [r[1] for r in second if r[1] in ("BLOCK_JOB_ERROR", command)
              or r[2] == {"status": "aborting", "id": "j"}]
     assert kinds == ["BLOCK_JOB_ERROR", command, "JOB_STATUS_CHANGE"]
+
+
+@requires_qemu
+@requires_qemu_img
+def test_a_cancelled_job_stopped_on_an_error_ends_after_the_reply(tmp_path: Path) -> None:
+    """job-cancel of a backup stopped on an error (on-source-error=stop): the job goes on
+    to its last block-copy call, whose first read blkdebug fails — a bottom-half wait, so
+    the job_exit it then schedules runs after job-cancel's reply (the emulator used to end
+    the job before it). Found by the differential test's check of the order on the wire."""
+    steps: list[tuple[Any, ...]] = [
+        ("cmd", "blockdev-add", {"driver": "null-co", "node-name": "null0", "size": 4 << 20}),
+        ("cmd", "blockdev-add", {"driver": "qcow2", "node-name": "dbg", "file": {
+            "driver": "blkdebug", "image": {"driver": "file", "filename": "@DIR@/faulty"},
+            "inject-error": [{"event": "read_aio", "errno": 5}]}}),
+        ("cmd", "blockdev-backup", {"job-id": "j", "device": "dbg", "target": "null0",
+                                    "sync": "full", "on-source-error": "stop"}),
+        ("wait", "BLOCK_JOB_ERROR", {"device": "j"}),
+        ("rest", "j"),
+        ("cmd", "job-cancel", {"id": "j"}),
+        ("rest", "j"),
+    ]
+    real, mine = run_both(tmp_path, steps, _setup)
+    assert mine == real
+    cancel = mine.index(("reply", "job-cancel", {"return": {}}))
+    assert ("event", "JOB_STATUS_CHANGE", {"status": "aborting", "id": "j"}) in mine[cancel:]
