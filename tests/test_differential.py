@@ -122,6 +122,7 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
         self.dbg_permanent = False
         self.backup_targets: set[str] = set()   # the images backups wrote to
         self.mirroring = False   # a background-mode mirror was started
+        self.f0 = False   # drive0's file is the node f0
 
     def run(self, coro: Any, what: str = "") -> Any:
         """A step on one side; a side that does not answer within REPLY_TIMEOUT fails the
@@ -274,19 +275,25 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
                   NAMES),
         st.builds(lambda name, source: ("bitmap", "--merge", source, "DIR/img", name),
                   NAMES, NAMES)), max_size=3),
-        read_only=OPT_BOOL)
-    def reopen(self, tools: list[tuple[str, ...]], read_only: bool | None) -> None:
+        read_only=OPT_BOOL, file_by_name=st.booleans())
+    def reopen(self, tools: list[tuple[str, ...]], read_only: bool | None,
+               file_by_name: bool) -> None:
         """Close drive0 (and v2 above it), work on its image offline, open it again: what a
         backup tool does between two incremental backups. Persistent bitmaps are stored at
         close and loaded at open; ``qemu-img bitmap``, ``info`` and ``check`` read and edit
-        them in between."""
-        for node in ("v2", "drive0"):
+        them in between. Its file node is defined inline or added first and named (a node
+        a reopen of drive0 leaves alone)."""
+        for node in ("v2", "drive0", "f0")[:3 if self.f0 else 2]:
             if "return" not in self.both("blockdev-del", {"node-name": node}):
                 return
+        self.f0 = False
         for argv in tools:
             self.both_tools(argv)
-        options: dict[str, Any] = {"driver": "qcow2", "node-name": "drive0",
-                                   "file": {"driver": "file", "filename": "DIR/img"}}
+        file: Any = {"driver": "file", "filename": "DIR/img"}
+        if file_by_name:
+            self.f0 = "return" in self.both("blockdev-add", {**file, "node-name": "f0"})
+            file = "f0"
+        options: dict[str, Any] = {"driver": "qcow2", "node-name": "drive0", "file": file}
         if read_only is not None:
             options["read-only"] = read_only
         self.both("blockdev-add", options)
