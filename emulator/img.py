@@ -85,7 +85,6 @@ class Image:
         self.path = path
         self.backing: Image | None = None
         self.qcow2: Qcow2Image | None = None
-        self._preallocated: bool | None = None
         try:
             self.io = FileIO(path, read_only=not writable)
         except OSError as exc:
@@ -186,10 +185,12 @@ class Image:
         zero only where nothing below could supply data."""
         if self.qcow2 is None:
             return self._raw_status(offset, length)
+        preallocated = self.qcow2.metadata_preallocated()
         status, nbytes, host = self.qcow2.map_extent(offset, length)
         if status is Status.DATA:
-            if host is not None and self._metadata_preallocated():
-                return self._recurse(nbytes, host)
+            if preallocated and host is not None:   # BDRV_BLOCK_RECURSE: the file decides
+                file = self._raw_status(host, nbytes)
+                return Extent(file.length, True, file.zero, True, 0, host)
             return Extent(nbytes, True, False, True, 0, host)
         if status is Status.ZERO:
             return Extent(nbytes, False, True, True, 0, host)
@@ -197,40 +198,16 @@ class Image:
         zero = below is None or offset >= below.size
         return Extent(nbytes, False, zero, False, 0, None)
 
-    def _metadata_preallocated(self) -> bool:
-        """qcow2_detect_metadata_preallocation, asked once per image (its errors: no)."""
-        if self._preallocated is None:
-            assert self.qcow2 is not None
-            try:
-                self._preallocated = bool(self.qcow2.refcounts.metadata_preallocated(
-                    self.io.length(), self.io.allocated_size()))
-            except (OSError, Qcow2Error):
-                self._preallocated = False
-        return self._preallocated
-
-    def _recurse(self, length: int, host: int) -> Extent:
-        """BDRV_BLOCK_RECURSE (bdrv_co_block_status): a metadata-preallocated cluster's
-        data is where the file has data; its holes, and what lies past its end, read as
-        zeroes."""
-        fd, end = self.io.fileno(), self.io.length()
-        if host >= end:
-            return Extent(length, True, True, True, 0, host)
-        try:
-            data = os.lseek(fd, host, os.SEEK_DATA)
-        except OSError:   # ENXIO: only a hole up to the end
-            data = end
-        if data > host:
-            return Extent(min(length, data - host), True, True, True, 0, host)
-        hole = os.lseek(fd, host, os.SEEK_HOLE)
-        return Extent(min(length, hole - host), True, False, True, 0, host)
-
     def _raw_status(self, offset: int, length: int) -> Extent:
-        """file-posix's SEEK_DATA/SEEK_HOLE: holes read as zeroes; everything is present."""
-        fd = self.io._fd
+        """file-posix's SEEK_DATA/SEEK_HOLE: holes, and what lies past the end of the file,
+        read as zeroes; everything is present."""
+        fd, end = self.io.fileno(), self.io.length()
+        if offset >= end:
+            return Extent(length, False, True, True, 0, offset)
         try:
             data = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:
-            data = self.size
+        except OSError:   # ENXIO: a hole up to the end
+            data = end
         if data > offset:
             return Extent(min(length, data - offset), False, True, True, 0, offset)
         hole = os.lseek(fd, offset, os.SEEK_HOLE)

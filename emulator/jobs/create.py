@@ -99,6 +99,9 @@ class _BackendIO:
     def length(self) -> int:
         return self.bs.drv_getlength()
 
+    def allocated_size(self) -> int | None:
+        return self.bs.get_allocated_file_size()
+
     def truncate(self, length: int) -> None:
         self.bs.drv_truncate(length)
 

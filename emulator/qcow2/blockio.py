@@ -76,6 +76,9 @@ class BlockIO(Protocol):
 
     def length(self) -> int: ...
 
+    def allocated_size(self) -> int | None:
+        """bdrv_get_allocated_file_size: bytes the host really uses (None: not known)."""
+
     def truncate(self, length: int) -> None: ...
 
     def flush(self) -> None: ...

@@ -244,6 +244,7 @@ class Qcow2Image:
         self.cluster_size = header.cluster_size   # fixed for the life of the image
         self.refcounts = Refcounts(io, header, start.reftable)
         self.tables = ClusterTables(io, header, self.refcounts, start.l1)
+        self._metadata_preallocated: bool | None = None   # not checked yet
         # s->use_lazy_refcounts: the image's feature bit, unless a node option says otherwise
         self.use_lazy_refcounts = bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
         # set by a block node over this image; without one (an image opened on its own,
@@ -437,6 +438,19 @@ class Qcow2Image:
         """The status at `offset` and how far (at most `length`) it extends unchanged."""
         status, nbytes, _ = self.map_extent(offset, length)
         return status, nbytes
+
+    def metadata_preallocated(self) -> bool:
+        """qcow2_detect_metadata_preallocation, at the first block status of the image
+        (s->metadata_preallocation_checked): its refcount reads go through the cache, the
+        file child's rules and the thread pool; an error only makes the answer "no"."""
+        if self._metadata_preallocated is None:
+            allocated = self.io.allocated_size()
+            try:
+                self._metadata_preallocated = allocated is not None and \
+                    self.refcounts.metadata_preallocated(self.io.length(), allocated)
+            except (OSError, Qcow2Error):
+                self._metadata_preallocated = False
+        return self._metadata_preallocated
 
     def map_extent(self, offset: int, length: int) -> tuple[Status, int, int | None]:
         """Like `block_status`, plus the host offset for DATA and preallocated ZERO extents

@@ -83,6 +83,10 @@ class ChildIO:
         assert self.child.bs is not None
         return self.child.bs.drv_getlength()
 
+    def allocated_size(self) -> int | None:
+        assert self.child.bs is not None
+        return self.child.bs.get_allocated_file_size()
+
     def truncate(self, length: int) -> None:
         assert self.child.bs is not None
         self.child.bs.drv_truncate(length)
@@ -105,7 +109,6 @@ class Qcow2Node(BlockDriverState):
     strong_runtime_opts: ClassVar[tuple[str, ...]] = ("encrypt.key-secret",)
 
     image: Any = None
-    metadata_preallocation: bool | None = None   # None: not checked yet
 
     def drv_open(self, options: dict[str, Any], open_child: Any) -> None:
         from emulator.qcow2 import Qcow2Image
@@ -190,20 +193,6 @@ class Qcow2Node(BlockDriverState):
     def drv_pwritev(self, offset: int, data: bytes, flags: int) -> None:
         self.image.write(offset, data, self._backing_reader())
 
-    def _detect_metadata_preallocation(self) -> bool:
-        """qcow2_detect_metadata_preallocation, at a node's first block status. Its refcount
-        reads go through the cache, the file child's rules and the thread pool (what a
-        job's first block status waits for); an error only makes the answer "no"."""
-        assert self.file is not None and self.file.bs is not None
-        allocated = self.file.bs.get_allocated_file_size()
-        if allocated is None:
-            return False
-        try:
-            return bool(self.image.refcounts.metadata_preallocated(self.file.bs.getlength(),
-                                                                   allocated))
-        except (OSError, Qcow2Error):
-            return False
-
     def _zero_status(self, offset: int, length: int, fast: bool) -> bool:
         """qcow2's is_zero (clamped to the image, a loop over extents) and is_zero_cow's
         bdrv_co_is_zero_fast (one extent, no want_zero), on this node and its chain."""
@@ -232,8 +221,7 @@ class Qcow2Node(BlockDriverState):
         self.image.flush()
 
     def drv_block_status(self, want_zero: bool, offset: int, length: int) -> BlockStatus:
-        if self.metadata_preallocation is None:
-            self.metadata_preallocation = self._detect_metadata_preallocation()
+        preallocated = self.image.metadata_preallocated()
         status, pnum, host = self.image.map_extent(offset, length)
         file_bs = self.file.bs if self.file is not None else None
         if status == Status.DATA:
@@ -241,7 +229,7 @@ class Qcow2Node(BlockDriverState):
             # to the wrong place and split data runs: mirror chunks); the file's status too
             # only where metadata preallocation may have left allocated clusters unwritten
             flags = BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID
-            if self.metadata_preallocation:
+            if preallocated:
                 flags |= BDRV_BLOCK_RECURSE
             return flags, pnum, host if host is not None else offset, file_bs
         if status == Status.ZERO:
