@@ -18,6 +18,7 @@ from emulator.block import locking
 from emulator.block import perm as P
 from emulator.block.drivers import BACKING_CREATORS, IMAGE_CREATORS, QEMU_DRIVERS
 from emulator.block.errors import GenericError
+from emulator.qcow2.blockio import TruncateError, regular_truncate
 
 EMULATED = ("qcow2", "raw", "file")
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
@@ -88,7 +89,8 @@ def write(path: str | os.PathLike[str], filename: str, fmt: str, size: int,
                           backing_file=opts.get("backing-file"),
                           backing_format=opts.get("backing-fmt"),
                           lazy_refcounts=bool(opts.get("lazy-refcounts", False)),
-                          refcount_bits=refcount_bits, version=version)
+                          refcount_bits=refcount_bits, version=version,
+                          preallocation=opts.get("preallocation", "off"))
         if "encrypt" in opts:
             raise encryption_error(opts["encrypt"])
     except (Qcow2Error, GenericError) as e:
@@ -117,11 +119,11 @@ def raw_co_create(path: str | os.PathLike[str], filename: str, size: int, preall
         except GenericError as e:
             raise CreateError(e.desc, errno.EAGAIN, hint=e.hint) from None
         yield
-        try:
-            os.ftruncate(fd, 0)
-        except OSError as e:
-            raise oserror("Could not resize file", e) from None
-        file_truncate(fd, size, prealloc)
+        try:   # "Clear the file by truncating it to 0", then the size asked for
+            regular_truncate(fd, 0)
+            regular_truncate(fd, size, prealloc)
+        except TruncateError as e:
+            raise CreateError(e.message, e.code) from None
     finally:
         os.close(fd)
 
@@ -132,34 +134,6 @@ def oserror(prefix: str, e: OSError) -> CreateError:
     return CreateError(f"{prefix}: {os.strerror(code)}", code)
 
 
-def file_truncate(fd: int, size: int, prealloc: str) -> None:
-    """raw_regular_truncate of a file just emptied (handle_aiocb_truncate from length 0):
-    the new size, preallocated as asked; off and falloc allocate the first block, to make
-    the next open's alignment probe cheap (allocate_first_block)."""
-    try:
-        if prealloc == "full":
-            os.ftruncate(fd, size)
-            for offset in range(0, size, 65536):
-                os.pwrite(fd, bytes(min(65536, size - offset)), offset)
-            os.fsync(fd)
-        elif prealloc == "falloc":
-            if size:
-                os.posix_fallocate(fd, 0, size)
-                _allocate_first_block(fd, size)
-        elif prealloc == "off":
-            os.ftruncate(fd, size)
-            if size:
-                _allocate_first_block(fd, size)
-        else:
-            raise CreateError(f"Unsupported preallocation mode: {prealloc}", errno.ENOTSUP)
-    except OSError as e:
-        raise oserror("Could not resize file", e) from None
-
-
-def _allocate_first_block(fd: int, size: int) -> None:
-    os.pwrite(fd, bytes(512 if size < 4096 else 4096), 0)
-
-
 class CreateError(GenericError):
     def __init__(self, desc: str, err: int = errno.EINVAL, *, hint: str = "") -> None:
         super().__init__(desc, hint=hint)
@@ -168,8 +142,8 @@ class CreateError(GenericError):
 
 def qcow2_create_checks(opts: dict[str, Any]) -> tuple[int, int, int]:
     """qcow2_co_create's option checks, in QEMU's order: (cluster size, refcount bits,
-    version). Options the emulator cannot write (extended L2 entries, preallocation, an
-    external data file, zstd) pass QEMU's checks first, then are refused."""
+    version). Options the emulator cannot write (extended L2 entries, an external data
+    file, zstd) pass QEMU's checks first, then are refused."""
     if opts["size"] % 512:
         raise CreateError("Image size must be a multiple of 512 bytes")
     version = 2 if opts.get("version") == "v2" else 3
@@ -208,7 +182,7 @@ def qcow2_create_checks(opts: dict[str, Any]) -> tuple[int, int, int]:
     compression = opts.get("compression-type", "zlib")
     if compression != "zlib" and version < 3:
         raise CreateError(f"Non-zlib compression type is only supported with {v3_needed}")
-    if extended_l2 or prealloc != "off" or "data-file" in opts or compression != "zlib":
+    if extended_l2 or "data-file" in opts or compression != "zlib":
         raise CreateError("This qcow2 creation option is not supported by the emulator",
                           errno.ENOTSUP)
     return cluster_size, refcount_bits, version

@@ -102,8 +102,8 @@ class _BackendIO:
     def allocated_size(self) -> int | None:
         return self.bs.get_allocated_file_size()
 
-    def truncate(self, length: int) -> None:
-        self.bs.drv_truncate(length)
+    def truncate(self, length: int, prealloc: str = "off") -> None:
+        self.bs.drv_truncate(length, prealloc)
 
     def flush(self) -> None:
         self.blk.flush()
@@ -137,7 +137,8 @@ def qcow2_creator(layer: Any, opts: dict[str, Any]) -> Generator[None, None, Non
                               backing_file=opts.get("backing-file"),
                               backing_format=opts.get("backing-fmt"),
                               lazy_refcounts=bool(opts.get("lazy-refcounts", False)),
-                              refcount_bits=refcount_bits, version=version)
+                              refcount_bits=refcount_bits, version=version,
+                              preallocation=opts.get("preallocation", "off"))
             blk.flush()
             if "encrypt" in opts:
                 raise encryption_error(opts["encrypt"])

@@ -59,6 +59,64 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     return True
 
 
+class TruncateError(OSError):
+    """raw_regular_truncate's failure: ``message`` is QEMU's whole text, ``code`` its errno."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code, self.message = code, message
+
+
+def regular_truncate(fd: int, offset: int, prealloc: str = "off") -> None:
+    """handle_aiocb_truncate: resize a host file to ``offset``, preallocating what is added
+    as ``prealloc`` says (falloc: posix_fallocate; full: zeroes written, then fsync). A
+    file grown from nothing gets its first block written (allocate_first_block, which makes
+    the next open's alignment probe cheap)."""
+    current = os.fstat(fd).st_size
+
+    def fail(text: str, err: int) -> TruncateError:
+        return TruncateError(err, f"{text}: {os.strerror(err)}")
+
+    if current > offset and prealloc != "off":
+        raise TruncateError(errno.ENOTSUP, "Cannot use preallocation for shrinking files")
+    try:
+        if prealloc == "falloc":
+            if offset != current:
+                try:
+                    os.posix_fallocate(fd, current, offset - current)
+                except OSError as e:
+                    raise fail("Could not preallocate new data", e.errno or errno.EIO) from None
+                if current == 0:
+                    _allocate_first_block(fd, offset)
+        elif prealloc == "full":
+            os.ftruncate(fd, offset)
+            zeroes = bytes(65536)
+            step = "Could not write zeros for preallocation"
+            try:
+                for start in range(current, offset, 65536):
+                    os.pwrite(fd, zeroes[:min(65536, offset - start)], start)
+                step = "Could not flush file to disk"
+                os.fsync(fd)
+            except OSError as e:
+                raise fail(step, e.errno or errno.EIO) from None
+        elif prealloc == "off":
+            os.ftruncate(fd, offset)
+            if current == 0 and offset > 0:
+                _allocate_first_block(fd, offset)
+        else:
+            raise TruncateError(errno.ENOTSUP, f"Unsupported preallocation mode: {prealloc}")
+    except TruncateError:
+        raise
+    except OSError as e:
+        raise fail("Could not resize file", e.errno or errno.EIO) from None
+
+
+def _allocate_first_block(fd: int, size: int) -> None:
+    """allocate_first_block: failures ignored."""
+    with contextlib.suppress(OSError):
+        os.pwrite(fd, bytes(512 if size < 4096 else 4096), 0)
+
+
 class BlockIO(Protocol):
     """A byte-addressed file child. Reads past the end return zeroes (like a sparse file);
     failures are `OSError` with an errno, as blkdebug raises them."""
@@ -79,7 +137,9 @@ class BlockIO(Protocol):
     def allocated_size(self) -> int | None:
         """bdrv_get_allocated_file_size: bytes the host really uses (None: not known)."""
 
-    def truncate(self, length: int) -> None: ...
+    def truncate(self, length: int, prealloc: str = "off") -> None:
+        """bdrv_co_truncate on the file (``prealloc``: a PreallocMode, lower case); raises
+        TruncateError with QEMU's message."""
 
     def flush(self) -> None: ...
 
@@ -135,8 +195,8 @@ class FileIO:
     def length(self) -> int:
         return os.fstat(self._fd).st_size
 
-    def truncate(self, length: int) -> None:
-        os.ftruncate(self._fd, length)
+    def truncate(self, length: int, prealloc: str = "off") -> None:
+        regular_truncate(self._fd, length, prealloc)
 
     def flush(self) -> None:
         """Nothing to do: writes are visible to every process at once, and durability across

@@ -20,12 +20,19 @@ import os
 import struct
 import zlib
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from emulator.qcow2 import bitmaps as bm
-from emulator.qcow2.blockio import BlockIO, Report, error_report, fprintf_stderr, warn_report
+from emulator.qcow2.blockio import (
+    BlockIO,
+    Report,
+    TruncateError,
+    error_report,
+    fprintf_stderr,
+    warn_report,
+)
 from emulator.qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckResult, check_refcounts
 from emulator.qcow2.errors import Qcow2Error
 from emulator.qcow2.header import (
@@ -59,6 +66,7 @@ from emulator.qcow2.tables import (
 
 # block.h: INT64_MAX aligned down to BDRV_MAX_ALIGNMENT (1 GiB), the longest image a
 # truncate accepts; qcow2.h: the largest L1 table, in bytes
+INT_MAX = 2**31 - 1
 BDRV_MAX_LENGTH = (2**63 - 1) // (1 << 30) * (1 << 30)
 QCOW_MAX_L1_SIZE = 1 << 25
 
@@ -257,11 +265,12 @@ class Qcow2Image:
     def create(cls, io: BlockIO, size: int, *, cluster_size: int = 65536,
                backing_file: str | None = None, backing_format: str | None = None,
                lazy_refcounts: bool = False, refcount_bits: int = 16,
-               version: int = 3) -> None:
+               version: int = 3, preallocation: str = "off") -> None:
         """qcow2_co_create on an empty file: the same steps, so the same bytes, as
         ``qemu-img create -f qcow2``: header cluster, refcount table and block, the first
-        clusters referenced, the full header, the L1 table sized for `size`, then the
-        backing file in the header; the caches are written back as the creator closes."""
+        clusters referenced, the full header, the L1 table sized for `size` and the
+        `preallocation` asked for (qcow2_co_truncate from 0), then the backing file in the
+        header; the caches are written back as the creator closes."""
         if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
             raise Qcow2Error("Cluster size must be a power of two between 512 and 2048k")
         if refcount_bits & (refcount_bits - 1) or not 1 <= refcount_bits <= 64:
@@ -284,6 +293,9 @@ class Qcow2Image:
         image._write_header()
         try:
             image._grow_l1(size)
+            image._preallocate(size, preallocation)
+            image.io.pwrite(OFFSET_SIZE, struct.pack(">Q", size))   # once all went well
+            header.size = size
             if backing_file is not None:   # bdrv_change_backing_file, once it has its size
                 if len(backing_file.encode()) > 1023:   # qcow2_change_backing_file: -EINVAL
                     raise Qcow2Error(f"Could not assign backing file '{backing_file}' with "
@@ -349,8 +361,8 @@ class Qcow2Image:
             raise Qcow2Error(f"Could not repair dirty image: {os.strerror(code)}")
 
     def _grow_l1(self, size: int) -> None:
-        """qcow2_co_truncate on a new image: an L1 table of exactly the needed size (the
-        size is QAPI's uint64, which blk_truncate takes as an int64)."""
+        """qcow2_co_truncate on a new image, first step: an L1 table of exactly the needed
+        size (the size is QAPI's uint64, which blk_truncate takes as an int64)."""
         offset = size - (1 << 64) if size >= 1 << 63 else size
         if offset < 0:   # bdrv_co_truncate
             raise Qcow2Error("Could not resize image: Image size cannot be negative")
@@ -371,10 +383,85 @@ class Qcow2Image:
             self.io.pwrite(l1_offset, bytes(8 * l1_size))
         self.io.debug_event("l1_grow_activate_table")
         self.io.pwrite(OFFSET_L1, struct.pack(">IQ", l1_size, l1_offset))
-        self.io.pwrite(OFFSET_SIZE, struct.pack(">Q", size))
         self.header.l1_size, self.header.l1_table_offset = l1_size, l1_offset
-        self.header.size = size
         self.tables.l1 = [0] * l1_size
+
+    def _preallocate(self, size: int, mode: str) -> None:
+        """qcow2_co_truncate's preallocation of a new image's `size` bytes: metadata (L2
+        tables and referenced, unwritten clusters) or the data too (falloc, full); then
+        qcow2_write_caches. Errors as qcow2_co_create reports them."""
+        if mode == "off":
+            return
+        try:
+            if mode == "metadata":
+                self._preallocate_metadata(size)
+            else:
+                self._preallocate_data(size, mode)
+            with _step("Failed to flush the preallocated area to disk"):
+                self.flush()
+        except TruncateError as e:
+            raise Qcow2Error(f"Could not resize image: {e.message}", e.code) from None
+        except Qcow2Error as e:
+            raise Qcow2Error(f"Could not resize image: {e}", e.errno) from None
+
+    def _preallocate_metadata(self, size: int) -> None:
+        """preallocate_co: cluster allocations as a write would make them, in chunks of at
+        most INT_MAX bytes, linked without data (m->prealloc), the tail of a last partial
+        cluster copied on write as zeroes; then the file grown to the last allocation."""
+        offset = end = 0
+        chunk = (INT_MAX >> self.header.cluster_bits) << self.header.cluster_bits
+        while offset < size:
+            with _step("Allocating clusters failed"):
+                host, covered, allocations = self._alloc_host_offset(
+                    offset, min(size - offset, chunk))
+            with _step("Mapping clusters failed"):
+                for alloc in allocations:   # qcow2_handle_l2meta: perform_cow, link_l2
+                    for start, stop in alloc.cow_regions():
+                        contents = self._cow_read(alloc.guest + start, stop - start, None)
+                        self.io.debug_event("cow_write")
+                        self.io.pwrite(alloc.host + start, contents)
+                        alloc.cow_done = True
+                    self._link_l2(alloc)
+            offset += covered
+            end = host + covered
+        if end > self.io.length():   # metadata preallocation is an "off" truncate below
+            self.io.truncate(end)
+
+    def _preallocate_data(self, size: int, mode: str) -> None:
+        """qcow2_co_truncate's falloc and full modes: self-describing refcount structures
+        for all the data clusters (and their L2 tables) after the last used cluster, the
+        data clusters right after them, the file grown over those as `mode` says, then L2
+        entries pointing at them one L2 table at a time."""
+        cluster_size = self.cluster_size
+        file_size = self.io.length()
+        last = self.refcounts.last_cluster(file_size)
+        file_size = ((last + 1) * cluster_size if last >= 0
+                     else -(-file_size // cluster_size) * cluster_size)
+        nb_data = -(-size // cluster_size)
+        nb_l2 = -(-nb_data // self.tables.l2_entries) + 1
+        with _step("Failed to resize refcount structures"):
+            start = self.refcounts.refcount_area(file_size, nb_data + nb_l2, exact=True)
+        with _step("Failed to allocate data clusters"):
+            self.refcounts.alloc_at(start, nb_data)
+        try:
+            self.io.truncate(start + nb_data * cluster_size, mode)
+        except TruncateError as e:
+            self.refcounts.free(start, nb_data * cluster_size, "other")
+            raise Qcow2Error(f"Failed to resize underlying file: {e.message}", e.code) \
+                from None
+        host, guest = start, 0
+        while nb_data:
+            l1_index, l2_index = self.tables.split(guest)
+            count = min(nb_data, self.tables.l2_entries - l2_index)
+            with _step("Failed to update L2 tables"):
+                l2_offset, _ = self.tables.table_for_write(l1_index)
+                self._link_l2(_Allocation(
+                    guest=guest, host=host, nb_clusters=count, head_from=0, data_start=0,
+                    data_end=count * cluster_size, tail_to=count * cluster_size,
+                    keep_old=True, l2_offset=l2_offset, l2_index=l2_index))
+            guest += count * cluster_size
+            host += count * cluster_size
+            nb_data -= count
 
     def _write_header(self) -> None:
         """qcow2_update_header: rewrite cluster 0 from the in-memory header."""
@@ -730,7 +817,7 @@ class Qcow2Image:
             return b""
         self.io.debug_event("cow_read")
         inside = max(0, min(length, self.size - guest))
-        return _exactly(self.read(guest, inside, backing), length)
+        return _exactly(self.read(guest, inside, backing) if inside else b"", length)
 
     def _link_l2(self, alloc: _Allocation) -> None:
         """qcow2_alloc_cluster_link_l2: point the L2 entries at the new clusters, then drop
@@ -1065,6 +1152,19 @@ class Qcow2Image:
         if self.read_only:
             raise OSError(1, "Operation not permitted")
         self._check_range(offset, length)
+
+
+@contextlib.contextmanager
+def _step(text: str) -> Iterator[None]:
+    """A step whose I/O error QEMU reports as "<text>: <strerror>" (a resize of the file
+    reports its own message)."""
+    try:
+        yield
+    except TruncateError:
+        raise
+    except OSError as e:
+        code = e.errno or errno.EIO
+        raise Qcow2Error(f"{text}: {os.strerror(code)}", code) from None
 
 
 @functools.cache

@@ -194,6 +194,14 @@ class Refcounts:
             count += bool(self.get(i))
         return count >= threshold
 
+    def last_cluster(self, size: int) -> int:
+        """qcow2_get_last_cluster: the last cluster of a file of `size` bytes that has a
+        refcount (-1 if none has: QEMU then marks the image corrupt)."""
+        for index in range(-(-size >> self.cluster_bits) - 1, -1, -1):
+            if self.get(index):
+                return index
+        return -1
+
     # -- allocation --------------------------------------------------------------------------
     def alloc(self, size: int) -> int:
         """qcow2_alloc_clusters: the host offset of `size` bytes of fresh, referenced clusters."""
@@ -378,25 +386,30 @@ class Refcounts:
             raise Again
         self.io.debug_event("reftable_grow")
         blocks_used = -(-max(cluster + 1, new_index + 1) // self.block_entries)
-        self._refcount_area(blocks_used * self.block_entries << self.cluster_bits,
-                            table_index, new_block)
+        self.refcount_area(blocks_used * self.block_entries << self.cluster_bits,
+                           new_index=table_index, new_block=new_block)
         self.block(new_block)   # load_refcount_block: the caller would have held it
         raise Again
 
-    def _refcount_area(self, start_offset: int, new_index: int, new_block: int) -> None:
+    def refcount_area(self, start_offset: int, additional_clusters: int = 0, *,
+                      exact: bool = False, new_index: int = 0, new_block: int = 0) -> int:
         """qcow2_refcount_area: at `start_offset` (free space up to the end of the image) write
-        the refcount blocks still missing and a bigger refcount table, all describing
-        themselves, then switch the header to the new table and free the old one."""
+        the refcount blocks still missing and a new refcount table, all describing
+        themselves, covering the image and `additional_clusters` more (with room to grow
+        unless `exact`); then switch the header to the new table and free the old one.
+        Returns the end of the area, where free space starts."""
         total_blocks, _ = refcount_metadata_size(
-            start_offset >> self.cluster_bits, self.cluster_size, self.order, True)
+            (start_offset >> self.cluster_bits) + additional_clusters, self.cluster_size,
+            self.order, not exact)
         area_index = (start_offset >> self.cluster_bits) // self.block_entries
         per_cluster = self.cluster_size // 8
-        table_size = total_blocks + -(-total_blocks // 2)
+        table_size = total_blocks if exact else total_blocks + -(-total_blocks // 2)
         table_size = -(-table_size // per_cluster) * per_cluster
         table_clusters = table_size // per_cluster
         new_table = array("Q", self.table[:table_size])
         new_table.frombytes(bytes(8 * (table_size - len(new_table))))
-        new_table[new_index] = new_block
+        if new_block:
+            new_table[new_index] = new_block
         missing = sum(1 for i in range(area_index, total_blocks) if not new_table[i])
         table_offset = start_offset + missing * self.cluster_size
         end_offset = table_offset + table_clusters * self.cluster_size
@@ -430,3 +443,4 @@ class Refcounts:
         self.header.refcount_table_offset = table_offset
         self.header.refcount_table_clusters = table_clusters
         self.free(old_offset, old_clusters * self.cluster_size, "other")
+        return end_offset

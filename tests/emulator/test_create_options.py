@@ -3,8 +3,8 @@
 Each set of options passes the schema (the spoiled ones are test_qmp_arguments.py's); the job
 then fails or succeeds in qcow2_co_create. For each, the job's outcome (query-jobs: its error
 text) and the bytes of the image file it leaves must be QEMU's — but where the emulator says
-an option is not emulated (version 2, extended L2 entries, preallocation, external data
-files, zstd). Each create has an empty file of its own.
+an option is not emulated (extended L2 entries, external data files, zstd). Each create
+has an empty file of its own.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ COMBINATIONS: list[dict[str, Any]] = [
     {"backing-file": "b", "data-file-raw": True}, {"version": "v2", "data-file": "f"},
     {"backing-file": "a" * 1024, "backing-fmt": "qcow2"},
     {"encrypt": {"format": "luks"}, "backing-file": "b"},
+    {"preallocation": "metadata", "size": 1048064},
+    {"preallocation": "metadata", "cluster-size": 512, "size": 20 << 20},
+    {"preallocation": "falloc", "cluster-size": 512, "size": 20 << 20},
+    {"preallocation": "full", "size": 1048064, "refcount-bits": 1},
+    {"preallocation": "metadata", "lazy-refcounts": True, "size": 3 << 20},
 ]
 
 
@@ -109,3 +114,38 @@ def test_qcow2_create_options_like_qemu(tmp_path: Path) -> None:
                           f"{ours.get('error', 'ok')}, same file: {files[0][i] == files[1][i]}")
     assert not_emulated < len(sets) // 4
     assert not differ, "\n".join(differ)
+
+
+def test_preallocation_through_a_filter_like_qemu(tmp_path: Path) -> None:
+    """qcow2_co_create's preallocation resizes its file through whatever node it is given:
+    a filter (blkdebug) passes the truncate to the file below (bdrv_co_truncate), with the
+    preallocation mode, and blkdebug sees the same requests."""
+    modes = ["metadata", "falloc", "full"]
+    digests: dict[Path, list[str]] = {}
+
+    def digest(name: str, d: Path) -> None:
+        digests.setdefault(d, []).append(hashlib.sha256((d / name).read_bytes()).hexdigest())
+
+    def setup(d: Path) -> None:
+        for i in range(len(modes)):
+            (d / f"f{i}").write_bytes(b"")
+
+    steps: list[tuple[Any, ...]] = []
+    for i, mode in enumerate(modes):
+        steps += [("cmd", "blockdev-add", {
+                      "driver": "blkdebug", "node-name": f"d{i}",
+                      "image": {"driver": "file", "filename": f"@DIR@/f{i}"},
+                      "inject-error": [{"event": "cow_write", "immediately": True}]}),
+                  ("cmd", "blockdev-create", {"job-id": f"j{i}", "options": {
+                      "driver": "qcow2", "file": f"d{i}", "size": (3 << 20) - 512,
+                      "preallocation": mode}}),
+                  ("rest", f"j{i}"), ("cmd", "query-jobs", {}),
+                  ("img", functools.partial(digest, f"f{i}")),
+                  ("cmd", "job-dismiss", {"id": f"j{i}"}),
+                  ("cmd", "blockdev-del", {"node-name": f"d{i}"})]
+    qemu, emu = run_both(tmp_path, steps, setup)
+    outcomes = [[r[2]["return"][0] for r in records if r[:2] == ("reply", "query-jobs")]
+                for records in (qemu, emu)]
+    assert outcomes[1] == outcomes[0]
+    assert "error" in outcomes[0][0] and "error" not in outcomes[0][1]   # cow_write failed
+    assert digests[tmp_path / "emu"] == digests[tmp_path / "qemu"]

@@ -126,6 +126,21 @@ CASES = [
     ('-f', 'qcow2', '-o', 'encryption=yes', 'x', '1M'),
     ('-f', 'qcow2', '-o', 'encryption=off,encrypt.format=luks', 'x', '1M'),
     ('-f', 'qcow2', '-o', 'encryption=on,encrypt.key-secret=s', 'x', '1M'),
+    # qcow2 preallocation: a truncate from 0 (preallocate_co; qcow2_refcount_area then the
+    # data clusters); small clusters make many L2 tables and refcount blocks
+    ('-f', 'qcow2', '-o', 'preallocation=metadata', 'x', '0'),
+    ('-f', 'qcow2', '-o', 'preallocation=metadata', 'x', '1048064'),
+    ('-f', 'qcow2', '-o', 'preallocation=metadata', 'x', '3G'),
+    ('-f', 'qcow2', '-o', 'cluster_size=512,preallocation=metadata', 'x', '40M'),
+    ('-f', 'qcow2', '-o', 'refcount_bits=1,cluster_size=512,preallocation=metadata', 'x', '5M'),
+    ('-f', 'qcow2', '-o', 'lazy_refcounts=on,preallocation=metadata', 'x', '3M'),
+    ('-f', 'qcow2', '-o', 'preallocation=falloc', 'x', '0'),
+    ('-f', 'qcow2', '-o', 'preallocation=falloc', 'x', '1048064'),
+    ('-f', 'qcow2', '-o', 'cluster_size=512,preallocation=falloc', 'x', '40M'),
+    ('-f', 'qcow2', '-o', 'refcount_bits=64,cluster_size=1024,preallocation=falloc', 'x', '7M'),
+    ('-f', 'qcow2', '-o', 'preallocation=full', 'x', '1048064'),
+    ('-f', 'qcow2', '-o', 'cluster_size=512,compat=0.10,preallocation=full', 'x', '3M'),
+    ('-f', 'qcow2', '-o', 'preallocation=metadata', '-b', 'base', '-F', 'qcow2', 'x'),
 ]
 
 

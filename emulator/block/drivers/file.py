@@ -31,6 +31,7 @@ from emulator.qcow2.blockio import (
     FALLOC_FL_ZERO_RANGE,
     fallocate,
     punch_hole,
+    regular_truncate,
 )
 
 if TYPE_CHECKING:
@@ -158,9 +159,10 @@ class FileNode(BlockDriverState):
             raise OSError(-ret, os.strerror(-ret))
         self.file_length = max(self.file_length, end)
 
-    def drv_truncate(self, length: int) -> None:
+    def drv_truncate(self, length: int, prealloc: str = "off") -> None:
+        """raw_co_truncate of a regular file: raw_regular_truncate (TruncateError)."""
         waits.note(waits.THREAD)
-        os.ftruncate(self.fd, length)
+        regular_truncate(self.fd, length, prealloc)
         self.file_length = length
 
     def drv_pdiscard(self, offset: int, length: int) -> None:

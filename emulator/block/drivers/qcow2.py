@@ -87,9 +87,9 @@ class ChildIO:
         assert self.child.bs is not None
         return self.child.bs.get_allocated_file_size()
 
-    def truncate(self, length: int) -> None:
+    def truncate(self, length: int, prealloc: str = "off") -> None:
         assert self.child.bs is not None
-        self.child.bs.drv_truncate(length)
+        self.child.bs.drv_truncate(length, prealloc)
 
     def flush(self) -> None:
         self.child.flush()

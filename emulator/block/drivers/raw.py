@@ -115,6 +115,6 @@ class RawNode(BlockDriverState):
         assert self.file is not None and self.file.bs is not None
         return self.file.bs.get_info()
 
-    def drv_truncate(self, length: int) -> None:
+    def drv_truncate(self, length: int, prealloc: str = "off") -> None:
         assert self.file is not None and self.file.bs is not None
-        self.file.bs.drv_truncate(length + self.offset)
+        self.file.bs.drv_truncate(length + self.offset, prealloc)
