@@ -1,9 +1,9 @@
 """Differential testing, as fakeredis does it: the same random command sequences go to the
 emulator and to real QEMU 7.2, and their replies, events and bitmap listings must agree.
 
-A hypothesis state machine (bitmaps, transactions, guest writes, nodes, backup jobs and job
-verbs, blockdev-mirror and drive-mirror left in READY or ended at once, external snapshots,
-drive-backup with its image creation, drive0 closed and reopened with qemu-img
+A hypothesis state machine (bitmaps, transactions, guest writes, block_resize, nodes, backup
+jobs and job verbs, blockdev-mirror and drive-mirror left in READY or ended at once, external
+snapshots, drive-backup with its image creation, drive0 closed and reopened with qemu-img
 info/check/bitmap run on its image in between, and a qcow2 node over blkdebug with random
 inject-error and set-state rules that guest writes, flushes and backups run into, as 257
 does) drives both backends through the harness's Backend interface (qemu.qmp clients on
@@ -250,6 +250,13 @@ class EmulatorAgreesWithQemu(RuleBasedStateMachine):
         assume(not self.mirror_pending())
         self.both("human-monitor-command", {
             "command-line": f'qemu-io {node} "{verb} {sector * 512} {length}"'})
+        self.mirror_catches_up()
+
+    @rule(node=NODES, size=st.sampled_from([SIZE, SIZE, 2 << 20, SIZE + 65536, SIZE - 512,
+                                            8 << 20, 1000]))
+    def resize(self, node: str, size: int) -> None:
+        assume(not self.mirror_pending())
+        self.both("block_resize", {"node-name": node, "size": size})
         self.mirror_catches_up()
 
     @precondition(lambda self: not getattr(self, "has_null", False))

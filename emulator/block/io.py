@@ -130,6 +130,35 @@ def pwritev(bs: BlockDriverState, offset: int, data: bytes, flags: int = 0) -> N
     _aligned_pwritev(bs, offset, data, flags, align)
 
 
+def truncate(bs: BlockDriverState, offset: int, prealloc: str = "off") -> None:
+    """bdrv_co_truncate: QEMU's checks, then the driver's truncate (a filter's goes to the
+    node it filters); growing a node whose backing file reaches further zeroes the new area
+    (BDRV_REQ_ZERO_WRITE). Afterwards the node's dirty bitmaps take the new length (rounded
+    up to a sector: refresh_total_sectors). Raises GenericError with QEMU's text."""
+    from emulator.block.errors import GenericError
+    from emulator.qcow2.blockio import TruncateError
+    from emulator.qcow2.image import BDRV_MAX_LENGTH
+
+    if bs.closed:
+        raise GenericError("No medium inserted")
+    if offset < 0:
+        raise GenericError("Image size cannot be negative")
+    if offset > BDRV_MAX_LENGTH:   # bdrv_check_request
+        raise GenericError(f"offset({offset}) exceeds maximum({BDRV_MAX_LENGTH})")
+    old_size = bs.getlength()
+    if bs.read_only:
+        raise GenericError("Image is read-only")
+    backing = bs.cow_child()
+    zero_write = bool(offset > old_size and backing is not None and backing.bs is not None
+                      and backing.bs.getlength() > old_size)
+    try:
+        bs.drv_truncate(offset, prealloc, zero_write)
+    except TruncateError as e:
+        raise GenericError(e.message) from None
+    bs.write_gen += 1
+    bs.truncate_dirty_bitmaps(bs.getlength())
+
+
 def supports_fua(bs: BlockDriverState) -> bool:
     """BDRV_REQ_FUA in bs->supported_write_flags (and supported_zero_flags)."""
     while bs.fua_support == "file":

@@ -131,6 +131,30 @@ class BlockLayer:
         bs.monitor_owned = False
         self.graph.unref(bs)
 
+    def block_resize(self, device: str | None, node_name: str | None, size: int) -> None:
+        """qmp_block_resize: the node found, the size and the node's op blockers checked, a
+        BlockBackend taking the resize permission, the truncate (no preallocation) inside a
+        drained section."""
+        from emulator.block import io
+
+        bs = self.lookup_bs(device, node_name)
+        if size < 0:
+            raise GenericError("Parameter 'size' expects a >0 size")
+        if bs.op_blockers.get("resize"):
+            raise GenericError(f"Device '{device if device is not None else '(null)'}' is in use")
+        blk = BlockBackend(self.graph, perm=P.RESIZE, shared_perm=P.ALL)
+        try:
+            blk.insert_bs(bs)
+        except GenericError:
+            blk.unref()
+            raise
+        io.drained_begin(bs)
+        try:
+            io.truncate(bs, size)
+        finally:
+            io.drained_end(bs)
+            blk.unref()
+
     def add_drive(self, options: dict[str, Any]) -> BlockBackend:
         """-drive (drive_new + blockdev_init) for ``if=none`` style drives: a named
         BlockBackend (``id``) over the format node (``node-name``) over a file node."""

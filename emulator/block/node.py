@@ -499,13 +499,14 @@ class BlockDriverState:
     def drv_debug_event(self, event: str) -> None:
         """bdrv_debug_event: only blkdebug acts on debug events."""
 
-    def drv_truncate(self, length: int, prealloc: str = "off") -> None:
+    def drv_truncate(self, length: int, prealloc: str = "off", zero_write: bool = False) -> None:
         """bdrv_co_truncate's driver call: a filter without its own passes it to the node
         it filters (blkdebug, copy-before-write...)."""
         f = self.filter_child()
         if f is None or f.bs is None:
             raise GenericError("Image format driver does not support resize")
-        f.bs.drv_truncate(length, prealloc)
+        from emulator.block.io import truncate
+        truncate(f.bs, length, prealloc)
 
     def get_info(self) -> dict | None:
         """bdrv_get_info: {'cluster_size', 'is_dirty'} or None (-ENOTSUP); filters forward."""

@@ -1,4 +1,5 @@
-"""Node graph commands: blockdev-add, blockdev-del, query-block, query-named-block-nodes.
+"""Node graph commands: blockdev-add, blockdev-del, block_resize, query-block,
+query-named-block-nodes.
 
 The BlockdevOptions schema mirrors qapi/block-core.json (QEMU 7.2): the full BlockdevDriver
 enum of the Debian build, with branches for the drivers the emulator implements (blkdebug,
@@ -126,6 +127,12 @@ def blockdev_add(vm: Machine, options: dict[str, Any]) -> None:
 @command("blockdev-del", data={"node-name": "str"})
 def blockdev_del(vm: Machine, node_name: str) -> None:
     vm.block.blockdev_del(node_name)
+
+
+@command("block_resize", data={"*device": "str", "*node-name": "str", "size": "int"})
+def block_resize(vm: Machine, size: int, device: str | None = None,
+                 node_name: str | None = None) -> None:
+    vm.block.block_resize(device, node_name, size)
 
 
 @command("query-block")

@@ -292,10 +292,16 @@ class Qcow2Image:
         image.refcounts.alloc(3 * cluster_size)
         image._write_header()
         try:
-            image._grow_l1(size)
-            image._preallocate(size, preallocation)
-            image.io.pwrite(OFFSET_SIZE, struct.pack(">Q", size))   # once all went well
-            header.size = size
+            offset = size - (1 << 64) if size >= 1 << 63 else size   # blk_truncate's int64
+            if offset < 0:   # bdrv_co_truncate
+                raise Qcow2Error("Could not resize image: Image size cannot be negative")
+            if offset > BDRV_MAX_LENGTH:
+                raise Qcow2Error(f"Could not resize image: offset({offset}) exceeds "
+                                 f"maximum({BDRV_MAX_LENGTH})")
+            try:
+                image.truncate(size, preallocation)
+            except Qcow2Error as e:
+                raise Qcow2Error(f"Could not resize image: {e}", e.errno) from None
             if backing_file is not None:   # bdrv_change_backing_file, once it has its size
                 if len(backing_file.encode()) > 1023:   # qcow2_change_backing_file: -EINVAL
                     raise Qcow2Error(f"Could not assign backing file '{backing_file}' with "
@@ -360,55 +366,138 @@ class Qcow2Image:
             code = -result.ret if result.ret < 0 else errno.EIO
             raise Qcow2Error(f"Could not repair dirty image: {os.strerror(code)}")
 
-    def _grow_l1(self, size: int) -> None:
-        """qcow2_co_truncate on a new image, first step: an L1 table of exactly the needed
-        size (the size is QAPI's uint64, which blk_truncate takes as an int64)."""
-        offset = size - (1 << 64) if size >= 1 << 63 else size
-        if offset < 0:   # bdrv_co_truncate
-            raise Qcow2Error("Could not resize image: Image size cannot be negative")
-        if offset > BDRV_MAX_LENGTH:
-            raise Qcow2Error(f"Could not resize image: offset({offset}) exceeds "
-                             f"maximum({BDRV_MAX_LENGTH})")
+    def truncate(self, offset: int, prealloc: str = "off", *, zero_write: bool = False,
+                 backing: Backing | None = None) -> None:
+        """qcow2_co_truncate to `offset` (a multiple of 512; the caller checked that and the
+        bitmaps): shrinking drops the clusters past the end (a full discard), the L2 tables
+        and refcount blocks no longer needed, and the file's unused tail; growing makes the
+        L1 table exactly big enough, then preallocates as `prealloc` says, and, with
+        `zero_write` (a backing file that would show through), zeroes the new area. The
+        header's size is written last (the new size holds even if that write fails). Raises
+        Qcow2Error with QEMU's message."""
+        old = self.size
         covered = self.cluster_size * (self.cluster_size // 8)
-        l1_size = -(-size // covered)
-        if l1_size > QCOW_MAX_L1_SIZE // 8:   # qcow2_grow_l1_table: -EFBIG
-            raise Qcow2Error("Could not resize image: Failed to grow the L1 table: "
-                             f"{os.strerror(errno.EFBIG)}", errno.EFBIG)
-        l1_offset = 0
-        if l1_size:
-            self.io.debug_event("l1_grow_alloc_table")
-            l1_offset = self.refcounts.alloc(8 * l1_size)
+        new_l1_size = -(-offset // covered)
+        try:
+            if offset < old:
+                if prealloc != "off":
+                    raise Qcow2Error("Preallocation can't be used for shrinking an image",
+                                     errno.EINVAL)
+                self._shrink(offset, new_l1_size)
+            else:
+                with _step("Failed to grow the L1 table"):
+                    self._grow_l1(new_l1_size)
+            if prealloc == "metadata":
+                self._preallocate_metadata(old, offset)
+            elif prealloc != "off":
+                self._preallocate_data(old, offset, prealloc)
+            if zero_write and offset > old:
+                self._zero_new_area(old, offset, backing)
+            if prealloc != "off":
+                with _step("Failed to flush the preallocated area to disk"):
+                    self.flush()
+            self.header.size = offset   # bs->total_sectors: the new size even if the
+            with _step("Failed to update the image size"):   # header's write fails
+                self.io.pwrite(OFFSET_SIZE, struct.pack(">Q", offset))
+        except TruncateError as e:
+            raise Qcow2Error(e.message, e.code) from None
+
+    def _grow_l1(self, min_size: int) -> None:
+        """qcow2_grow_l1_table, exact size: a new table (the old entries, then zeroes) in
+        new clusters, activated in the header; the old table's clusters are freed."""
+        l1_size = self.header.l1_size
+        if min_size <= l1_size:
+            return
+        if min_size > QCOW_MAX_L1_SIZE // 8:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        self.io.debug_event("l1_grow_alloc_table")
+        new_offset = self.refcounts.alloc(8 * min_size)
+        try:
             self.refcounts.cache.flush()
             self.io.debug_event("l1_grow_write_table")
-            self.io.pwrite(l1_offset, bytes(8 * l1_size))
-        self.io.debug_event("l1_grow_activate_table")
-        self.io.pwrite(OFFSET_L1, struct.pack(">IQ", l1_size, l1_offset))
-        self.header.l1_size, self.header.l1_table_offset = l1_size, l1_offset
-        self.tables.l1 = [0] * l1_size
+            new_l1 = self.tables.l1[:l1_size] + [0] * (min_size - l1_size)
+            self.io.pwrite(new_offset, struct.pack(f">{min_size}Q", *new_l1))
+            self.io.flush()
+            self.io.debug_event("l1_grow_activate_table")
+            self.io.pwrite(OFFSET_L1, struct.pack(">IQ", min_size, new_offset))
+            self.io.flush()
+        except OSError:
+            self.refcounts.free(new_offset, 8 * min_size, "other")
+            raise
+        old_offset = self.header.l1_table_offset
+        self.header.l1_size, self.header.l1_table_offset = min_size, new_offset
+        self.tables.l1 = new_l1
+        self.refcounts.free(old_offset, 8 * l1_size, "other")
 
-    def _preallocate(self, size: int, mode: str) -> None:
-        """qcow2_co_truncate's preallocation of a new image's `size` bytes: metadata (L2
-        tables and referenced, unwritten clusters) or the data too (falloc, full); then
-        qcow2_write_caches. Errors as qcow2_co_create reports them."""
-        if mode == "off":
+    def _shrink(self, offset: int, new_l1_size: int) -> None:
+        """qcow2_co_truncate shrinking: the clusters from the first whole one past `offset`
+        are fully discarded (unallocated again, their clusters freed and discarded on the
+        file), then the L1 table and the refcount table shrink, and the file loses the
+        clusters after the last one in use (a failure there is only a warning)."""
+        start = -(-offset // self.cluster_size) * self.cluster_size
+        with _step("Failed to discard cropped clusters"):
+            self._update_clusters(start, self.size - start, lambda entry: 0, kind="always")
+        with _step("Failed to reduce the number of L2 tables"):
+            self._shrink_l1(new_l1_size)
+        with _step("Failed to discard unused refblocks"):
+            self.refcounts.shrink_table()
+        with _step("Failed to inquire current file length"):
+            file_size = self.io.length()
+        last = self.refcounts.last_cluster(file_size)
+        if last < 0:
+            raise Qcow2Error("Failed to find the last cluster: "
+                             f"{os.strerror(errno.EIO)}", errno.EIO)
+        if (last + 1) * self.cluster_size < file_size:
+            try:
+                self.io.truncate((last + 1) * self.cluster_size)
+            except TruncateError as e:
+                warn_report(f"Failed to truncate the tail of the image: {e.message}\n")
+
+    def _shrink_l1(self, new_l1_size: int) -> None:
+        """qcow2_shrink_l1_table: the dropped entries are zeroed on disk (the header keeps
+        the old size), then the L2 tables they pointed to are freed, last first."""
+        l1 = self.tables.l1
+        if new_l1_size >= len(l1):
             return
         try:
-            if mode == "metadata":
-                self._preallocate_metadata(size)
-            else:
-                self._preallocate_data(size, mode)
-            with _step("Failed to flush the preallocated area to disk"):
-                self.flush()
-        except TruncateError as e:
-            raise Qcow2Error(f"Could not resize image: {e.message}", e.code) from None
-        except Qcow2Error as e:
-            raise Qcow2Error(f"Could not resize image: {e}", e.errno) from None
+            self.io.debug_event("l1_shrink_write_table")
+            self.io.pwrite_zeroes(self.header.l1_table_offset + 8 * new_l1_size,
+                                  8 * (len(l1) - new_l1_size))
+            self.io.flush()
+        except OSError:
+            l1[new_l1_size:] = [0] * (len(l1) - new_l1_size)
+            raise
+        self.io.debug_event("l1_shrink_free_l2_clusters")
+        for i in range(len(l1) - 1, new_l1_size - 1, -1):
+            if l1[i] & OFFSET_MASK:
+                self.refcounts.free(l1[i] & OFFSET_MASK, self.cluster_size, "always")
+                l1[i] = 0
 
-    def _preallocate_metadata(self, size: int) -> None:
-        """preallocate_co: cluster allocations as a write would make them, in chunks of at
-        most INT_MAX bytes, linked without data (m->prealloc), the tail of a last partial
-        cluster copied on write as zeroes; then the file grown to the last allocation."""
-        offset = end = 0
+    def _zero_new_area(self, old: int, offset: int, backing: Backing | None) -> None:
+        """BDRV_REQ_ZERO_WRITE: the grown area reads as zeroes, not as the backing file:
+        zero clusters from the first whole one (qcow2_subcluster_zeroize), explicit zeroes
+        written before it."""
+        zero_start = -(-old // self.cluster_size) * self.cluster_size
+        self.header.size = offset   # the writes below reach past the old end
+        try:
+            if offset > zero_start:
+                with _step("Failed to zero out new clusters"):
+                    if self.header.version < 3:
+                        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+                    self._update_clusters(zero_start, offset - zero_start,
+                                          lambda entry: _zeroed(entry, False))
+            if zero_start > old:
+                with _step("Failed to zero out the new area"):
+                    self.write(old, bytes(min(zero_start, offset) - old), backing)
+        finally:
+            self.header.size = old
+
+    def _preallocate_metadata(self, offset: int, size: int) -> None:
+        """preallocate_co from `offset` to `size`: cluster allocations as a write would make
+        them, in chunks of at most INT_MAX bytes, linked without data (m->prealloc), the
+        tail of a last partial cluster copied on write as zeroes; then the file grown to the
+        last allocation."""
+        end = 0
         chunk = (INT_MAX >> self.header.cluster_bits) << self.header.cluster_bits
         while offset < size:
             with _step("Allocating clusters failed"):
@@ -427,7 +516,7 @@ class Qcow2Image:
         if end > self.io.length():   # metadata preallocation is an "off" truncate below
             self.io.truncate(end)
 
-    def _preallocate_data(self, size: int, mode: str) -> None:
+    def _preallocate_data(self, old: int, size: int, mode: str) -> None:
         """qcow2_co_truncate's falloc and full modes: self-describing refcount structures
         for all the data clusters (and their L2 tables) after the last used cluster, the
         data clusters right after them, the file grown over those as `mode` says, then L2
@@ -437,7 +526,7 @@ class Qcow2Image:
         last = self.refcounts.last_cluster(file_size)
         file_size = ((last + 1) * cluster_size if last >= 0
                      else -(-file_size // cluster_size) * cluster_size)
-        nb_data = -(-size // cluster_size)
+        nb_data = -(-size // cluster_size) - old // cluster_size
         nb_l2 = -(-nb_data // self.tables.l2_entries) + 1
         with _step("Failed to resize refcount structures"):
             start = self.refcounts.refcount_area(file_size, nb_data + nb_l2, exact=True)
@@ -449,7 +538,7 @@ class Qcow2Image:
             self.refcounts.free(start, nb_data * cluster_size, "other")
             raise Qcow2Error(f"Failed to resize underlying file: {e.message}", e.code) \
                 from None
-        host, guest = start, 0
+        host, guest = start, old - old % cluster_size
         while nb_data:
             l1_index, l2_index = self.tables.split(guest)
             count = min(nb_data, self.tables.l2_entries - l2_index)
@@ -912,8 +1001,8 @@ class Qcow2Image:
         self._update_clusters(start, end - start,
                               lambda entry: _discarded(entry, has_backing, zero))
 
-    def _update_clusters(self, offset: int, length: int,
-                         new_entry: Callable[[int], int]) -> None:
+    def _update_clusters(self, offset: int, length: int, new_entry: Callable[[int], int],
+                         kind: str = "request") -> None:
         """qcow2_subcluster_zeroize / qcow2_cluster_discard: rewrite the L2 entries of whole
         clusters, one L2 table at a time, then free the host clusters no entry points to any
         more (a guest request: with pass-discard-request, discarded on the file as one batch
@@ -922,14 +1011,14 @@ class Qcow2Image:
         refcounts.cache_discards = True
         ok = False
         try:
-            self._update_l2_slices(offset, length, new_entry)
+            self._update_l2_slices(offset, length, new_entry, kind)
             ok = True
         finally:
             refcounts.cache_discards = False
             refcounts.process_discards(ok)
 
-    def _update_l2_slices(self, offset: int, length: int,
-                          new_entry: Callable[[int], int]) -> None:
+    def _update_l2_slices(self, offset: int, length: int, new_entry: Callable[[int], int],
+                          kind: str) -> None:
         """zero_in_l2_slice / discard_in_l2_slice for every L2 table the range touches."""
         pos, end = offset, offset + length
         while pos < end:
@@ -948,7 +1037,7 @@ class Qcow2Image:
                     self.tables.set_entries(l2_offset, table, l2_index + first, new[first:last])
                     for i in changed:
                         if old[i] & OFFSET_MASK and new[i] & OFFSET_MASK != old[i] & OFFSET_MASK:
-                            self._free_any_cluster(old[i], "request")
+                            self._free_any_cluster(old[i], kind)
             pos += count * self.cluster_size - (pos & (self.cluster_size - 1))
 
     # -- other operations --------------------------------------------------------------------

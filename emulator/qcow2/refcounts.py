@@ -238,6 +238,58 @@ class Refcounts:
         except OSError as e:
             fprintf_stderr(f"qcow2_free_clusters failed: {os.strerror(e.errno or EIO)}\n")
 
+    def shrink_table(self) -> None:
+        """qcow2_shrink_reftable: refcount blocks that count nothing (but, for a block that
+        describes itself, itself) are dropped from the table on disk, then freed and
+        discarded on the file (qcow2_discard_refcount_block)."""
+        table = self.table
+        kept = array("Q", table)
+        for i, block_offset in enumerate(table):
+            if not block_offset:
+                continue
+            block = self.block(block_offset)
+            if i == block_offset >> self.cluster_bits >> self.block_bits:
+                index = (block_offset >> self.cluster_bits) & (self.block_entries - 1)
+                own = get_refcount(block, index, self.order)
+                set_refcount(block, index, self.order, 0)
+                unused = not any(block)
+                set_refcount(block, index, self.order, own)
+            else:
+                unused = not any(block)
+            if unused:
+                kept[i] = 0
+        failure: OSError | None = None
+        try:
+            self.io.pwrite(self.header.refcount_table_offset,
+                           struct.pack(f">{len(kept)}Q", *kept))
+            self.io.flush()
+        except OSError as e:
+            failure = e
+        for i, block_offset in enumerate(table):
+            if block_offset and not kept[i]:
+                if failure is None:
+                    self._discard_block(block_offset)
+                table[i] = 0
+        if not self.cache_discards:
+            self.process_discards(failure is None)
+        if failure is not None:
+            raise failure
+
+    def _discard_block(self, offset: int) -> None:
+        """qcow2_discard_refcount_block: the block's own refcount (which must be 1) goes to
+        0, the cached copy is dropped, and its cluster is queued for discard."""
+        cluster = offset >> self.cluster_bits
+        index = cluster & (self.block_entries - 1)
+        owner = self.table[cluster >> self.block_bits]
+        block = self.block(owner)
+        if get_refcount(block, index, self.order) != 1:
+            raise Qcow2Error(f"Invalid refcount: refblock offset {owner:#x}")
+        set_refcount(block, index, self.order, 0)
+        self.cache.mark_dirty(owner)
+        self.free_cluster_index = min(self.free_cluster_index, cluster)
+        self.cache.discard(offset)
+        self.queue_discard(offset, self.cluster_size)
+
     def queue_discard(self, offset: int, length: int) -> None:
         """update_refcount_discard: add a freed range to the queue, merged with a queued
         range it touches (freed ranges never overlap), then merged queued ranges merged."""

@@ -78,31 +78,42 @@ def test_option_sets_pass_the_schema() -> None:
     raise AssertionError("a spoiled option passed the schema")
 
 
-def test_qcow2_create_options_like_qemu(tmp_path: Path) -> None:
-    sets = option_sets()
+def run_creates(tmp_path: Path, nodes: list[dict[str, Any]],
+                options: list[dict[str, Any]]) -> tuple[list[list[dict[str, Any]]],
+                                                         list[list[str]]]:
+    """blockdev-create of each ``options`` on the node ``nodes[i]`` (blockdev-add arguments
+    over an empty file f<i> of its own), on both: (QEMU's and the emulator's job outcomes in
+    query-jobs, the digests of their files)."""
     digests: dict[Path, list[str]] = {}
 
     def digest(name: str, d: Path) -> None:
         digests.setdefault(d, []).append(hashlib.sha256((d / name).read_bytes()).hexdigest())
 
     def setup(d: Path) -> None:
-        for i in range(len(sets)):
+        for i in range(len(options)):
             (d / f"f{i}").write_bytes(b"")
 
     steps: list[tuple[Any, ...]] = []
-    for i, options in enumerate(sets):   # each on a file of its own
-        steps += [("cmd", "blockdev-add", {"driver": "file", "filename": f"@DIR@/f{i}",
-                                           "node-name": f"f{i}"}),
+    for i, (node, opts) in enumerate(zip(nodes, options, strict=True)):
+        name = node["node-name"]
+        steps += [("cmd", "blockdev-add", node),
                   ("cmd", "blockdev-create", {"job-id": f"j{i}",
-                                              "options": {**options, "file": f"f{i}"}}),
+                                              "options": {**opts, "file": name}}),
                   ("rest", f"j{i}"), ("cmd", "query-jobs", {}),
                   ("img", functools.partial(digest, f"f{i}")),
                   ("cmd", "job-dismiss", {"id": f"j{i}"}),
-                  ("cmd", "blockdev-del", {"node-name": f"f{i}"})]
+                  ("cmd", "blockdev-del", {"node-name": name})]
     qemu, emu = run_both(tmp_path, steps, setup)
     outcomes = [[r[2]["return"][0] for r in records if r[:2] == ("reply", "query-jobs")]
                 for records in (qemu, emu)]
-    files = [digests[tmp_path / "qemu"], digests[tmp_path / "emu"]]
+    return outcomes, [digests[tmp_path / "qemu"], digests[tmp_path / "emu"]]
+
+
+def test_qcow2_create_options_like_qemu(tmp_path: Path) -> None:
+    sets = option_sets()
+    nodes = [{"driver": "file", "filename": f"@DIR@/f{i}", "node-name": f"f{i}"}
+             for i in range(len(sets))]
+    outcomes, files = run_creates(tmp_path, nodes, sets)
     assert len(outcomes[0]) == len(outcomes[1]) == len(files[0]) == len(files[1]) == len(sets)
     differ, not_emulated = [], 0
     for i, options in enumerate(sets):
@@ -121,31 +132,13 @@ def test_preallocation_through_a_filter_like_qemu(tmp_path: Path) -> None:
     a filter (blkdebug) passes the truncate to the file below (bdrv_co_truncate), with the
     preallocation mode, and blkdebug sees the same requests."""
     modes = ["metadata", "falloc", "full"]
-    digests: dict[Path, list[str]] = {}
-
-    def digest(name: str, d: Path) -> None:
-        digests.setdefault(d, []).append(hashlib.sha256((d / name).read_bytes()).hexdigest())
-
-    def setup(d: Path) -> None:
-        for i in range(len(modes)):
-            (d / f"f{i}").write_bytes(b"")
-
-    steps: list[tuple[Any, ...]] = []
-    for i, mode in enumerate(modes):
-        steps += [("cmd", "blockdev-add", {
-                      "driver": "blkdebug", "node-name": f"d{i}",
-                      "image": {"driver": "file", "filename": f"@DIR@/f{i}"},
-                      "inject-error": [{"event": "cow_write", "immediately": True}]}),
-                  ("cmd", "blockdev-create", {"job-id": f"j{i}", "options": {
-                      "driver": "qcow2", "file": f"d{i}", "size": (3 << 20) - 512,
-                      "preallocation": mode}}),
-                  ("rest", f"j{i}"), ("cmd", "query-jobs", {}),
-                  ("img", functools.partial(digest, f"f{i}")),
-                  ("cmd", "job-dismiss", {"id": f"j{i}"}),
-                  ("cmd", "blockdev-del", {"node-name": f"d{i}"})]
-    qemu, emu = run_both(tmp_path, steps, setup)
-    outcomes = [[r[2]["return"][0] for r in records if r[:2] == ("reply", "query-jobs")]
-                for records in (qemu, emu)]
+    nodes = [{"driver": "blkdebug", "node-name": f"d{i}",
+              "image": {"driver": "file", "filename": f"@DIR@/f{i}"},
+              "inject-error": [{"event": "cow_write", "immediately": True}]}
+             for i in range(len(modes))]
+    options = [{"driver": "qcow2", "size": (3 << 20) - 512, "preallocation": mode}
+               for mode in modes]
+    outcomes, files = run_creates(tmp_path, nodes, options)
     assert outcomes[1] == outcomes[0]
     assert "error" in outcomes[0][0] and "error" not in outcomes[0][1]   # cow_write failed
-    assert digests[tmp_path / "emu"] == digests[tmp_path / "qemu"]
+    assert files[1] == files[0]

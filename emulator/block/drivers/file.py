@@ -159,7 +159,7 @@ class FileNode(BlockDriverState):
             raise OSError(-ret, os.strerror(-ret))
         self.file_length = max(self.file_length, end)
 
-    def drv_truncate(self, length: int, prealloc: str = "off") -> None:
+    def drv_truncate(self, length: int, prealloc: str = "off", zero_write: bool = False) -> None:
         """raw_co_truncate of a regular file: raw_regular_truncate (TruncateError)."""
         waits.note(waits.THREAD)
         regular_truncate(self.fd, length, prealloc)

@@ -18,7 +18,7 @@ import errno
 import os
 from typing import Any, ClassVar
 
-from emulator.block.dirty_bitmap import BdrvDirtyBitmap, ctz
+from emulator.block.dirty_bitmap import BDRV_BITMAP_DEFAULT, BdrvDirtyBitmap, ctz
 from emulator.block.drivers import register
 from emulator.block.errors import GenericError
 from emulator.block.flags import BDRV_BLOCK_RECURSE, BDRV_REQ_NO_FALLBACK
@@ -44,6 +44,7 @@ from emulator.qcow2.bitmaps import (
     QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
     QCOW2_MAX_BITMAPS,
     calc_dir_entry_size,
+    read_directory,
 )
 from emulator.qcow2.blockio import error_report
 from emulator.qcow2.cache import cache_sizes
@@ -352,6 +353,36 @@ class Qcow2Node(BlockDriverState):
                     bm.busy = False
                     bm.successor = None
                     self.release_dirty_bitmap(bm)
+
+    def drv_truncate(self, length: int, prealloc: str = "off", zero_write: bool = False) -> None:
+        """qcow2_co_truncate: QEMU's checks, the image's truncate, then "Update cache
+        sizes" (qcow2_update_options: the caches written back, new ones sized for the new
+        length)."""
+        if length % 512:
+            raise GenericError("The new size must be a multiple of 512")
+        self._truncate_bitmaps_check()
+        try:
+            self.image.truncate(length, prealloc, zero_write=zero_write,
+                                backing=self._backing_reader())
+            self.image.flush_caches()
+            self._update_options(dict(self.options))
+        except (Qcow2Error, OSError) as e:
+            text = str(e) if isinstance(e, Qcow2Error) else os.strerror(e.errno or errno.EIO)
+            raise GenericError(text) from None
+
+    def _truncate_bitmaps_check(self) -> None:
+        """qcow2_truncate_bitmaps_check: every bitmap stored in the image must be loaded
+        (it is resized in memory) and usable."""
+        try:
+            stored = read_directory(self.image.io, self.image.header)
+        except Qcow2Error as e:
+            raise GenericError(str(e)) from None
+        for entry in stored:
+            bitmap = self.find_dirty_bitmap(entry.name)
+            if bitmap is None:
+                raise GenericError("Cannot resize qcow2 with persistent bitmaps that were "
+                                   "not loaded into memory")
+            bitmap.check(BDRV_BITMAP_DEFAULT)
 
     def drv_reopen_read_only(self) -> None:
         """qcow2_reopen_prepare going read-only: qcow2_reopen_bitmaps_ro (store, then

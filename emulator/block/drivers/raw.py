@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from emulator.block import perm as P
 from emulator.block.drivers import register
 from emulator.block.errors import GenericError
+from emulator.block.io import truncate
 from emulator.block.node import (
     BDRV_BLOCK_OFFSET_VALID,
     BDRV_BLOCK_RAW,
@@ -115,6 +116,10 @@ class RawNode(BlockDriverState):
         assert self.file is not None and self.file.bs is not None
         return self.file.bs.get_info()
 
-    def drv_truncate(self, length: int, prealloc: str = "off") -> None:
+    def drv_truncate(self, length: int, prealloc: str = "off", zero_write: bool = False) -> None:
+        """raw_co_truncate: a window of fixed size cannot change; the file is resized to
+        the offset plus the new length (bdrv_co_truncate on the file child)."""
         assert self.file is not None and self.file.bs is not None
-        self.file.bs.drv_truncate(length + self.offset, prealloc)
+        if self.size is not None:
+            raise GenericError("Cannot resize fixed-size raw disks")
+        truncate(self.file.bs, length + self.offset, prealloc)
