@@ -30,6 +30,7 @@ from emulator.block.flags import (
     BDRV_REQ_NO_FALLBACK,
     BDRV_REQ_ZERO_WRITE,
 )
+from emulator.qcow2.blockio import TruncateError, check_truncate_offset
 
 if TYPE_CHECKING:
     from emulator.block.node import BdrvChild, BlockDriverState
@@ -134,27 +135,18 @@ def truncate(bs: BlockDriverState, offset: int, prealloc: str = "off") -> None:
     """bdrv_co_truncate: QEMU's checks, then the driver's truncate (a filter's goes to the
     node it filters); growing a node whose backing file reaches further zeroes the new area
     (BDRV_REQ_ZERO_WRITE). Afterwards the node's dirty bitmaps take the new length (rounded
-    up to a sector: refresh_total_sectors). Raises GenericError with QEMU's text."""
-    from emulator.block.errors import GenericError
-    from emulator.qcow2.blockio import TruncateError
-    from emulator.qcow2.image import BDRV_MAX_LENGTH
-
+    up to a sector: refresh_total_sectors). Every layer raises TruncateError (QEMU's text
+    and errno): qmp_block_resize reports it, qcow2 prefixes it with its step."""
     if bs.closed:
-        raise GenericError("No medium inserted")
-    if offset < 0:
-        raise GenericError("Image size cannot be negative")
-    if offset > BDRV_MAX_LENGTH:   # bdrv_check_request
-        raise GenericError(f"offset({offset}) exceeds maximum({BDRV_MAX_LENGTH})")
+        raise TruncateError(errno.ENOMEDIUM, "No medium inserted")
+    check_truncate_offset(offset)
     old_size = bs.getlength()
     if bs.read_only:
-        raise GenericError("Image is read-only")
+        raise TruncateError(errno.EACCES, "Image is read-only")
     backing = bs.cow_child()
     zero_write = bool(offset > old_size and backing is not None and backing.bs is not None
                       and backing.bs.getlength() > old_size)
-    try:
-        bs.drv_truncate(offset, prealloc, zero_write)
-    except TruncateError as e:
-        raise GenericError(e.message) from None
+    bs.drv_truncate(offset, prealloc, zero_write)
     bs.write_gen += 1
     bs.truncate_dirty_bitmaps(bs.getlength())
 

@@ -25,6 +25,7 @@ from emulator.block.open import (
     path_has_protocol,
 )
 from emulator.block.query import block_device_info, block_info
+from emulator.qcow2.blockio import TruncateError
 from emulator.qmp.json_writer import qdict_clone_shallow
 
 _CACHE_MODES = {  # bdrv_parse_cache_mode: (writeback, direct, no-flush)
@@ -151,6 +152,8 @@ class BlockLayer:
         io.drained_begin(bs)
         try:
             io.truncate(bs, size)
+        except TruncateError as e:
+            raise GenericError(e.message) from None
         finally:
             io.drained_end(bs)
             blk.unref()

@@ -10,6 +10,7 @@ bitmaps newest first.
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -504,9 +505,9 @@ class BlockDriverState:
         it filters (blkdebug, copy-before-write...)."""
         f = self.filter_child()
         if f is None or f.bs is None:
-            raise GenericError("Image format driver does not support resize")
-        from emulator.block.io import truncate
-        truncate(f.bs, length, prealloc)
+            raise blockio.TruncateError(errno.ENOTSUP,
+                                        "Image format driver does not support resize")
+        blockio.truncate(f.bs, length, prealloc)
 
     def get_info(self) -> dict | None:
         """bdrv_get_info: {'cluster_size', 'is_dirty'} or None (-ENOTSUP); filters forward."""

@@ -20,7 +20,7 @@ from emulator.block.errors import GenericError
 from emulator.block.graph import Transaction
 from emulator.block.node import BdrvChild, BlockDriverState
 from emulator.block.perm import Role
-from emulator.qcow2.image import BDRV_MAX_LENGTH
+from emulator.qcow2.blockio import BDRV_MAX_LENGTH
 from emulator.qmp.json_writer import QDICT_BUCKET_MAX, qdict_keys, tdb_hash
 
 if TYPE_CHECKING:

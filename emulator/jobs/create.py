@@ -23,6 +23,7 @@ from emulator.block.create import (
 )
 from emulator.block.errors import GenericError
 from emulator.block.flags import BDRV_REQ_NO_FALLBACK
+from emulator.block.io import truncate
 from emulator.block.node import BlockDriverState
 from emulator.block.subtree import subtree
 from emulator.jobs.job import Co, Job
@@ -103,7 +104,7 @@ class _BackendIO:
         return self.bs.get_allocated_file_size()
 
     def truncate(self, length: int, prealloc: str = "off") -> None:
-        self.bs.drv_truncate(length, prealloc)
+        truncate(self.bs, length, prealloc)   # blk_co_truncate
 
     def flush(self) -> None:
         self.blk.flush()

@@ -59,12 +59,24 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     return True
 
 
+BDRV_MAX_LENGTH = (2**63 - 1) // (1 << 30) * (1 << 30)
+
+
 class TruncateError(OSError):
-    """raw_regular_truncate's failure: ``message`` is QEMU's whole text, ``code`` its errno."""
+    """A truncate's failure, at any layer (bdrv_co_truncate, a driver's, file-posix's):
+    ``message`` is QEMU's whole text, ``code`` its errno."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(code, message)
         self.code, self.message = code, message
+
+
+def check_truncate_offset(offset: int) -> None:
+    """bdrv_co_truncate's checks of the new length (an int64)."""
+    if offset < 0:
+        raise TruncateError(errno.EINVAL, "Image size cannot be negative")
+    if offset > BDRV_MAX_LENGTH:   # bdrv_check_request
+        raise TruncateError(errno.EIO, f"offset({offset}) exceeds maximum({BDRV_MAX_LENGTH})")
 
 
 def regular_truncate(fd: int, offset: int, prealloc: str = "off") -> None:

@@ -29,6 +29,7 @@ from emulator.qcow2.blockio import (
     BlockIO,
     Report,
     TruncateError,
+    check_truncate_offset,
     error_report,
     fprintf_stderr,
     warn_report,
@@ -67,7 +68,6 @@ from emulator.qcow2.tables import (
 # block.h: INT64_MAX aligned down to BDRV_MAX_ALIGNMENT (1 GiB), the longest image a
 # truncate accepts; qcow2.h: the largest L1 table, in bytes
 INT_MAX = 2**31 - 1
-BDRV_MAX_LENGTH = (2**63 - 1) // (1 << 30) * (1 << 30)
 QCOW_MAX_L1_SIZE = 1 << 25
 
 Backing = Callable[[int, int], bytes]
@@ -292,14 +292,11 @@ class Qcow2Image:
         image.refcounts.alloc(3 * cluster_size)
         image._write_header()
         try:
-            offset = size - (1 << 64) if size >= 1 << 63 else size   # blk_truncate's int64
-            if offset < 0:   # bdrv_co_truncate
-                raise Qcow2Error("Could not resize image: Image size cannot be negative")
-            if offset > BDRV_MAX_LENGTH:
-                raise Qcow2Error(f"Could not resize image: offset({offset}) exceeds "
-                                 f"maximum({BDRV_MAX_LENGTH})")
-            try:
+            try:   # blk_truncate, which takes the size as an int64
+                check_truncate_offset(size - (1 << 64) if size >= 1 << 63 else size)
                 image.truncate(size, preallocation)
+            except TruncateError as e:
+                raise Qcow2Error(f"Could not resize image: {e.message}", e.code) from None
             except Qcow2Error as e:
                 raise Qcow2Error(f"Could not resize image: {e}", e.errno) from None
             if backing_file is not None:   # bdrv_change_backing_file, once it has its size

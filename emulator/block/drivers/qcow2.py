@@ -22,6 +22,7 @@ from emulator.block.dirty_bitmap import BDRV_BITMAP_DEFAULT, BdrvDirtyBitmap, ct
 from emulator.block.drivers import register
 from emulator.block.errors import GenericError
 from emulator.block.flags import BDRV_BLOCK_RECURSE, BDRV_REQ_NO_FALLBACK
+from emulator.block.io import truncate
 from emulator.block.node import (
     BDRV_BLOCK_DATA,
     BDRV_BLOCK_OFFSET_VALID,
@@ -46,7 +47,7 @@ from emulator.qcow2.bitmaps import (
     calc_dir_entry_size,
     read_directory,
 )
-from emulator.qcow2.blockio import error_report
+from emulator.qcow2.blockio import TruncateError, error_report
 from emulator.qcow2.cache import cache_sizes
 from emulator.qcow2.image import Status
 
@@ -90,7 +91,7 @@ class ChildIO:
 
     def truncate(self, length: int, prealloc: str = "off") -> None:
         assert self.child.bs is not None
-        self.child.bs.drv_truncate(length, prealloc)
+        truncate(self.child.bs, length, prealloc)
 
     def flush(self) -> None:
         self.child.flush()
@@ -359,25 +360,25 @@ class Qcow2Node(BlockDriverState):
         sizes" (qcow2_update_options: the caches written back, new ones sized for the new
         length)."""
         if length % 512:
-            raise GenericError("The new size must be a multiple of 512")
-        self._truncate_bitmaps_check()
+            raise TruncateError(errno.EINVAL, "The new size must be a multiple of 512")
         try:
+            self._truncate_bitmaps_check()
             self.image.truncate(length, prealloc, zero_write=zero_write,
                                 backing=self._backing_reader())
             self.image.flush_caches()
             self._update_options(dict(self.options))
-        except (Qcow2Error, OSError) as e:
-            text = str(e) if isinstance(e, Qcow2Error) else os.strerror(e.errno or errno.EIO)
-            raise GenericError(text) from None
+        except GenericError as e:   # a bitmap that cannot be resized
+            raise TruncateError(errno.ENOTSUP, e.desc) from None
+        except Qcow2Error as e:
+            raise TruncateError(e.errno or errno.EIO, str(e)) from None
+        except OSError as e:   # writing the caches back
+            code = e.errno or errno.EIO
+            raise TruncateError(code, os.strerror(code)) from None
 
     def _truncate_bitmaps_check(self) -> None:
         """qcow2_truncate_bitmaps_check: every bitmap stored in the image must be loaded
         (it is resized in memory) and usable."""
-        try:
-            stored = read_directory(self.image.io, self.image.header)
-        except Qcow2Error as e:
-            raise GenericError(str(e)) from None
-        for entry in stored:
+        for entry in read_directory(self.image.io, self.image.header):
             bitmap = self.find_dirty_bitmap(entry.name)
             if bitmap is None:
                 raise GenericError("Cannot resize qcow2 with persistent bitmaps that were "

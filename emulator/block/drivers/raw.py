@@ -21,7 +21,7 @@ from emulator.block.node import (
 from emulator.block.perm import Role
 from emulator.block.probe import BLOCK_PROBE_BUF_SIZE, probe
 from emulator.block.qemu_opts import absorb_sizes
-from emulator.qcow2.blockio import fprintf_stderr
+from emulator.qcow2.blockio import TruncateError, fprintf_stderr
 
 
 @register
@@ -121,5 +121,5 @@ class RawNode(BlockDriverState):
         the offset plus the new length (bdrv_co_truncate on the file child)."""
         assert self.file is not None and self.file.bs is not None
         if self.size is not None:
-            raise GenericError("Cannot resize fixed-size raw disks")
+            raise TruncateError(errno.ENOTSUP, "Cannot resize fixed-size raw disks")
         truncate(self.file.bs, length + self.offset, prealloc)
